@@ -1,0 +1,144 @@
+//! Paygate's HTTP API.
+//!
+//! [`router`] builds the whole API: `/v1` behind the authentication middleware,
+//! `/openapi.json` outside it, and the layers every response passes through
+//! (request id, problem rendering, metrics, body limit, timeout).
+
+pub mod auth;
+pub mod extract;
+pub mod pagination;
+pub mod problem;
+pub mod request_id;
+pub mod routes;
+pub mod views;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::Request;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use paygate_store::Store;
+use paygate_store::auth::Authenticator;
+use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
+use utoipa::{Modify, OpenApi};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use crate::problem::ApiError;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Arc<dyn Store>,
+    pub auth: Arc<Authenticator>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ApiConfig {
+    pub max_body_bytes: usize,
+    pub request_timeout: Duration,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self { max_body_bytes: 64 * 1024, request_timeout: Duration::from_secs(30) }
+    }
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Paygate API",
+        description = "Secure integration API for payment automation. Every `/v1` route needs `Authorization: Bearer <key>`; errors are RFC 9457 problem details.",
+        version = "1.0.0",
+    ),
+    modifiers(&BearerAuth),
+    components(schemas(problem::Problem, problem::FieldError)),
+    tags(
+        (name = "identity", description = "The calling key"),
+        (name = "api-keys", description = "The company's API keys"),
+    )
+)]
+struct ApiDoc;
+
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        let mut http = Http::new(HttpAuthScheme::Bearer);
+        http.bearer_format = Some("pgk_{live|test}_key_<id>_<secret><checksum>".into());
+        components.add_security_scheme("api_key", SecurityScheme::Http(http));
+    }
+}
+
+/// The `/v1` routes (paths relative to `/v1`) and their OpenAPI description,
+/// built from the same handlers so neither can drift from the other.
+fn v1() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(routes::me::get_me))
+        .routes(routes!(routes::api_keys::list_api_keys))
+        .routes(routes!(routes::api_keys::get_api_key))
+}
+
+/// The OpenAPI document, as served at `/openapi.json` and committed as `openapi.json`.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    OpenApiRouter::<AppState>::with_openapi(ApiDoc::openapi()).nest("/v1", v1()).split_for_parts().1
+}
+
+/// Pretty JSON of [`openapi`], with a trailing newline.
+pub fn openapi_json() -> String {
+    let mut text = openapi().to_pretty_json().expect("the OpenAPI document serializes");
+    text.push('\n');
+    text
+}
+
+pub fn router(state: AppState, config: &ApiConfig) -> Router {
+    let (v1, _) = v1().split_for_parts();
+    let doc_json = Arc::new(openapi_json());
+    // Authentication wraps the fallback too: an unknown `/v1` path is 401 without
+    // a valid key and 404 with one, so route existence is not an oracle.
+    let v1 = v1
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn_with_state(state.clone(), auth::middleware))
+        .with_state(state);
+    let timeout = config.request_timeout;
+    Router::new()
+        .route(
+            "/openapi.json",
+            axum::routing::get(move || {
+                let doc = doc_json.clone();
+                async move { ([(axum::http::header::CONTENT_TYPE, "application/json")], doc.as_str().to_owned()) }
+            }),
+        )
+        .nest("/v1", v1)
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::extract::DefaultBodyLimit::max(config.max_body_bytes))
+        .layer(tower_http::limit::RequestBodyLimitLayer::new(config.max_body_bytes))
+        .layer(middleware::from_fn(move |req: Request, next: Next| with_timeout(timeout, req, next)))
+        .layer(middleware::from_fn(request_id::middleware))
+}
+
+async fn not_found() -> ApiError {
+    ApiError::for_status(axum::http::StatusCode::NOT_FOUND)
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::for_status(axum::http::StatusCode::METHOD_NOT_ALLOWED)
+}
+
+async fn with_timeout(timeout: Duration, request: Request, next: Next) -> Response {
+    match tokio::time::timeout(timeout, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => ApiError::new(
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            "timeout",
+            "Timeout",
+            "The request took too long; it may or may not have taken effect.",
+        )
+        .into_response(),
+    }
+}

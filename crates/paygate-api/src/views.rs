@@ -1,0 +1,69 @@
+//! Response bodies. Views are built from store rows and never carry a secret
+//! or a hash.
+
+use paygate_domain::{ApiKeyId, CompanyId, KeyMode, ScopeSet};
+use paygate_store::ApiKey;
+use serde::Serialize;
+use time::OffsetDateTime;
+use utoipa::ToSchema;
+
+#[derive(Debug, Serialize, ToSchema, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum KeyStatus {
+    Active,
+    Expired,
+    Revoked,
+}
+
+/// An API key as its company sees it.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ApiKeyView {
+    #[schema(example = "api_key")]
+    pub object: &'static str,
+    pub id: ApiKeyId,
+    pub company_id: CompanyId,
+    pub name: String,
+    /// Who or which system the key was issued to.
+    pub owner: String,
+    pub mode: KeyMode,
+    pub scopes: ScopeSet,
+    pub status: KeyStatus,
+    #[serde(with = "time::serde::rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
+    pub created_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339::option")]
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub expires_at: Option<OffsetDateTime>,
+    #[serde(with = "time::serde::rfc3339::option")]
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub revoked_at: Option<OffsetDateTime>,
+    #[serde(with = "time::serde::rfc3339::option")]
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub last_used_at: Option<OffsetDateTime>,
+}
+
+impl ApiKeyView {
+    pub fn new(key: ApiKey, now: OffsetDateTime) -> Self {
+        let status = if key.revoked_at.is_some() {
+            KeyStatus::Revoked
+        } else if key.is_expired_at(now) {
+            KeyStatus::Expired
+        } else {
+            KeyStatus::Active
+        };
+        Self {
+            object: "api_key",
+            id: key.id,
+            company_id: key.company_id,
+            name: key.name,
+            owner: key.owner,
+            mode: key.mode,
+            scopes: key.scopes,
+            status,
+            created_at: key.created_at,
+            expires_at: key.expires_at,
+            revoked_at: key.revoked_at,
+            last_used_at: key.last_used_at,
+        }
+    }
+}

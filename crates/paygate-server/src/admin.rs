@@ -1,0 +1,168 @@
+//! Operator commands. Each opens the store directly (no server needed); changes
+//! that affect authentication bump the auth revision, so running nodes drop
+//! their caches within one poll interval.
+
+use std::sync::Arc;
+
+use anyhow::{Context, anyhow, bail};
+use paygate_domain::duration::parse_duration;
+use paygate_domain::{ApiKeyId, CompanyId, CompanyStatus, KeyHasher, KeyMode, Label, ScopeSet};
+use paygate_store::{ApiKey, Company, NewApiKey, NewCompany, OperatorStore, PageRequest, operator_scope};
+use serde_json::json;
+use time::format_description::well_known::Rfc3339;
+
+use crate::cli::{AdminKeyCommand, CompanyCommand, KeyCreateArgs, ModeArg};
+
+fn rfc3339(t: time::OffsetDateTime) -> String {
+    t.format(&Rfc3339).unwrap_or_default()
+}
+
+fn company_json(c: &Company) -> serde_json::Value {
+    json!({"id": c.id, "name": c.name, "status": c.status.as_str(), "created_at": rfc3339(c.created_at)})
+}
+
+fn key_json(k: &ApiKey) -> serde_json::Value {
+    json!({
+        "id": k.id, "company_id": k.company_id, "name": k.name, "owner": k.owner,
+        "scopes": k.scopes, "mode": k.mode, "created_at": rfc3339(k.created_at),
+        "expires_at": k.expires_at.map(rfc3339), "revoked_at": k.revoked_at.map(rfc3339),
+        "last_used_at": k.last_used_at.map(rfc3339),
+    })
+}
+
+fn parse_company(id: &str) -> anyhow::Result<CompanyId> {
+    CompanyId::parse(id).map_err(|_| anyhow!("{id:?} is not a company id (cmp_…)"))
+}
+
+pub async fn company(store: Arc<dyn OperatorStore>, command: CompanyCommand) -> anyhow::Result<()> {
+    match command {
+        CompanyCommand::Create { name, json } => {
+            let name = Label::parse(&name).map_err(|e| anyhow!("--name {e}"))?;
+            let company = store.create_company(NewCompany::new(name)).await?;
+            if json {
+                println!("{}", company_json(&company));
+            } else {
+                println!("created company {} ({})", company.id, company.name);
+            }
+        }
+        CompanyCommand::List { json } => {
+            let companies = store.list_companies().await?;
+            if json {
+                println!("{}", serde_json::Value::Array(companies.iter().map(company_json).collect()));
+            } else {
+                for c in companies {
+                    println!("{}\t{}\t{}\t{}", c.id, c.status.as_str(), rfc3339(c.created_at), c.name);
+                }
+            }
+        }
+        CompanyCommand::Suspend { id } => set_status(&*store, &id, CompanyStatus::Suspended).await?,
+        CompanyCommand::Resume { id } => set_status(&*store, &id, CompanyStatus::Active).await?,
+    }
+    Ok(())
+}
+
+async fn set_status(store: &dyn OperatorStore, id: &str, status: CompanyStatus) -> anyhow::Result<()> {
+    let id = parse_company(id)?;
+    let company = store.set_company_status(id, status).await?.ok_or_else(|| anyhow!("no such company {id}"))?;
+    println!("company {} is now {}", company.id, company.status.as_str());
+    Ok(())
+}
+
+/// Issues a key and returns it with its text (shown once).
+pub async fn create_key(
+    store: &dyn OperatorStore,
+    hasher: &KeyHasher,
+    company: CompanyId,
+    name: &str,
+    owner: &str,
+    scopes: ScopeSet,
+    mode: KeyMode,
+    expires_in: Option<time::Duration>,
+) -> anyhow::Result<(ApiKey, zeroize::Zeroizing<String>)> {
+    let name = Label::parse(name).map_err(|e| anyhow!("--name {e}"))?;
+    let owner = Label::parse(owner).map_err(|e| anyhow!("--owner {e}"))?;
+    let generated = hasher.generate(mode);
+    let now = paygate_domain::now();
+    let key = store
+        .create_api_key(NewApiKey {
+            id: generated.id,
+            company_id: company,
+            name,
+            owner,
+            scopes,
+            mode,
+            created_at: now,
+            expires_at: expires_in.map(|d| now + d),
+            secret_hash: generated.hash,
+            pepper_version: generated.pepper_version,
+        })
+        .await
+        .map_err(|e| match e {
+            paygate_store::StoreError::NotFound(_) => anyhow!("no such company {company}"),
+            other => other.into(),
+        })?;
+    Ok((key, generated.text))
+}
+
+pub async fn key(store: Arc<dyn OperatorStore>, hasher: Option<&KeyHasher>, command: AdminKeyCommand) -> anyhow::Result<()> {
+    match command {
+        AdminKeyCommand::Create(args) => {
+            let hasher = hasher.context("a key pepper is needed to issue keys")?;
+            create_key_command(&*store, hasher, args).await?;
+        }
+        AdminKeyCommand::List { company, json } => {
+            let company = parse_company(&company)?;
+            if store.find_company(company).await?.is_none() {
+                bail!("no such company {company}");
+            }
+            let scope = operator_scope(&*store, company);
+            let mut keys = Vec::new();
+            let mut after = None;
+            loop {
+                let page = store.list_api_keys(&scope, PageRequest { limit: 100, after }).await?;
+                after = page.items.last().map(|k| k.id);
+                keys.extend(page.items);
+                if !page.has_more {
+                    break;
+                }
+            }
+            if json {
+                println!("{}", serde_json::Value::Array(keys.iter().map(key_json).collect()));
+            } else {
+                for k in keys {
+                    let state = if k.revoked_at.is_some() { "revoked" } else { "active" };
+                    println!("{}\t{}\t{}\t{}\t{}\t{}", k.id, k.mode, state, k.scopes.to_storage(), k.owner, k.name);
+                }
+            }
+        }
+        AdminKeyCommand::Revoke { id } => {
+            let id = ApiKeyId::parse(&id).map_err(|_| anyhow!("{id:?} is not a key id (key_…)"))?;
+            let key = store.revoke_api_key(id, paygate_domain::now()).await?.ok_or_else(|| anyhow!("no such key {id}"))?;
+            println!("key {} revoked at {}", key.id, key.revoked_at.map(rfc3339).unwrap_or_default());
+        }
+    }
+    Ok(())
+}
+
+async fn create_key_command(store: &dyn OperatorStore, hasher: &KeyHasher, args: KeyCreateArgs) -> anyhow::Result<()> {
+    let company = parse_company(&args.company)?;
+    let scopes = ScopeSet::parse_list(&args.scopes).map_err(|e| {
+        let all: Vec<_> = paygate_domain::Scope::ALL.iter().map(|s| s.as_str()).collect();
+        anyhow!("--scopes: {e}; known scopes: {}", all.join(", "))
+    })?;
+    let mode = match args.mode {
+        ModeArg::Live => KeyMode::Live,
+        ModeArg::Test => KeyMode::Test,
+    };
+    let expires_in = args.expires_in.as_deref().map(parse_duration).transpose().map_err(|e| anyhow!("--expires-in: {e}"))?;
+    let (key, text) = create_key(store, hasher, company, &args.name, &args.owner, scopes, mode, expires_in).await?;
+    if args.json {
+        let mut value = key_json(&key);
+        value["secret"] = serde_json::Value::String(text.to_string());
+        println!("{value}");
+    } else {
+        println!("created key {} for company {} (shown once, store it now):", key.id, key.company_id);
+        println!("{}", &*text);
+    }
+    Ok(())
+}

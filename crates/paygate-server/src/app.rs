@@ -1,0 +1,123 @@
+//! Wiring: open the store, build the authenticator, bind both listeners, run
+//! the background workers, shut down gracefully.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use paygate_api::{ApiConfig, AppState};
+use paygate_domain::KeyHasher;
+use paygate_store::auth::{AuthConfig, Authenticator};
+use paygate_store::{OperatorStore, Store};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::config::{Config, Database};
+use crate::{pepper, telemetry};
+
+/// Opens the configured backend.
+pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn OperatorStore>> {
+    let store: Arc<dyn OperatorStore> = match &config.database {
+        Database::Sqlite { url, path } => {
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+            }
+            Arc::new(paygate_store_sqlite::SqliteStore::connect(url).await.context("cannot open the SQLite database")?)
+        }
+        Database::Postgres { url } => Arc::new(
+            paygate_store_postgres::PostgresStore::connect(url).await.context("cannot connect to PostgreSQL")?,
+        ),
+    };
+    Ok(store)
+}
+
+/// A running server. Dropping it does not stop it; call [`Server::shutdown`].
+pub struct Server {
+    pub api_addr: SocketAddr,
+    pub ops_addr: SocketAddr,
+    pub store: Arc<dyn OperatorStore>,
+    pub hasher: KeyHasher,
+    stop: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+    workers: Vec<JoinHandle<()>>,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StartOptions {
+    pub skip_migrations: bool,
+}
+
+pub async fn start(config: &Config, options: StartOptions) -> anyhow::Result<Server> {
+    let metrics = telemetry::metrics_handle();
+    let pepper = pepper::load(config)?;
+    let hasher = KeyHasher::new(&pepper);
+    let store = open_store(config).await?;
+    if config.migrate_on_start && !options.skip_migrations {
+        store.migrate().await.context("migrations failed")?;
+    }
+
+    let auth_config = AuthConfig {
+        cache_capacity: config.key_cache_capacity,
+        cache_ttl: config.key_cache_ttl,
+        ..AuthConfig::default()
+    };
+    let api_store: Arc<dyn Store> = store.clone();
+    let auth = Arc::new(Authenticator::new(api_store.clone(), hasher.clone(), auth_config));
+    // One poll before serving, so the cache is usable from the first request.
+    if let Err(error) = auth.poll_revision().await {
+        tracing::warn!(%error, "first auth revision poll failed; keys will be read from the store");
+    }
+
+    let api_listener =
+        TcpListener::bind(config.listen).await.with_context(|| format!("listen: cannot bind {}", config.listen))?;
+    let ops_listener = TcpListener::bind(config.ops_listen)
+        .await
+        .with_context(|| format!("ops_listen: cannot bind {}", config.ops_listen))?;
+    let api_addr = api_listener.local_addr()?;
+    let ops_addr = ops_listener.local_addr()?;
+
+    let state = AppState { store: api_store.clone(), auth: auth.clone() };
+    let api_config = ApiConfig { max_body_bytes: config.max_body_bytes, request_timeout: config.request_timeout };
+    let api = paygate_api::router(state, &api_config);
+    let ops = crate::ops::router(api_store, metrics);
+
+    let (stop, stopped) = watch::channel(false);
+    let until_stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let api_task = tokio::spawn({
+        let stopped = stopped.clone();
+        async move {
+            let service = api.into_make_service_with_connect_info::<SocketAddr>();
+            if let Err(error) = axum::serve(api_listener, service).with_graceful_shutdown(until_stopped(stopped)).await {
+                tracing::error!(%error, "API listener failed");
+            }
+        }
+    });
+    let ops_task = tokio::spawn({
+        let stopped = stopped.clone();
+        async move {
+            if let Err(error) = axum::serve(ops_listener, ops).with_graceful_shutdown(until_stopped(stopped)).await {
+                tracing::error!(%error, "ops listener failed");
+            }
+        }
+    });
+    let watcher = tokio::spawn(auth.clone().watch_revisions());
+    tracing::info!(api = %api_addr, ops = %ops_addr, database = %config.database.redacted(), backend = store.backend().as_str(), "paygate listening");
+    Ok(Server { api_addr, ops_addr, store, hasher, stop, tasks: vec![api_task, ops_task], workers: vec![watcher] })
+}
+
+impl Server {
+    /// Stops accepting, lets in-flight requests finish, then stops the workers.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        for task in self.tasks {
+            let _ = task.await;
+        }
+        for worker in self.workers {
+            worker.abort();
+        }
+        tracing::info!("paygate stopped");
+    }
+}

@@ -1,0 +1,114 @@
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(name = "paygate", version, about = "Secure integration API for payment automation")]
+pub struct Cli {
+    /// TOML configuration file; `PAYGATE_*` environment variables override it.
+    #[arg(long, global = true, env = "PAYGATE_CONFIG")]
+    pub config: Option<PathBuf>,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the API and the operations listener.
+    Serve {
+        /// Create the sandbox company "Demo Co" if absent and print two fresh test keys.
+        #[arg(long)]
+        demo: bool,
+        /// Do not apply migrations on start.
+        #[arg(long)]
+        no_migrate: bool,
+    },
+    /// Apply the embedded database migrations and exit.
+    Migrate,
+    /// Print the OpenAPI document.
+    Openapi,
+    /// Operator commands: companies and keys.
+    #[command(subcommand)]
+    Admin(AdminCommand),
+    /// Offline key tools.
+    #[command(subcommand)]
+    Key(KeyCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AdminCommand {
+    #[command(subcommand)]
+    Company(CompanyCommand),
+    #[command(subcommand)]
+    Key(AdminKeyCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CompanyCommand {
+    /// Create a company.
+    Create {
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List companies, newest first.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Suspend a company: every key of it is refused on every node within 1 s.
+    Suspend { id: String },
+    /// Resume a suspended company.
+    Resume { id: String },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum ModeArg {
+    Live,
+    Test,
+}
+
+#[derive(Debug, Args)]
+pub struct KeyCreateArgs {
+    #[arg(long)]
+    pub company: String,
+    #[arg(long)]
+    pub name: String,
+    /// Who or which system the key is issued to.
+    #[arg(long)]
+    pub owner: String,
+    /// Comma-separated scopes, e.g. payments:read,payees:read.
+    #[arg(long)]
+    pub scopes: String,
+    #[arg(long, value_enum, default_value = "live")]
+    pub mode: ModeArg,
+    /// Lifetime such as 90d, 12h or 2w.
+    #[arg(long)]
+    pub expires_in: Option<String>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AdminKeyCommand {
+    /// Issue a key; its text is printed once and never stored.
+    Create(KeyCreateArgs),
+    /// List a company's keys (never secrets).
+    List {
+        #[arg(long)]
+        company: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a key at once.
+    Revoke { id: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeyCommand {
+    /// Exit 0 if TEXT is a well-formed Paygate key (checksum included), 1 if not.
+    /// Offline; never prints the key. Use `-` to read it from standard input.
+    Check { text: String },
+}

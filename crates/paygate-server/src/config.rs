@@ -1,0 +1,300 @@
+//! Configuration: defaults, then an optional TOML file, then `PAYGATE_*`
+//! environment variables. Every value is parsed here; an invalid one stops
+//! start-up with one line naming the setting.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Each setting: its TOML key (the env var is `PAYGATE_` + upper case).
+const SETTINGS: &[(&str, &str)] = &[
+    ("database_url", "Database URL: sqlite://PATH (embedded) or postgres://… (scaled)."),
+    ("listen", "API listener address."),
+    ("ops_listen", "Operations listener (/metrics, /healthz, /readyz)."),
+    ("redis_url", "Redis URL for shared rate limits and signals (used by later features)."),
+    ("key_pepper", "Hex key pepper (≥ 32 bytes). Prefer key_pepper_file."),
+    ("key_pepper_file", "File holding the hex key pepper."),
+    ("key_pepper_version", "Version number of the current pepper."),
+    ("log_format", "text or json."),
+    ("log_level", "tracing filter, e.g. info or paygate=debug."),
+    ("max_body_bytes", "Largest accepted request body."),
+    ("request_timeout_secs", "Requests running longer get 503 timeout."),
+    ("migrate_on_start", "Apply migrations when serve starts."),
+    ("key_cache_capacity", "Verified keys cached per node."),
+    ("key_cache_ttl_secs", "Longest reuse of a cached verified key."),
+];
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Database {
+    Sqlite { url: String, path: PathBuf },
+    Postgres { url: String },
+}
+
+impl Database {
+    /// The URL without credentials, for logs.
+    pub fn redacted(&self) -> String {
+        match self {
+            Self::Sqlite { path, .. } => format!("sqlite://{}", path.display()),
+            Self::Postgres { url } => {
+                let rest = url.split_once("://").map(|(_, r)| r).unwrap_or(url);
+                let host = rest.rsplit_once('@').map(|(_, h)| h).unwrap_or(rest);
+                format!("postgres://{}", host.split('?').next().unwrap_or(host))
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PepperSource {
+    Inline(String),
+    File(PathBuf),
+    /// Embedded default: a generated file beside the SQLite database.
+    BesideDatabase(PathBuf),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub database: Database,
+    pub listen: SocketAddr,
+    pub ops_listen: SocketAddr,
+    pub redis_url: Option<String>,
+    pub pepper: PepperSource,
+    pub pepper_version: u16,
+    pub log_format: LogFormat,
+    pub log_level: String,
+    pub max_body_bytes: usize,
+    pub request_timeout: Duration,
+    pub migrate_on_start: bool,
+    pub key_cache_capacity: usize,
+    pub key_cache_ttl: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {setting} ({env}): {message}")]
+pub struct ConfigError {
+    pub setting: String,
+    pub env: String,
+    pub message: String,
+}
+
+fn env_name(setting: &str) -> String {
+    format!("PAYGATE_{}", setting.to_ascii_uppercase())
+}
+
+fn error(setting: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError { setting: setting.to_owned(), env: env_name(setting), message: message.into() }
+}
+
+struct Sources {
+    file: BTreeMap<String, String>,
+    env: BTreeMap<String, String>,
+}
+
+impl Sources {
+    fn get(&self, setting: &str) -> Option<&str> {
+        self.env.get(setting).or_else(|| self.file.get(setting)).map(String::as_str).filter(|v| !v.is_empty())
+    }
+
+    fn parse<T>(&self, setting: &str, default: T, parse: impl Fn(&str) -> Result<T, String>) -> Result<T, ConfigError> {
+        match self.get(setting) {
+            None => Ok(default),
+            Some(text) => parse(text).map_err(|m| error(setting, m)),
+        }
+    }
+}
+
+impl Config {
+    /// Loads from an optional TOML file and the process environment.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        let env = std::env::vars().collect();
+        Self::from_sources(file, env)
+    }
+
+    pub fn from_sources(file: Option<&Path>, env: BTreeMap<String, String>) -> Result<Self, ConfigError> {
+        let file = match file {
+            None => BTreeMap::new(),
+            Some(path) => read_file(path)?,
+        };
+        let env = SETTINGS
+            .iter()
+            .filter_map(|(name, _)| env.get(&env_name(name)).map(|v| (name.to_string(), v.clone())))
+            .collect();
+        Self::from(Sources { file, env })
+    }
+
+    fn from(s: Sources) -> Result<Self, ConfigError> {
+        let database = parse_database(s.get("database_url").unwrap_or("sqlite://./paygate.db"))
+            .map_err(|m| error("database_url", m))?;
+        let addr = |t: &str| t.parse::<SocketAddr>().map_err(|_| format!("{t:?} is not an address like 127.0.0.1:8080"));
+        let listen = s.parse("listen", SocketAddr::from(([127, 0, 0, 1], 8080)), addr)?;
+        let ops_listen = s.parse("ops_listen", SocketAddr::from(([127, 0, 0, 1], 9090)), addr)?;
+        let redis_url = s.parse("redis_url", None, |t| {
+            if t.starts_with("redis://") || t.starts_with("rediss://") {
+                Ok(Some(t.to_owned()))
+            } else {
+                Err("must start with redis:// or rediss://".into())
+            }
+        })?;
+        let pepper_version = s.parse("key_pepper_version", 1u16, |t| {
+            t.parse::<u16>().ok().filter(|v| *v >= 1).ok_or_else(|| "must be an integer from 1 to 65535".into())
+        })?;
+        let pepper = match (s.get("key_pepper"), s.get("key_pepper_file"), &database) {
+            (Some(_), Some(_), _) => {
+                return Err(error("key_pepper", "set either key_pepper or key_pepper_file, not both"));
+            }
+            (Some(hex), None, _) => {
+                paygate_domain::Pepper::from_hex(pepper_version, hex).map_err(|e| error("key_pepper", e.to_string()))?;
+                PepperSource::Inline(hex.to_owned())
+            }
+            (None, Some(path), _) => PepperSource::File(PathBuf::from(path)),
+            (None, None, Database::Sqlite { path, .. }) => {
+                let mut name = path.file_name().unwrap_or_default().to_os_string();
+                name.push(".pepper");
+                PepperSource::BesideDatabase(path.with_file_name(name))
+            }
+            (None, None, Database::Postgres { .. }) => {
+                return Err(error(
+                    "key_pepper_file",
+                    "a key pepper is required with PostgreSQL (every node must share it): set key_pepper_file or key_pepper",
+                ));
+            }
+        };
+        let log_format = s.parse("log_format", LogFormat::Text, |t| match t {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            _ => Err("must be text or json".into()),
+        })?;
+        let log_level = s.get("log_level").unwrap_or("info").to_owned();
+        let positive = |max: u64| {
+            move |t: &str| t.parse::<u64>().ok().filter(|v| (1..=max).contains(v)).ok_or_else(|| format!("must be an integer from 1 to {max}"))
+        };
+        let max_body_bytes = s.parse("max_body_bytes", 65_536, positive(64 * 1024 * 1024))? as usize;
+        let request_timeout = Duration::from_secs(s.parse("request_timeout_secs", 30, positive(3_600))?);
+        let migrate_on_start = s.parse("migrate_on_start", true, |t| match t {
+            "true" | "1" => Ok(true),
+            "false" | "0" => Ok(false),
+            _ => Err("must be true or false".into()),
+        })?;
+        let key_cache_capacity = s.parse("key_cache_capacity", 10_000, positive(10_000_000))? as usize;
+        let key_cache_ttl = Duration::from_secs(s.parse("key_cache_ttl_secs", 30, positive(3_600))?);
+        Ok(Self {
+            database,
+            listen,
+            ops_listen,
+            redis_url,
+            pepper,
+            pepper_version,
+            log_format,
+            log_level,
+            max_body_bytes,
+            request_timeout,
+            migrate_on_start,
+            key_cache_capacity,
+            key_cache_ttl,
+        })
+    }
+
+    /// The settings table for `--help` and the README.
+    pub fn settings() -> impl Iterator<Item = (String, &'static str, &'static str)> {
+        SETTINGS.iter().map(|(name, doc)| (env_name(name), *name, *doc))
+    }
+}
+
+fn read_file(path: &Path) -> Result<BTreeMap<String, String>, ConfigError> {
+    let file_error = |m: String| ConfigError { setting: "config file".into(), env: "PAYGATE_CONFIG".into(), message: m };
+    let text = std::fs::read_to_string(path).map_err(|e| file_error(format!("cannot read {}: {e}", path.display())))?;
+    let table: toml::Table = text.parse().map_err(|e: toml::de::Error| file_error(format!("{}: {}", path.display(), e.message())))?;
+    let mut out = BTreeMap::new();
+    for (key, value) in table {
+        if !SETTINGS.iter().any(|(name, _)| *name == key) {
+            return Err(error(&key, format!("unknown setting in {}", path.display())));
+        }
+        let text = match value {
+            toml::Value::String(s) => s,
+            toml::Value::Integer(i) => i.to_string(),
+            toml::Value::Boolean(b) => b.to_string(),
+            other => return Err(error(&key, format!("expected a string, integer or boolean, found {}", other.type_str()))),
+        };
+        out.insert(key, text);
+    }
+    Ok(out)
+}
+
+fn parse_database(url: &str) -> Result<Database, String> {
+    if let Some(rest) = url.strip_prefix("sqlite:") {
+        let path = rest.strip_prefix("//").unwrap_or(rest);
+        let path = path.split('?').next().unwrap_or(path);
+        if path.is_empty() || path.contains(":memory:") || path.starts_with("file::memory") {
+            return Err("in-memory SQLite is not supported: use a file path, e.g. sqlite://./paygate.db".into());
+        }
+        return Ok(Database::Sqlite { url: url.to_owned(), path: PathBuf::from(path) });
+    }
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        return Ok(Database::Postgres { url: url.to_owned() });
+    }
+    Err("must start with sqlite:// or postgres://".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(env: &[(&str, &str)], file: Option<&str>) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("paygate.toml");
+        if let Some(text) = file {
+            std::fs::write(&path, text).unwrap();
+        }
+        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        Config::from_sources(file.map(|_| path.as_path()), env)
+    }
+
+    #[test]
+    fn defaults() {
+        let c = load(&[], None).unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.ops_listen.to_string(), "127.0.0.1:9090");
+        assert_eq!(c.database, Database::Sqlite { url: "sqlite://./paygate.db".into(), path: "./paygate.db".into() });
+        assert_eq!(c.pepper, PepperSource::BesideDatabase("./paygate.db.pepper".into()));
+        assert_eq!(c.max_body_bytes, 65_536);
+    }
+
+    #[test]
+    fn env_overrides_file_overrides_defaults() {
+        let c = load(&[("PAYGATE_LISTEN", "127.0.0.1:7000")], Some("listen = \"127.0.0.1:6000\"\nops_listen = \"127.0.0.1:6001\"\nmax_body_bytes = 1024\n")).unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:7000");
+        assert_eq!(c.ops_listen.to_string(), "127.0.0.1:6001");
+        assert_eq!(c.max_body_bytes, 1024);
+    }
+
+    #[test]
+    fn errors_name_the_setting() {
+        let e = load(&[("PAYGATE_LISTEN", "nope")], None).unwrap_err().to_string();
+        assert!(e.contains("listen (PAYGATE_LISTEN)"), "{e}");
+        let e = load(&[("PAYGATE_DATABASE_URL", "mysql://x")], None).unwrap_err().to_string();
+        assert!(e.contains("database_url"), "{e}");
+        let e = load(&[("PAYGATE_DATABASE_URL", "postgres://h/db")], None).unwrap_err().to_string();
+        assert!(e.contains("key_pepper_file"), "{e}");
+        let e = load(&[("PAYGATE_KEY_PEPPER", "abcd")], None).unwrap_err().to_string();
+        assert!(e.contains("key_pepper (PAYGATE_KEY_PEPPER)"), "{e}");
+        let e = load(&[], Some("lisen = \"x\"")).unwrap_err().to_string();
+        assert!(e.contains("lisen") && e.contains("unknown setting"), "{e}");
+        let e = load(&[("PAYGATE_MAX_BODY_BYTES", "0")], None).unwrap_err().to_string();
+        assert!(e.contains("max_body_bytes"), "{e}");
+        let e = load(&[("PAYGATE_DATABASE_URL", "sqlite::memory:")], None).unwrap_err().to_string();
+        assert!(e.contains("in-memory"), "{e}");
+    }
+
+    #[test]
+    fn postgres_url_is_redacted() {
+        let d = parse_database("postgres://user:secret@db.internal:5432/paygate?sslmode=require").unwrap();
+        assert_eq!(d.redacted(), "postgres://db.internal:5432/paygate");
+    }
+}

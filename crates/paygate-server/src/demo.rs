@@ -1,0 +1,40 @@
+//! `serve --demo`: a sandbox company and two fresh test-mode keys, so a newcomer
+//! can call the API within a minute of cloning.
+
+use std::net::SocketAddr;
+
+use paygate_domain::{KeyHasher, KeyMode, Label, Scope, ScopeSet};
+use paygate_store::{NewCompany, OperatorStore};
+
+use crate::admin::create_key;
+
+pub const DEMO_COMPANY: &str = "Demo Co";
+
+pub async fn prepare(store: &dyn OperatorStore, hasher: &KeyHasher, api_addr: SocketAddr) -> anyhow::Result<()> {
+    let existing = store.list_companies().await?.into_iter().find(|c| c.name == DEMO_COMPANY);
+    let company = match existing {
+        Some(c) => c,
+        None => store.create_company(NewCompany::new(Label::parse(DEMO_COMPANY)?)).await?,
+    };
+    let mut initiator_scopes = ScopeSet::all();
+    initiator_scopes.remove(Scope::PaymentsApprove);
+    let approver_scopes: ScopeSet = [Scope::PaymentsApprove, Scope::PaymentsRead].into_iter().collect();
+    let (initiator, initiator_text) =
+        create_key(store, hasher, company.id, "demo initiator", "demo-erp", initiator_scopes, KeyMode::Test, None).await?;
+    let (approver, approver_text) =
+        create_key(store, hasher, company.id, "demo approver", "demo-approver", approver_scopes, KeyMode::Test, None)
+            .await?;
+    let host = if api_addr.ip().is_unspecified() { SocketAddr::from(([127, 0, 0, 1], api_addr.port())) } else { api_addr };
+    println!();
+    println!("Paygate demo: company {DEMO_COMPANY} ({})", company.id);
+    println!();
+    println!("  Initiator key {} (test mode; {}):", initiator.id, initiator.scopes.to_storage());
+    println!("    {}", &*initiator_text);
+    println!("  Approver key {} (test mode; {}):", approver.id, approver.scopes.to_storage());
+    println!("    {}", &*approver_text);
+    println!();
+    println!("  These keys are shown once. Try:");
+    println!("    curl -s http://{host}/v1/me -H 'Authorization: Bearer {}'", &*initiator_text);
+    println!();
+    Ok(())
+}

@@ -1,0 +1,11 @@
+//! The `paygate` binary's library: configuration, wiring, CLI commands. The
+//! integration tests start the real server through [`app::start`].
+
+pub mod admin;
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod demo;
+pub mod ops;
+pub mod pepper;
+pub mod telemetry;

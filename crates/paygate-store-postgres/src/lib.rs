@@ -1,0 +1,303 @@
+//! Paygate storage on PostgreSQL. Many `paygate serve` nodes share one database;
+//! nothing here depends on node-local state.
+
+#[cfg(feature = "testing")]
+pub mod testing;
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use paygate_domain::{ApiKeyId, CompanyId, CompanyStatus, KeyMode, ScopeSet, SecretHash};
+use paygate_store::{
+    ApiKey, Backend, Company, CompanyScope, KeyAuthRecord, NewApiKey, NewCompany, OperatorStore, Page,
+    PageRequest, Store, StoreError, StoreResult,
+};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
+use sqlx::{PgPool, Row};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+#[derive(Clone)]
+pub struct PostgresStore {
+    pool: PgPool,
+}
+
+impl PostgresStore {
+    pub async fn connect(url: &str) -> StoreResult<Self> {
+        let options = PgConnectOptions::from_str(url)
+            .map_err(|e| StoreError::Internal(format!("invalid PostgreSQL URL: {e}")))?
+            .application_name("paygate");
+        let pool = PgPoolOptions::new()
+            .max_connections(16)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_with(options)
+            .await
+            .map_err(map_err)?;
+        Ok(Self { pool })
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+}
+
+fn map_err(e: sqlx::Error) -> StoreError {
+    match &e {
+        sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) | sqlx::Error::Tls(_) => {
+            StoreError::Unavailable(e.to_string())
+        }
+        sqlx::Error::Database(db) if db.code().is_some_and(|c| c.starts_with("08") || c.starts_with("57")) => {
+            // Connection exceptions and operator intervention (shutdown, cancel).
+            StoreError::Unavailable(e.to_string())
+        }
+        _ => StoreError::Internal(e.to_string()),
+    }
+}
+
+fn get<'r, T: sqlx::Decode<'r, sqlx::Postgres> + sqlx::Type<sqlx::Postgres>>(row: &'r PgRow, col: &str) -> StoreResult<T> {
+    row.try_get(col).map_err(|e| StoreError::Internal(format!("column {col}: {e}")))
+}
+
+fn company_from_row(row: &PgRow) -> StoreResult<Company> {
+    let status: String = get(row, "status")?;
+    Ok(Company {
+        id: CompanyId::from_uuid(get(row, "id")?),
+        name: get(row, "name")?,
+        status: CompanyStatus::parse(&status).ok_or_else(|| StoreError::Internal(format!("company status {status:?}")))?,
+        created_at: get(row, "created_at")?,
+    })
+}
+
+fn key_from_row(row: &PgRow) -> StoreResult<ApiKey> {
+    let scopes: String = get(row, "scopes")?;
+    let mode: String = get(row, "mode")?;
+    Ok(ApiKey {
+        id: ApiKeyId::from_uuid(get(row, "id")?),
+        company_id: CompanyId::from_uuid(get(row, "company_id")?),
+        name: get(row, "name")?,
+        owner: get(row, "owner")?,
+        scopes: ScopeSet::from_storage(&scopes).map_err(|e| StoreError::Internal(e.to_string()))?,
+        mode: KeyMode::parse(&mode).ok_or_else(|| StoreError::Internal(format!("key mode {mode:?}")))?,
+        created_at: get(row, "created_at")?,
+        expires_at: get(row, "expires_at")?,
+        revoked_at: get(row, "revoked_at")?,
+        last_used_at: get(row, "last_used_at")?,
+    })
+}
+
+/// `SELECT <key columns> [extra columns] FROM api_keys k <tail>`, as one literal.
+macro_rules! key_select {
+    ($tail:literal) => {
+        key_select!("", $tail)
+    };
+    ($extra:literal, $tail:literal) => {
+        concat!(
+            "SELECT k.id, k.company_id, k.name, k.owner, k.scopes, k.mode, k.created_at, k.expires_at, ",
+            "k.revoked_at, k.last_used_at",
+            $extra,
+            " FROM api_keys k ",
+            $tail
+        )
+    };
+}
+
+async fn bump_auth_revision(tx: &mut sqlx::PgConnection) -> StoreResult<()> {
+    sqlx::query("UPDATE auth_revision SET revision = revision + 1 WHERE id = 1")
+        .execute(tx)
+        .await
+        .map_err(map_err)?;
+    Ok(())
+}
+
+#[async_trait]
+impl Store for PostgresStore {
+    fn backend(&self) -> Backend {
+        Backend::Postgres
+    }
+
+    async fn ping(&self) -> StoreResult<()> {
+        sqlx::query("SELECT 1").execute(&self.pool).await.map_err(map_err)?;
+        Ok(())
+    }
+
+    async fn find_key_for_auth(&self, id: ApiKeyId) -> StoreResult<Option<KeyAuthRecord>> {
+        let row = sqlx::query(key_select!(
+            ", k.secret_hash, k.pepper_version, c.name AS company_name, c.status AS company_status",
+            "JOIN companies c ON c.id = k.company_id WHERE k.id = $1"
+        ))
+        .bind(id.as_uuid())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(map_err)?;
+        let Some(row) = row else { return Ok(None) };
+        let hash: Vec<u8> = get(&row, "secret_hash")?;
+        let status: String = get(&row, "company_status")?;
+        let pepper_version: i32 = get(&row, "pepper_version")?;
+        Ok(Some(KeyAuthRecord {
+            key: key_from_row(&row)?,
+            secret_hash: SecretHash::from_slice(&hash).ok_or_else(|| StoreError::Internal("secret hash length".into()))?,
+            pepper_version: u16::try_from(pepper_version).map_err(|_| StoreError::Internal("pepper version".into()))?,
+            company_name: get(&row, "company_name")?,
+            company_status: CompanyStatus::parse(&status).ok_or_else(|| StoreError::Internal("company status".into()))?,
+        }))
+    }
+
+    async fn auth_revision(&self) -> StoreResult<i64> {
+        sqlx::query_scalar("SELECT revision FROM auth_revision WHERE id = 1")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(map_err)
+    }
+
+    async fn get_company(&self, scope: &CompanyScope) -> StoreResult<Company> {
+        let row = sqlx::query("SELECT id, name, status, created_at FROM companies WHERE id = $1")
+            .bind(scope.company_id().as_uuid())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(map_err)?
+            .ok_or(StoreError::NotFound("company"))?;
+        company_from_row(&row)
+    }
+
+    async fn list_api_keys(&self, scope: &CompanyScope, page: PageRequest<ApiKeyId>) -> StoreResult<Page<ApiKey>> {
+        let after = page.after.map(|a| a.as_uuid()).unwrap_or(Uuid::max());
+        let rows = sqlx::query(key_select!("WHERE k.company_id = $1 AND k.id < $2 ORDER BY k.id DESC LIMIT $3"))
+            .bind(scope.company_id().as_uuid())
+            .bind(after)
+            .bind(page.limit as i64 + 1)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_err)?;
+        let keys = rows.iter().map(key_from_row).collect::<StoreResult<Vec<_>>>()?;
+        Ok(Page::from_overfetch(keys, page.limit))
+    }
+
+    async fn get_api_key(&self, scope: &CompanyScope, id: ApiKeyId) -> StoreResult<Option<ApiKey>> {
+        let row = sqlx::query(key_select!("WHERE k.company_id = $1 AND k.id = $2"))
+            .bind(scope.company_id().as_uuid())
+            .bind(id.as_uuid())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(map_err)?;
+        row.as_ref().map(key_from_row).transpose()
+    }
+}
+
+#[async_trait]
+impl OperatorStore for PostgresStore {
+    async fn migrate(&self) -> StoreResult<()> {
+        // sqlx takes an advisory lock, so nodes starting together migrate once.
+        MIGRATOR.run(&self.pool).await.map_err(|e| StoreError::Internal(format!("migration failed: {e}")))
+    }
+
+    async fn create_company(&self, new: NewCompany) -> StoreResult<Company> {
+        let company = Company {
+            id: new.id,
+            name: new.name.into_string(),
+            status: CompanyStatus::Active,
+            created_at: new.created_at,
+        };
+        sqlx::query("INSERT INTO companies (id, name, status, created_at) VALUES ($1, $2, $3, $4)")
+            .bind(company.id.as_uuid())
+            .bind(&company.name)
+            .bind(company.status.as_str())
+            .bind(company.created_at)
+            .execute(&self.pool)
+            .await
+            .map_err(map_err)?;
+        Ok(company)
+    }
+
+    async fn list_companies(&self) -> StoreResult<Vec<Company>> {
+        let rows = sqlx::query("SELECT id, name, status, created_at FROM companies ORDER BY id DESC")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_err)?;
+        rows.iter().map(company_from_row).collect()
+    }
+
+    async fn find_company(&self, id: CompanyId) -> StoreResult<Option<Company>> {
+        let row = sqlx::query("SELECT id, name, status, created_at FROM companies WHERE id = $1")
+            .bind(id.as_uuid())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(map_err)?;
+        row.as_ref().map(company_from_row).transpose()
+    }
+
+    async fn set_company_status(&self, id: CompanyId, status: CompanyStatus) -> StoreResult<Option<Company>> {
+        let mut tx = self.pool.begin().await.map_err(map_err)?;
+        let row = sqlx::query("UPDATE companies SET status = $1 WHERE id = $2 RETURNING id, name, status, created_at")
+            .bind(status.as_str())
+            .bind(id.as_uuid())
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        let Some(row) = row else { return Ok(None) };
+        bump_auth_revision(&mut tx).await?;
+        tx.commit().await.map_err(map_err)?;
+        company_from_row(&row).map(Some)
+    }
+
+    async fn create_api_key(&self, new: NewApiKey) -> StoreResult<ApiKey> {
+        let result = sqlx::query(
+            "INSERT INTO api_keys (id, company_id, name, owner, scopes, mode, secret_hash, pepper_version, \
+             created_at, expires_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+        )
+        .bind(new.id.as_uuid())
+        .bind(new.company_id.as_uuid())
+        .bind(new.name.as_str())
+        .bind(new.owner.as_str())
+        .bind(new.scopes.to_storage())
+        .bind(new.mode.as_str())
+        .bind(&new.secret_hash.0[..])
+        .bind(new.pepper_version as i32)
+        .bind(new.created_at)
+        .bind(new.expires_at)
+        .execute(&self.pool)
+        .await;
+        match result {
+            Ok(_) => {}
+            Err(sqlx::Error::Database(db)) if db.is_foreign_key_violation() => {
+                return Err(StoreError::NotFound("company"));
+            }
+            Err(e) => return Err(map_err(e)),
+        }
+        Ok(ApiKey {
+            id: new.id,
+            company_id: new.company_id,
+            name: new.name.into_string(),
+            owner: new.owner.into_string(),
+            scopes: new.scopes,
+            mode: new.mode,
+            created_at: new.created_at,
+            expires_at: new.expires_at,
+            revoked_at: None,
+            last_used_at: None,
+        })
+    }
+
+    async fn revoke_api_key(&self, id: ApiKeyId, at: OffsetDateTime) -> StoreResult<Option<ApiKey>> {
+        let mut tx = self.pool.begin().await.map_err(map_err)?;
+        let changed = sqlx::query("UPDATE api_keys SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL")
+            .bind(at)
+            .bind(id.as_uuid())
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?
+            .rows_affected();
+        if changed > 0 {
+            bump_auth_revision(&mut tx).await?;
+        }
+        let row = sqlx::query(key_select!("WHERE k.id = $1"))
+            .bind(id.as_uuid())
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        tx.commit().await.map_err(map_err)?;
+        row.as_ref().map(key_from_row).transpose()
+    }
+}

@@ -1,0 +1,277 @@
+//! Steps 3–5 of the request pipeline: parse the key, look it up (cache, then
+//! store), verify the secret in constant time, check its status. The only place
+//! a [`CompanyScope`] is made for an API caller.
+//!
+//! The verified-key cache is safe against revocation because it is never trusted
+//! on a clock alone: a watcher polls the store's auth revision (bumped in the
+//! same transaction as every revocation and suspension) and drops the cache when
+//! it moves, and the cache is bypassed entirely whenever the last successful poll
+//! is older than `max_staleness`. A lost or slow poll therefore costs database
+//! reads, never a stale accept.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use paygate_domain::{ApiKeyId, ApiKeyText, CompanyStatus, KeyHasher, KeyParseError};
+use parking_lot::Mutex;
+use time::OffsetDateTime;
+
+use crate::{Actor, CompanyScope, KeyAuthRecord, Store, StoreError};
+
+#[derive(Debug, Clone)]
+pub struct AuthConfig {
+    /// Most verified keys held per node.
+    pub cache_capacity: usize,
+    /// Upper bound on how long one entry is reused, whatever the watcher says.
+    pub cache_ttl: Duration,
+    /// How often the auth revision is polled.
+    pub revision_poll: Duration,
+    /// The cache is bypassed when the last successful poll is older than this.
+    pub max_staleness: Duration,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            cache_capacity: 10_000,
+            cache_ttl: Duration::from_secs(30),
+            revision_poll: Duration::from_millis(200),
+            max_staleness: Duration::from_millis(750),
+        }
+    }
+}
+
+/// Why a request did not authenticate. The HTTP layer maps `Malformed`,
+/// `UnknownKey` and `WrongSecret` to one indistinguishable 401.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error("no credentials")]
+    Missing,
+    #[error("key text rejected: {0}")]
+    Malformed(KeyParseError),
+    #[error("unknown key")]
+    UnknownKey,
+    #[error("secret does not match")]
+    WrongSecret,
+    #[error("key revoked")]
+    Revoked,
+    #[error("key expired")]
+    Expired,
+    #[error("company suspended")]
+    CompanySuspended,
+    #[error(transparent)]
+    Unavailable(StoreError),
+}
+
+impl AuthError {
+    /// Stable label for metrics and logs.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Missing => "missing",
+            Self::Malformed(e) => e.reason(),
+            Self::UnknownKey => "unknown_key",
+            Self::WrongSecret => "wrong_secret",
+            Self::Revoked => "revoked",
+            Self::Expired => "expired",
+            Self::CompanySuspended => "company_suspended",
+            Self::Unavailable(_) => "store_unavailable",
+        }
+    }
+}
+
+/// A caller whose key verified and is usable right now.
+#[derive(Debug, Clone)]
+pub struct Authenticated {
+    pub scope: CompanyScope,
+    pub record: Arc<KeyAuthRecord>,
+}
+
+pub struct Authenticator {
+    store: Arc<dyn Store>,
+    hasher: KeyHasher,
+    cache: KeyCache,
+    config: AuthConfig,
+}
+
+impl Authenticator {
+    pub fn new(store: Arc<dyn Store>, hasher: KeyHasher, config: AuthConfig) -> Self {
+        let cache = KeyCache::new(config.cache_capacity, config.cache_ttl);
+        Self { store, hasher, cache, config }
+    }
+
+    pub fn hasher(&self) -> &KeyHasher {
+        &self.hasher
+    }
+
+    /// Authenticates the text of an `Authorization: Bearer` credential.
+    pub async fn authenticate(&self, text: &str, now: OffsetDateTime) -> Result<Authenticated, AuthError> {
+        // Step 3: a malformed or bad-checksum key never reaches the store.
+        let key = ApiKeyText::parse(text).map_err(AuthError::Malformed)?;
+        let record = match self.cache.get(key.id(), self.config.max_staleness) {
+            Some(record) => {
+                metrics::counter!("paygate_key_cache_total", "result" => "hit").increment(1);
+                record
+            }
+            None => {
+                metrics::counter!("paygate_key_cache_total", "result" => "miss").increment(1);
+                self.load(key.id()).await?
+            }
+        };
+        if !self.hasher.verify(key.secret(), &record.secret_hash, record.pepper_version) {
+            return Err(AuthError::WrongSecret);
+        }
+        // A key's mode is part of its text; a mismatch means the text was edited.
+        if record.key.mode != key.mode() {
+            return Err(AuthError::WrongSecret);
+        }
+        if record.key.revoked_at.is_some() {
+            return Err(AuthError::Revoked);
+        }
+        if record.key.is_expired_at(now) {
+            return Err(AuthError::Expired);
+        }
+        if record.company_status == CompanyStatus::Suspended {
+            return Err(AuthError::CompanySuspended);
+        }
+        let actor = Actor::ApiKey { id: record.key.id, owner: record.key.owner.clone() };
+        Ok(Authenticated { scope: CompanyScope::new(record.key.company_id, actor), record })
+    }
+
+    async fn load(&self, id: ApiKeyId) -> Result<Arc<KeyAuthRecord>, AuthError> {
+        // Read the generation before the store: if the cache is dropped while we
+        // read, our possibly stale row is inserted under the old generation and
+        // never served.
+        let generation = self.cache.generation();
+        metrics::counter!("paygate_key_store_lookups_total").increment(1);
+        let record = self.store.find_key_for_auth(id).await.map_err(AuthError::Unavailable)?;
+        let record = Arc::new(record.ok_or(AuthError::UnknownKey)?);
+        self.cache.insert(id, record.clone(), generation);
+        Ok(record)
+    }
+
+    /// One poll of the auth revision. Returns whether the cache was dropped.
+    pub async fn poll_revision(&self) -> Result<bool, StoreError> {
+        let revision = self.store.auth_revision().await?;
+        Ok(self.cache.observe_revision(revision))
+    }
+
+    /// Polls forever; run it as a background task next to the server.
+    pub async fn watch_revisions(self: Arc<Self>) {
+        let mut ticker = tokio_interval(self.config.revision_poll);
+        let mut failing = false;
+        loop {
+            ticker.tick().await;
+            match self.poll_revision().await {
+                Ok(_) => {
+                    if failing {
+                        tracing::info!("auth revision poll recovered; key cache back in use");
+                    }
+                    failing = false;
+                }
+                Err(error) => {
+                    if !failing {
+                        tracing::warn!(%error, "auth revision poll failed; key cache bypassed until it recovers");
+                    }
+                    failing = true;
+                }
+            }
+        }
+    }
+
+    pub fn cached_keys(&self) -> usize {
+        self.cache.len()
+    }
+}
+
+fn tokio_interval(period: Duration) -> tokio::time::Interval {
+    let mut interval = tokio::time::interval(period);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    interval
+}
+
+struct Entry {
+    record: Arc<KeyAuthRecord>,
+    generation: u64,
+    inserted: Instant,
+}
+
+struct KeyCache {
+    entries: Mutex<HashMap<ApiKeyId, Entry>>,
+    generation: AtomicU64,
+    last_revision: Mutex<Option<i64>>,
+    /// Milliseconds since `epoch` at which the last revision poll succeeded; 0 = never.
+    fresh_at_ms: AtomicU64,
+    epoch: Instant,
+    capacity: usize,
+    ttl: Duration,
+}
+
+impl KeyCache {
+    fn new(capacity: usize, ttl: Duration) -> Self {
+        Self {
+            entries: Mutex::new(HashMap::new()),
+            generation: AtomicU64::new(0),
+            last_revision: Mutex::new(None),
+            fresh_at_ms: AtomicU64::new(0),
+            epoch: Instant::now(),
+            capacity: capacity.max(1),
+            ttl,
+        }
+    }
+
+    fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    fn get(&self, id: ApiKeyId, max_staleness: Duration) -> Option<Arc<KeyAuthRecord>> {
+        let fresh_at = self.fresh_at_ms.load(Ordering::Acquire);
+        let now_ms = self.epoch.elapsed().as_millis() as u64;
+        if fresh_at == 0 || now_ms.saturating_sub(fresh_at) > max_staleness.as_millis() as u64 {
+            return None;
+        }
+        let generation = self.generation();
+        let entries = self.entries.lock();
+        let entry = entries.get(&id)?;
+        (entry.generation == generation && entry.inserted.elapsed() < self.ttl).then(|| entry.record.clone())
+    }
+
+    fn insert(&self, id: ApiKeyId, record: Arc<KeyAuthRecord>, generation: u64) {
+        let mut entries = self.entries.lock();
+        if entries.len() >= self.capacity && !entries.contains_key(&id) {
+            let current = self.generation();
+            let ttl = self.ttl;
+            entries.retain(|_, e| e.generation == current && e.inserted.elapsed() < ttl);
+            if entries.len() >= self.capacity {
+                // Still full of live entries: drop an arbitrary one. Misses cost a
+                // store read, never correctness.
+                if let Some(victim) = entries.keys().next().copied() {
+                    entries.remove(&victim);
+                }
+            }
+        }
+        entries.insert(id, Entry { record, generation, inserted: Instant::now() });
+        metrics::gauge!("paygate_key_cache_entries").set(entries.len() as f64);
+    }
+
+    fn observe_revision(&self, revision: i64) -> bool {
+        let mut last = self.last_revision.lock();
+        // The first observation counts as a change: entries cached before it were
+        // read under an unknown revision.
+        let changed = *last != Some(revision);
+        if changed {
+            self.generation.fetch_add(1, Ordering::AcqRel);
+            self.entries.lock().clear();
+        }
+        *last = Some(revision);
+        // At least 1 so that 0 keeps meaning "never polled".
+        let now_ms = (self.epoch.elapsed().as_millis() as u64).max(1);
+        self.fresh_at_ms.store(now_ms, Ordering::Release);
+        changed
+    }
+
+    fn len(&self) -> usize {
+        self.entries.lock().len()
+    }
+}

@@ -1,0 +1,377 @@
+//! The behaviour every storage backend must show. Each backend crate runs it with
+//! [`crate::conformance_tests!`] against a fresh database per test.
+
+use std::any::Any;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use async_trait::async_trait;
+use paygate_domain::{
+    ApiKeyId, CompanyId, CompanyStatus, KeyHasher, KeyMode, Label, Pepper, ScopeSet,
+};
+use time::{Duration, OffsetDateTime};
+
+use crate::auth::{AuthConfig, AuthError, Authenticator};
+use crate::{
+    ApiKey, Backend, Company, CompanyScope, KeyAuthRecord, NewApiKey, NewCompany, OperatorStore, Page,
+    PageRequest, Store, StoreError, StoreResult, operator_scope,
+};
+
+/// A store on a database that exists for one test; the guard removes it.
+pub struct TestStore {
+    pub store: Arc<dyn OperatorStore>,
+    _guard: Box<dyn Any + Send>,
+}
+
+impl TestStore {
+    pub fn new(store: Arc<dyn OperatorStore>, guard: impl Any + Send) -> Self {
+        Self { store, _guard: Box::new(guard) }
+    }
+}
+
+/// Generates one `#[tokio::test]` per conformance case. `$factory` is an async fn
+/// returning `Option<TestStore>`; `None` skips (a backend that is not configured).
+#[macro_export]
+macro_rules! conformance_tests {
+    ($factory:path) => {
+        $crate::conformance_tests!(@cases $factory;
+            ping_answers,
+            companies_round_trip,
+            company_status_changes_bump_the_auth_revision,
+            api_key_round_trip,
+            api_key_for_a_missing_company_is_not_found,
+            another_companys_key_is_invisible,
+            api_keys_paginate_newest_first,
+            revocation_is_idempotent_and_bumps_the_revision,
+            key_auth_record_carries_company_status,
+            authenticator_accepts_a_valid_key,
+            authenticator_refuses_each_bad_state,
+            authenticator_never_reads_the_store_for_malformed_keys,
+            authenticator_cache_drops_on_revocation,
+            concurrent_key_creation_and_revocation,
+        );
+    };
+    (@cases $factory:path; $($case:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $case() {
+                let Some(test_store) = $factory().await else { return };
+                $crate::conformance::$case(test_store.store.clone()).await;
+            }
+        )*
+    };
+}
+
+fn label(s: &str) -> Label {
+    Label::parse(s).unwrap()
+}
+
+fn hasher() -> KeyHasher {
+    KeyHasher::new(&Pepper::new(1, vec![42u8; 32]).unwrap())
+}
+
+async fn company(store: &dyn OperatorStore, name: &str) -> Company {
+    store.create_company(NewCompany::new(label(name))).await.unwrap()
+}
+
+struct Issued {
+    key: ApiKey,
+    text: String,
+}
+
+async fn issue(store: &dyn OperatorStore, company: CompanyId, scopes: &str, expires_at: Option<OffsetDateTime>) -> Issued {
+    let generated = hasher().generate(KeyMode::Test);
+    let key = store
+        .create_api_key(NewApiKey {
+            id: generated.id,
+            company_id: company,
+            name: label("ci"),
+            owner: label("erp@example.com"),
+            scopes: ScopeSet::parse_list(scopes).unwrap(),
+            mode: KeyMode::Test,
+            created_at: paygate_domain::now(),
+            expires_at,
+            secret_hash: generated.hash,
+            pepper_version: generated.pepper_version,
+        })
+        .await
+        .unwrap();
+    Issued { key, text: generated.text.to_string() }
+}
+
+fn scope(store: &dyn OperatorStore, company: CompanyId) -> CompanyScope {
+    operator_scope(store, company)
+}
+
+pub async fn ping_answers(store: Arc<dyn OperatorStore>) {
+    store.ping().await.unwrap();
+    assert!(matches!(store.backend(), Backend::Sqlite | Backend::Postgres));
+}
+
+pub async fn companies_round_trip(store: Arc<dyn OperatorStore>) {
+    let a = company(&*store, "Acme GmbH").await;
+    let b = company(&*store, "Globex").await;
+    assert_eq!(a.status, CompanyStatus::Active);
+    assert_eq!(store.find_company(a.id).await.unwrap(), Some(a.clone()));
+    assert_eq!(store.find_company(CompanyId::generate()).await.unwrap(), None);
+    let listed = store.list_companies().await.unwrap();
+    assert_eq!(listed.iter().map(|c| c.id).collect::<Vec<_>>(), vec![b.id, a.id], "newest first");
+    assert_eq!(store.get_company(&scope(&*store, a.id)).await.unwrap(), a);
+}
+
+pub async fn company_status_changes_bump_the_auth_revision(store: Arc<dyn OperatorStore>) {
+    let a = company(&*store, "Acme").await;
+    let r0 = store.auth_revision().await.unwrap();
+    let suspended = store.set_company_status(a.id, CompanyStatus::Suspended).await.unwrap().unwrap();
+    assert_eq!(suspended.status, CompanyStatus::Suspended);
+    let r1 = store.auth_revision().await.unwrap();
+    assert!(r1 > r0);
+    let resumed = store.set_company_status(a.id, CompanyStatus::Active).await.unwrap().unwrap();
+    assert_eq!(resumed.status, CompanyStatus::Active);
+    assert!(store.auth_revision().await.unwrap() > r1);
+    assert_eq!(store.set_company_status(CompanyId::generate(), CompanyStatus::Suspended).await.unwrap(), None);
+}
+
+pub async fn api_key_round_trip(store: Arc<dyn OperatorStore>) {
+    let a = company(&*store, "Acme").await;
+    let expires = paygate_domain::now() + Duration::days(30);
+    let issued = issue(&*store, a.id, "keys:read payments:read", Some(expires)).await;
+    let got = store.get_api_key(&scope(&*store, a.id), issued.key.id).await.unwrap().unwrap();
+    assert_eq!(got, issued.key);
+    assert_eq!(got.expires_at, Some(expires));
+    assert_eq!(got.scopes.to_storage(), "payments:read keys:read");
+    assert_eq!(got.revoked_at, None);
+    assert_eq!(got.last_used_at, None);
+    assert_eq!(got.company_id, a.id);
+}
+
+pub async fn api_key_for_a_missing_company_is_not_found(store: Arc<dyn OperatorStore>) {
+    let generated = hasher().generate(KeyMode::Live);
+    let err = store
+        .create_api_key(NewApiKey {
+            id: generated.id,
+            company_id: CompanyId::generate(),
+            name: label("x"),
+            owner: label("y"),
+            scopes: ScopeSet::empty(),
+            mode: KeyMode::Live,
+            created_at: paygate_domain::now(),
+            expires_at: None,
+            secret_hash: generated.hash,
+            pepper_version: 1,
+        })
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::NotFound("company")), "{err:?}");
+}
+
+pub async fn another_companys_key_is_invisible(store: Arc<dyn OperatorStore>) {
+    let a = company(&*store, "Acme").await;
+    let b = company(&*store, "Globex").await;
+    let key_a = issue(&*store, a.id, "keys:read", None).await.key;
+    let scope_b = scope(&*store, b.id);
+    assert_eq!(store.get_api_key(&scope_b, key_a.id).await.unwrap(), None);
+    assert_eq!(store.get_api_key(&scope_b, ApiKeyId::generate()).await.unwrap(), None);
+    let page = store.list_api_keys(&scope_b, PageRequest { limit: 100, after: None }).await.unwrap();
+    assert!(page.items.is_empty());
+    // A cursor taken from company A's list leaks nothing either.
+    let page = store.list_api_keys(&scope_b, PageRequest { limit: 100, after: Some(ApiKeyId::generate()) }).await.unwrap();
+    assert!(page.items.is_empty());
+}
+
+pub async fn api_keys_paginate_newest_first(store: Arc<dyn OperatorStore>) {
+    let a = company(&*store, "Acme").await;
+    let b = company(&*store, "Globex").await;
+    let mut ids = Vec::new();
+    for _ in 0..5 {
+        ids.push(issue(&*store, a.id, "keys:read", None).await.key.id);
+        issue(&*store, b.id, "keys:read", None).await;
+    }
+    ids.reverse();
+    let sa = scope(&*store, a.id);
+    let mut seen = Vec::new();
+    let mut after = None;
+    loop {
+        let page: Page<ApiKey> = store.list_api_keys(&sa, PageRequest { limit: 2, after }).await.unwrap();
+        assert!(page.items.len() <= 2);
+        seen.extend(page.items.iter().map(|k| k.id));
+        if !page.has_more {
+            break;
+        }
+        after = page.items.last().map(|k| k.id);
+        // A key created mid-walk is newer than every cursor: it never shifts later pages.
+        issue(&*store, a.id, "keys:read", None).await;
+    }
+    assert_eq!(seen, ids);
+}
+
+pub async fn revocation_is_idempotent_and_bumps_the_revision(store: Arc<dyn OperatorStore>) {
+    let a = company(&*store, "Acme").await;
+    let key = issue(&*store, a.id, "keys:read", None).await.key;
+    let r0 = store.auth_revision().await.unwrap();
+    let t1 = paygate_domain::now();
+    let revoked = store.revoke_api_key(key.id, t1).await.unwrap().unwrap();
+    assert_eq!(revoked.revoked_at, Some(t1));
+    assert!(store.auth_revision().await.unwrap() > r0);
+    let again = store.revoke_api_key(key.id, t1 + Duration::seconds(5)).await.unwrap().unwrap();
+    assert_eq!(again.revoked_at, Some(t1), "the first revocation time stands");
+    assert_eq!(store.revoke_api_key(ApiKeyId::generate(), t1).await.unwrap(), None);
+}
+
+pub async fn key_auth_record_carries_company_status(store: Arc<dyn OperatorStore>) {
+    let a = company(&*store, "Acme").await;
+    let issued = issue(&*store, a.id, "keys:read", None).await;
+    let record: KeyAuthRecord = store.find_key_for_auth(issued.key.id).await.unwrap().unwrap();
+    assert_eq!(record.key, issued.key);
+    assert_eq!(record.company_name, "Acme");
+    assert_eq!(record.company_status, CompanyStatus::Active);
+    assert_eq!(record.pepper_version, 1);
+    let secret = issued.text.rsplit('_').next().unwrap();
+    assert!(hasher().verify(&secret.as_bytes()[..43], &record.secret_hash, 1));
+    store.set_company_status(a.id, CompanyStatus::Suspended).await.unwrap();
+    let record = store.find_key_for_auth(issued.key.id).await.unwrap().unwrap();
+    assert_eq!(record.company_status, CompanyStatus::Suspended);
+    assert!(store.find_key_for_auth(ApiKeyId::generate()).await.unwrap().is_none());
+}
+
+fn authenticator(store: Arc<dyn Store>) -> Authenticator {
+    Authenticator::new(store, hasher(), AuthConfig::default())
+}
+
+pub async fn authenticator_accepts_a_valid_key(store: Arc<dyn OperatorStore>) {
+    let a = company(&*store, "Acme").await;
+    let issued = issue(&*store, a.id, "keys:read", None).await;
+    let auth = authenticator(store.clone());
+    auth.poll_revision().await.unwrap();
+    for _ in 0..2 {
+        let ok = auth.authenticate(&issued.text, paygate_domain::now()).await.unwrap();
+        assert_eq!(ok.scope.company_id(), a.id);
+        assert_eq!(ok.record.key.id, issued.key.id);
+    }
+    assert_eq!(auth.cached_keys(), 1);
+}
+
+pub async fn authenticator_refuses_each_bad_state(store: Arc<dyn OperatorStore>) {
+    let a = company(&*store, "Acme").await;
+    let auth = authenticator(store.clone());
+    let now = paygate_domain::now();
+
+    let unknown = hasher().generate(KeyMode::Test);
+    assert!(matches!(auth.authenticate(&unknown.text, now).await, Err(AuthError::UnknownKey)));
+
+    let issued = issue(&*store, a.id, "keys:read", None).await;
+    let other_pepper = KeyHasher::new(&Pepper::new(1, vec![1u8; 32]).unwrap());
+    let wrong = Authenticator::new(store.clone(), other_pepper, AuthConfig::default());
+    assert!(matches!(wrong.authenticate(&issued.text, now).await, Err(AuthError::WrongSecret)));
+
+    let expiring = issue(&*store, a.id, "keys:read", Some(now + Duration::seconds(60))).await;
+    assert!(auth.authenticate(&expiring.text, now).await.is_ok());
+    assert!(matches!(auth.authenticate(&expiring.text, now + Duration::seconds(60)).await, Err(AuthError::Expired)));
+
+    store.revoke_api_key(issued.key.id, now).await.unwrap();
+    assert!(matches!(auth.authenticate(&issued.text, now).await, Err(AuthError::Revoked)));
+
+    let live = issue(&*store, a.id, "keys:read", None).await;
+    store.set_company_status(a.id, CompanyStatus::Suspended).await.unwrap();
+    assert!(matches!(auth.authenticate(&live.text, now).await, Err(AuthError::CompanySuspended)));
+}
+
+/// Counts every call that reaches the wrapped store.
+struct CountingStore {
+    inner: Arc<dyn OperatorStore>,
+    calls: AtomicUsize,
+}
+
+#[async_trait]
+impl Store for CountingStore {
+    fn backend(&self) -> Backend {
+        self.inner.backend()
+    }
+    async fn ping(&self) -> StoreResult<()> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        self.inner.ping().await
+    }
+    async fn find_key_for_auth(&self, id: ApiKeyId) -> StoreResult<Option<KeyAuthRecord>> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        self.inner.find_key_for_auth(id).await
+    }
+    async fn auth_revision(&self) -> StoreResult<i64> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        self.inner.auth_revision().await
+    }
+    async fn get_company(&self, scope: &CompanyScope) -> StoreResult<Company> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        self.inner.get_company(scope).await
+    }
+    async fn list_api_keys(&self, scope: &CompanyScope, page: PageRequest<ApiKeyId>) -> StoreResult<Page<ApiKey>> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        self.inner.list_api_keys(scope, page).await
+    }
+    async fn get_api_key(&self, scope: &CompanyScope, id: ApiKeyId) -> StoreResult<Option<ApiKey>> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        self.inner.get_api_key(scope, id).await
+    }
+}
+
+pub async fn authenticator_never_reads_the_store_for_malformed_keys(store: Arc<dyn OperatorStore>) {
+    let a = company(&*store, "Acme").await;
+    let issued = issue(&*store, a.id, "keys:read", None).await;
+    let counting = Arc::new(CountingStore { inner: store.clone(), calls: AtomicUsize::new(0) });
+    let auth = authenticator(counting.clone());
+    let mut bad_checksum = issued.text.clone().into_bytes();
+    let last = bad_checksum.len() - 1;
+    bad_checksum[last] = if bad_checksum[last] == b'A' { b'B' } else { b'A' };
+    let bad_checksum = String::from_utf8(bad_checksum).unwrap();
+    for text in ["", "pgk_", "Bearer", "pgk_test_key_nope", &bad_checksum, &issued.text.replace("pgk_test", "pgk_live")] {
+        assert!(matches!(auth.authenticate(text, paygate_domain::now()).await, Err(AuthError::Malformed(_))), "{text:?}");
+    }
+    assert_eq!(counting.calls.load(Ordering::SeqCst), 0);
+    // The counter does count: a well-formed key costs exactly one read.
+    auth.authenticate(&issued.text, paygate_domain::now()).await.unwrap();
+    assert_eq!(counting.calls.load(Ordering::SeqCst), 1);
+}
+
+pub async fn authenticator_cache_drops_on_revocation(store: Arc<dyn OperatorStore>) {
+    let a = company(&*store, "Acme").await;
+    let issued = issue(&*store, a.id, "keys:read", None).await;
+    let counting = Arc::new(CountingStore { inner: store.clone(), calls: AtomicUsize::new(0) });
+    let auth = authenticator(counting.clone());
+    auth.poll_revision().await.unwrap();
+    auth.authenticate(&issued.text, paygate_domain::now()).await.unwrap();
+    let before = counting.calls.load(Ordering::SeqCst);
+    auth.authenticate(&issued.text, paygate_domain::now()).await.unwrap();
+    assert_eq!(counting.calls.load(Ordering::SeqCst), before, "second call is served from the cache");
+
+    store.revoke_api_key(issued.key.id, paygate_domain::now()).await.unwrap();
+    assert!(auth.poll_revision().await.unwrap(), "the revision moved");
+    assert!(matches!(auth.authenticate(&issued.text, paygate_domain::now()).await, Err(AuthError::Revoked)));
+}
+
+pub async fn concurrent_key_creation_and_revocation(store: Arc<dyn OperatorStore>) {
+    let a = company(&*store, "Acme").await;
+    let mut tasks = Vec::new();
+    for _ in 0..16 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move { issue(&*store, a.id, "keys:read", None).await.key }));
+    }
+    let mut keys = Vec::new();
+    for t in tasks {
+        keys.push(t.await.unwrap());
+    }
+    let now = paygate_domain::now();
+    let mut tasks = Vec::new();
+    for key in &keys {
+        // Each key revoked twice at once: both calls succeed, one timestamp stands.
+        for offset in [0, 1] {
+            let store = store.clone();
+            let id = key.id;
+            tasks.push(tokio::spawn(async move { store.revoke_api_key(id, now + Duration::seconds(offset)).await }));
+        }
+    }
+    for t in tasks {
+        assert!(t.await.unwrap().unwrap().is_some());
+    }
+    let page = store.list_api_keys(&scope(&*store, a.id), PageRequest { limit: 100, after: None }).await.unwrap();
+    assert_eq!(page.items.len(), 16);
+    assert!(page.items.iter().all(|k| k.revoked_at.is_some()));
+}

@@ -1,0 +1,102 @@
+//! Storage for Paygate: the traits both backends implement, the rows they return,
+//! [`CompanyScope`] (the only way to reach company data), the key
+//! [`auth::Authenticator`], and the conformance suite both backends must pass.
+//!
+//! Two traits split the capabilities:
+//! - [`Store`] is what the HTTP API holds. Every method that touches company data
+//!   takes a [`CompanyScope`], and only authentication creates one.
+//! - [`OperatorStore`] adds platform-wide operations (companies, key issuance and
+//!   revocation by id) for the CLI. The API never holds one.
+
+pub mod auth;
+#[cfg(feature = "conformance")]
+pub mod conformance;
+mod rows;
+mod scope;
+
+use async_trait::async_trait;
+use paygate_domain::{ApiKeyId, CompanyId, CompanyStatus};
+use time::OffsetDateTime;
+
+pub use rows::*;
+pub use scope::{Actor, CompanyScope, operator_scope};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database cannot be reached or refused the operation for a transient
+    /// reason (pool timeout, connection lost, busy beyond the timeout).
+    #[error("storage unavailable: {0}")]
+    Unavailable(String),
+    /// The referenced parent object does not exist (e.g. a key for a missing company).
+    #[error("{0} not found")]
+    NotFound(&'static str),
+    /// A uniqueness rule was violated.
+    #[error("conflict: {0}")]
+    Conflict(String),
+    /// Stored data that cannot be decoded, or any other bug-level failure.
+    #[error("storage error: {0}")]
+    Internal(String),
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+impl Backend {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Sqlite => "sqlite",
+            Self::Postgres => "postgres",
+        }
+    }
+}
+
+/// What the HTTP API may do. Company data is reachable only through a [`CompanyScope`].
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    fn backend(&self) -> Backend;
+
+    /// Cheap round trip, for `/readyz`.
+    async fn ping(&self) -> StoreResult<()>;
+
+    /// Step 4 of the pipeline: the key row, its hash and its company's status.
+    /// Called only by [`auth::Authenticator`] on a cache miss.
+    async fn find_key_for_auth(&self, id: ApiKeyId) -> StoreResult<Option<KeyAuthRecord>>;
+
+    /// A counter bumped in the same transaction as any change that can make an
+    /// authenticated key unusable (revocation, suspension). Nodes poll it to drop
+    /// their key caches.
+    async fn auth_revision(&self) -> StoreResult<i64>;
+
+    async fn get_company(&self, scope: &CompanyScope) -> StoreResult<Company>;
+
+    /// Newest first; `page.after` is the last id of the previous page.
+    async fn list_api_keys(&self, scope: &CompanyScope, page: PageRequest<ApiKeyId>) -> StoreResult<Page<ApiKey>>;
+
+    /// `None` both when the key does not exist and when it belongs to another company.
+    async fn get_api_key(&self, scope: &CompanyScope, id: ApiKeyId) -> StoreResult<Option<ApiKey>>;
+}
+
+/// Platform-wide operations for operators (the CLI). Never handed to the HTTP API.
+#[async_trait]
+pub trait OperatorStore: Store {
+    /// Applies the embedded migrations of this backend.
+    async fn migrate(&self) -> StoreResult<()>;
+
+    async fn create_company(&self, new: NewCompany) -> StoreResult<Company>;
+    async fn list_companies(&self) -> StoreResult<Vec<Company>>;
+    async fn find_company(&self, id: CompanyId) -> StoreResult<Option<Company>>;
+    /// Sets the status and bumps the auth revision in one transaction.
+    /// `None` if the company does not exist.
+    async fn set_company_status(&self, id: CompanyId, status: CompanyStatus) -> StoreResult<Option<Company>>;
+
+    /// Fails with `NotFound("company")` if the company does not exist.
+    async fn create_api_key(&self, new: NewApiKey) -> StoreResult<ApiKey>;
+    /// Sets `revoked_at` (first revocation wins; later calls change nothing) and
+    /// bumps the auth revision. `None` if the key does not exist.
+    async fn revoke_api_key(&self, id: ApiKeyId, at: OffsetDateTime) -> StoreResult<Option<ApiKey>>;
+}
