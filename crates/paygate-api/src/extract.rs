@@ -32,7 +32,10 @@ fn json_rejection(rejection: JsonRejection) -> ApiError {
             StatusCode::BAD_REQUEST,
             "invalid_json",
             "Invalid JSON",
-            format!("The body is not valid JSON: {}", std::error::Error::source(&e).map(|s| s.to_string()).unwrap_or_default()),
+            format!(
+                "The body is not valid JSON: {}",
+                std::error::Error::source(&e).map(|s| s.to_string()).unwrap_or_default()
+            ),
         ),
         JsonRejection::JsonDataError(e) => {
             // serde_path_to_error's message starts with the path of the bad field.
@@ -41,9 +44,22 @@ fn json_rejection(rejection: JsonRejection) -> ApiError {
                 Some((path, detail)) if !path.contains(' ') => (path.to_owned(), detail.to_owned()),
                 _ => (".".to_owned(), message),
             };
-            ApiError::validation(vec![FieldError::pointer(to_json_pointer(&path), detail)])
+            // serde appends the position; the pointer already says where.
+            let detail = match detail.rfind(" at line ") {
+                Some(i) => detail[..i].to_owned(),
+                None => detail,
+            };
+            let mut pointer = to_json_pointer(&path);
+            // A missing field is reported at its parent; point at the field itself.
+            if let Some(field) = detail.strip_prefix("missing field `").and_then(|r| r.split('`').next()) {
+                pointer.push('/');
+                pointer.push_str(field);
+            }
+            ApiError::validation(vec![FieldError::pointer(pointer, detail)])
         }
-        JsonRejection::BytesRejection(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => ApiError::payload_too_large(),
+        JsonRejection::BytesRejection(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            ApiError::payload_too_large()
+        }
         other => ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", "Invalid body", other.body_text()),
     }
 }

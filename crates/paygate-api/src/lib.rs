@@ -78,7 +78,8 @@ impl Modify for BearerAuth {
 fn v1() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
         .routes(routes!(routes::me::get_me))
-        .routes(routes!(routes::api_keys::list_api_keys))
+        .routes(routes!(routes::api_keys::list_api_keys, routes::api_keys::create_api_key))
+        .routes(routes!(routes::api_keys::revoke_api_key))
         .routes(routes!(routes::api_keys::get_api_key))
 }
 

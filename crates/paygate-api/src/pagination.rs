@@ -23,7 +23,10 @@ pub struct ListParams {
 
 impl ListParams {
     /// Validates the parameters; `parse_cursor` turns the cursor into an id.
-    pub fn parse<Id>(&self, parse_cursor: impl Fn(&str) -> Option<Id>) -> Result<paygate_store::PageRequest<Id>, ApiError> {
+    pub fn parse<Id>(
+        &self,
+        parse_cursor: impl Fn(&str) -> Option<Id>,
+    ) -> Result<paygate_store::PageRequest<Id>, ApiError> {
         let mut errors = Vec::new();
         let limit = match self.limit.as_deref() {
             None => DEFAULT_LIMIT,
@@ -45,7 +48,11 @@ impl ListParams {
                 }
             },
         };
-        if errors.is_empty() { Ok(paygate_store::PageRequest { limit, after }) } else { Err(ApiError::invalid_parameter(errors)) }
+        if errors.is_empty() {
+            Ok(paygate_store::PageRequest { limit, after })
+        } else {
+            Err(ApiError::invalid_parameter(errors))
+        }
     }
 }
 

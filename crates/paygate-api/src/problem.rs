@@ -67,7 +67,7 @@ pub struct ApiError {
     pub detail: String,
     pub errors: Vec<FieldError>,
     pub scope: Option<&'static str>,
-    pub www_authenticate: Option<String>,
+    pub www_authenticate: Option<Box<str>>,
 }
 
 impl ApiError {
@@ -89,19 +89,26 @@ impl ApiError {
     }
 
     pub fn key_revoked() -> Self {
-        let mut e = Self::new(StatusCode::UNAUTHORIZED, "api_key_revoked", "API key revoked", "This API key has been revoked.");
+        let mut e =
+            Self::new(StatusCode::UNAUTHORIZED, "api_key_revoked", "API key revoked", "This API key has been revoked.");
         e.www_authenticate = Some("Bearer realm=\"paygate\", error=\"invalid_token\"".into());
         e
     }
 
     pub fn key_expired() -> Self {
-        let mut e = Self::new(StatusCode::UNAUTHORIZED, "api_key_expired", "API key expired", "This API key has expired.");
+        let mut e =
+            Self::new(StatusCode::UNAUTHORIZED, "api_key_expired", "API key expired", "This API key has expired.");
         e.www_authenticate = Some("Bearer realm=\"paygate\", error=\"invalid_token\"".into());
         e
     }
 
     pub fn company_suspended() -> Self {
-        Self::new(StatusCode::FORBIDDEN, "company_suspended", "Company suspended", "This company is suspended; contact support.")
+        Self::new(
+            StatusCode::FORBIDDEN,
+            "company_suspended",
+            "Company suspended",
+            "This company is suspended; contact support.",
+        )
     }
 
     pub fn insufficient_scope(scope: &'static str) -> Self {
@@ -112,7 +119,8 @@ impl ApiError {
             format!("This API key lacks the `{scope}` scope."),
         );
         e.scope = Some(scope);
-        e.www_authenticate = Some(format!("Bearer realm=\"paygate\", error=\"insufficient_scope\", scope=\"{scope}\""));
+        e.www_authenticate =
+            Some(format!("Bearer realm=\"paygate\", error=\"insufficient_scope\", scope=\"{scope}\"").into());
         e
     }
 
@@ -121,7 +129,12 @@ impl ApiError {
     }
 
     pub fn invalid_parameter(errors: Vec<FieldError>) -> Self {
-        let mut e = Self::new(StatusCode::BAD_REQUEST, "invalid_parameter", "Invalid parameter", "A query or path parameter is invalid.");
+        let mut e = Self::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_parameter",
+            "Invalid parameter",
+            "A query or path parameter is invalid.",
+        );
         e.errors = errors;
         e
     }
@@ -147,16 +160,24 @@ impl ApiError {
     }
 
     pub fn internal() -> Self {
-        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal_error", "Internal error", "An unexpected error occurred.")
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal_error",
+            "Internal error",
+            "An unexpected error occurred.",
+        )
     }
 
     /// The generic problem for an error status produced outside our handlers.
     pub fn for_status(status: StatusCode) -> Self {
         match status {
             StatusCode::NOT_FOUND => Self::new(status, "not_found", "Not found", "No such resource."),
-            StatusCode::METHOD_NOT_ALLOWED => {
-                Self::new(status, "method_not_allowed", "Method not allowed", "This resource does not support that method.")
-            }
+            StatusCode::METHOD_NOT_ALLOWED => Self::new(
+                status,
+                "method_not_allowed",
+                "Method not allowed",
+                "This resource does not support that method.",
+            ),
             StatusCode::PAYLOAD_TOO_LARGE => Self::payload_too_large(),
             StatusCode::UNSUPPORTED_MEDIA_TYPE => Self::new(
                 status,
@@ -173,7 +194,12 @@ impl ApiError {
     }
 
     pub fn payload_too_large() -> Self {
-        Self::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", "Payload too large", "The request body is too large.")
+        Self::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            "Payload too large",
+            "The request body is too large.",
+        )
     }
 
     pub fn into_problem(self, request_id: &str) -> Problem {

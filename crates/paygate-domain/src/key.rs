@@ -200,7 +200,7 @@ impl Pepper {
     /// Parses the hex form used in config and pepper files (whitespace trimmed).
     pub fn from_hex(version: u16, text: &str) -> Result<Self, PepperError> {
         let text = text.trim();
-        if text.len() % 2 != 0 || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
+        if !text.len().is_multiple_of(2) || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(PepperError::NotHex);
         }
         let bytes = (0..text.len())

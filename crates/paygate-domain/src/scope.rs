@@ -96,11 +96,7 @@ impl ScopeSet {
 
     /// Parses a comma- or space-separated list; duplicates collapse, unknown names fail.
     pub fn parse_list(text: &str) -> Result<Self, ScopeParseError> {
-        text.split([',', ' '])
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .map(Scope::parse)
-            .collect()
+        text.split([',', ' ']).map(str::trim).filter(|s| !s.is_empty()).map(Scope::parse).collect()
     }
 
     /// The canonical storage form: names in canonical order joined by spaces.

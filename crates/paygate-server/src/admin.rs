@@ -68,34 +68,44 @@ async fn set_status(store: &dyn OperatorStore, id: &str, status: CompanyStatus) 
     Ok(())
 }
 
+/// What an operator asks for when issuing a key.
+#[derive(Debug, Clone)]
+pub struct KeyRequest<'a> {
+    pub company: CompanyId,
+    pub name: &'a str,
+    pub owner: &'a str,
+    pub scopes: ScopeSet,
+    pub mode: KeyMode,
+    pub expires_in: Option<time::Duration>,
+}
+
 /// Issues a key and returns it with its text (shown once).
 pub async fn create_key(
     store: &dyn OperatorStore,
     hasher: &KeyHasher,
-    company: CompanyId,
-    name: &str,
-    owner: &str,
-    scopes: ScopeSet,
-    mode: KeyMode,
-    expires_in: Option<time::Duration>,
+    request: KeyRequest<'_>,
 ) -> anyhow::Result<(ApiKey, zeroize::Zeroizing<String>)> {
+    let KeyRequest { company, name, owner, scopes, mode, expires_in } = request;
     let name = Label::parse(name).map_err(|e| anyhow!("--name {e}"))?;
     let owner = Label::parse(owner).map_err(|e| anyhow!("--owner {e}"))?;
     let generated = hasher.generate(mode);
     let now = paygate_domain::now();
+    let scope = operator_scope(store, company);
     let key = store
-        .create_api_key(NewApiKey {
-            id: generated.id,
-            company_id: company,
-            name,
-            owner,
-            scopes,
-            mode,
-            created_at: now,
-            expires_at: expires_in.map(|d| now + d),
-            secret_hash: generated.hash,
-            pepper_version: generated.pepper_version,
-        })
+        .create_api_key(
+            &scope,
+            NewApiKey {
+                id: generated.id,
+                name,
+                owner,
+                scopes,
+                mode,
+                created_at: now,
+                expires_at: expires_in.map(|d| now + d),
+                secret_hash: generated.hash,
+                pepper_version: generated.pepper_version,
+            },
+        )
         .await
         .map_err(|e| match e {
             paygate_store::StoreError::NotFound(_) => anyhow!("no such company {company}"),
@@ -104,7 +114,11 @@ pub async fn create_key(
     Ok((key, generated.text))
 }
 
-pub async fn key(store: Arc<dyn OperatorStore>, hasher: Option<&KeyHasher>, command: AdminKeyCommand) -> anyhow::Result<()> {
+pub async fn key(
+    store: Arc<dyn OperatorStore>,
+    hasher: Option<&KeyHasher>,
+    command: AdminKeyCommand,
+) -> anyhow::Result<()> {
     match command {
         AdminKeyCommand::Create(args) => {
             let hasher = hasher.context("a key pepper is needed to issue keys")?;
@@ -137,7 +151,10 @@ pub async fn key(store: Arc<dyn OperatorStore>, hasher: Option<&KeyHasher>, comm
         }
         AdminKeyCommand::Revoke { id } => {
             let id = ApiKeyId::parse(&id).map_err(|_| anyhow!("{id:?} is not a key id (key_…)"))?;
-            let key = store.revoke_api_key(id, paygate_domain::now()).await?.ok_or_else(|| anyhow!("no such key {id}"))?;
+            let key = store
+                .revoke_api_key_by_id(id, paygate_domain::now())
+                .await?
+                .ok_or_else(|| anyhow!("no such key {id}"))?;
             println!("key {} revoked at {}", key.id, key.revoked_at.map(rfc3339).unwrap_or_default());
         }
     }
@@ -154,8 +171,14 @@ async fn create_key_command(store: &dyn OperatorStore, hasher: &KeyHasher, args:
         ModeArg::Live => KeyMode::Live,
         ModeArg::Test => KeyMode::Test,
     };
-    let expires_in = args.expires_in.as_deref().map(parse_duration).transpose().map_err(|e| anyhow!("--expires-in: {e}"))?;
-    let (key, text) = create_key(store, hasher, company, &args.name, &args.owner, scopes, mode, expires_in).await?;
+    let expires_in =
+        args.expires_in.as_deref().map(parse_duration).transpose().map_err(|e| anyhow!("--expires-in: {e}"))?;
+    let (key, text) = create_key(
+        store,
+        hasher,
+        KeyRequest { company, name: &args.name, owner: &args.owner, scopes, mode, expires_in },
+    )
+    .await?;
     if args.json {
         let mut value = key_json(&key);
         value["secret"] = serde_json::Value::String(text.to_string());

@@ -25,9 +25,9 @@ pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn OperatorStore
             }
             Arc::new(paygate_store_sqlite::SqliteStore::connect(url).await.context("cannot open the SQLite database")?)
         }
-        Database::Postgres { url } => Arc::new(
-            paygate_store_postgres::PostgresStore::connect(url).await.context("cannot connect to PostgreSQL")?,
-        ),
+        Database::Postgres { url } => {
+            Arc::new(paygate_store_postgres::PostgresStore::connect(url).await.context("cannot connect to PostgreSQL")?)
+        }
     };
     Ok(store)
 }
@@ -90,7 +90,8 @@ pub async fn start(config: &Config, options: StartOptions) -> anyhow::Result<Ser
         let stopped = stopped.clone();
         async move {
             let service = api.into_make_service_with_connect_info::<SocketAddr>();
-            if let Err(error) = axum::serve(api_listener, service).with_graceful_shutdown(until_stopped(stopped)).await {
+            if let Err(error) = axum::serve(api_listener, service).with_graceful_shutdown(until_stopped(stopped)).await
+            {
                 tracing::error!(%error, "API listener failed");
             }
         }

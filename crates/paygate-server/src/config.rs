@@ -132,7 +132,8 @@ impl Config {
     fn from(s: Sources) -> Result<Self, ConfigError> {
         let database = parse_database(s.get("database_url").unwrap_or("sqlite://./paygate.db"))
             .map_err(|m| error("database_url", m))?;
-        let addr = |t: &str| t.parse::<SocketAddr>().map_err(|_| format!("{t:?} is not an address like 127.0.0.1:8080"));
+        let addr =
+            |t: &str| t.parse::<SocketAddr>().map_err(|_| format!("{t:?} is not an address like 127.0.0.1:8080"));
         let listen = s.parse("listen", SocketAddr::from(([127, 0, 0, 1], 8080)), addr)?;
         let ops_listen = s.parse("ops_listen", SocketAddr::from(([127, 0, 0, 1], 9090)), addr)?;
         let redis_url = s.parse("redis_url", None, |t| {
@@ -150,7 +151,8 @@ impl Config {
                 return Err(error("key_pepper", "set either key_pepper or key_pepper_file, not both"));
             }
             (Some(hex), None, _) => {
-                paygate_domain::Pepper::from_hex(pepper_version, hex).map_err(|e| error("key_pepper", e.to_string()))?;
+                paygate_domain::Pepper::from_hex(pepper_version, hex)
+                    .map_err(|e| error("key_pepper", e.to_string()))?;
                 PepperSource::Inline(hex.to_owned())
             }
             (None, Some(path), _) => PepperSource::File(PathBuf::from(path)),
@@ -173,7 +175,12 @@ impl Config {
         })?;
         let log_level = s.get("log_level").unwrap_or("info").to_owned();
         let positive = |max: u64| {
-            move |t: &str| t.parse::<u64>().ok().filter(|v| (1..=max).contains(v)).ok_or_else(|| format!("must be an integer from 1 to {max}"))
+            move |t: &str| {
+                t.parse::<u64>()
+                    .ok()
+                    .filter(|v| (1..=max).contains(v))
+                    .ok_or_else(|| format!("must be an integer from 1 to {max}"))
+            }
         };
         let max_body_bytes = s.parse("max_body_bytes", 65_536, positive(64 * 1024 * 1024))? as usize;
         let request_timeout = Duration::from_secs(s.parse("request_timeout_secs", 30, positive(3_600))?);
@@ -208,9 +215,11 @@ impl Config {
 }
 
 fn read_file(path: &Path) -> Result<BTreeMap<String, String>, ConfigError> {
-    let file_error = |m: String| ConfigError { setting: "config file".into(), env: "PAYGATE_CONFIG".into(), message: m };
+    let file_error =
+        |m: String| ConfigError { setting: "config file".into(), env: "PAYGATE_CONFIG".into(), message: m };
     let text = std::fs::read_to_string(path).map_err(|e| file_error(format!("cannot read {}: {e}", path.display())))?;
-    let table: toml::Table = text.parse().map_err(|e: toml::de::Error| file_error(format!("{}: {}", path.display(), e.message())))?;
+    let table: toml::Table =
+        text.parse().map_err(|e: toml::de::Error| file_error(format!("{}: {}", path.display(), e.message())))?;
     let mut out = BTreeMap::new();
     for (key, value) in table {
         if !SETTINGS.iter().any(|(name, _)| *name == key) {
@@ -220,7 +229,9 @@ fn read_file(path: &Path) -> Result<BTreeMap<String, String>, ConfigError> {
             toml::Value::String(s) => s,
             toml::Value::Integer(i) => i.to_string(),
             toml::Value::Boolean(b) => b.to_string(),
-            other => return Err(error(&key, format!("expected a string, integer or boolean, found {}", other.type_str()))),
+            other => {
+                return Err(error(&key, format!("expected a string, integer or boolean, found {}", other.type_str())));
+            }
         };
         out.insert(key, text);
     }
@@ -268,7 +279,11 @@ mod tests {
 
     #[test]
     fn env_overrides_file_overrides_defaults() {
-        let c = load(&[("PAYGATE_LISTEN", "127.0.0.1:7000")], Some("listen = \"127.0.0.1:6000\"\nops_listen = \"127.0.0.1:6001\"\nmax_body_bytes = 1024\n")).unwrap();
+        let c = load(
+            &[("PAYGATE_LISTEN", "127.0.0.1:7000")],
+            Some("listen = \"127.0.0.1:6000\"\nops_listen = \"127.0.0.1:6001\"\nmax_body_bytes = 1024\n"),
+        )
+        .unwrap();
         assert_eq!(c.listen.to_string(), "127.0.0.1:7000");
         assert_eq!(c.ops_listen.to_string(), "127.0.0.1:6001");
         assert_eq!(c.max_body_bytes, 1024);

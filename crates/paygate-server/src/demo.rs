@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use paygate_domain::{KeyHasher, KeyMode, Label, Scope, ScopeSet};
 use paygate_store::{NewCompany, OperatorStore};
 
-use crate::admin::create_key;
+use crate::admin::{KeyRequest, create_key};
 
 pub const DEMO_COMPANY: &str = "Demo Co";
 
@@ -19,12 +19,34 @@ pub async fn prepare(store: &dyn OperatorStore, hasher: &KeyHasher, api_addr: So
     let mut initiator_scopes = ScopeSet::all();
     initiator_scopes.remove(Scope::PaymentsApprove);
     let approver_scopes: ScopeSet = [Scope::PaymentsApprove, Scope::PaymentsRead].into_iter().collect();
-    let (initiator, initiator_text) =
-        create_key(store, hasher, company.id, "demo initiator", "demo-erp", initiator_scopes, KeyMode::Test, None).await?;
-    let (approver, approver_text) =
-        create_key(store, hasher, company.id, "demo approver", "demo-approver", approver_scopes, KeyMode::Test, None)
-            .await?;
-    let host = if api_addr.ip().is_unspecified() { SocketAddr::from(([127, 0, 0, 1], api_addr.port())) } else { api_addr };
+    let (initiator, initiator_text) = create_key(
+        store,
+        hasher,
+        KeyRequest {
+            company: company.id,
+            name: "demo initiator",
+            owner: "demo-erp",
+            scopes: initiator_scopes,
+            mode: KeyMode::Test,
+            expires_in: None,
+        },
+    )
+    .await?;
+    let (approver, approver_text) = create_key(
+        store,
+        hasher,
+        KeyRequest {
+            company: company.id,
+            name: "demo approver",
+            owner: "demo-approver",
+            scopes: approver_scopes,
+            mode: KeyMode::Test,
+            expires_in: None,
+        },
+    )
+    .await?;
+    let host =
+        if api_addr.ip().is_unspecified() { SocketAddr::from(([127, 0, 0, 1], api_addr.port())) } else { api_addr };
     println!();
     println!("Paygate demo: company {DEMO_COMPANY} ({})", company.id);
     println!();

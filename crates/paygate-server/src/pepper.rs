@@ -11,7 +11,9 @@ use crate::config::{Config, PepperSource};
 pub fn load(config: &Config) -> anyhow::Result<Pepper> {
     let version = config.pepper_version;
     match &config.pepper {
-        PepperSource::Inline(hex) => Ok(Pepper::from_hex(version, hex).map_err(|e| anyhow::anyhow!("key_pepper: {e}"))?),
+        PepperSource::Inline(hex) => {
+            Ok(Pepper::from_hex(version, hex).map_err(|e| anyhow::anyhow!("key_pepper: {e}"))?)
+        }
         PepperSource::File(path) => read(path, version),
         PepperSource::BesideDatabase(path) => {
             if !path.exists() {

@@ -10,8 +10,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use paygate_domain::{ApiKeyId, CompanyId, CompanyStatus, KeyMode, ScopeSet, SecretHash};
 use paygate_store::{
-    ApiKey, Backend, Company, CompanyScope, KeyAuthRecord, NewApiKey, NewCompany, OperatorStore, Page,
-    PageRequest, Store, StoreError, StoreResult,
+    ApiKey, Backend, Company, CompanyScope, KeyAuthRecord, NewApiKey, NewCompany, OperatorStore, Page, PageRequest,
+    Store, StoreError, StoreResult,
 };
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
 use sqlx::{PgPool, Row};
@@ -57,7 +57,10 @@ fn map_err(e: sqlx::Error) -> StoreError {
     }
 }
 
-fn get<'r, T: sqlx::Decode<'r, sqlx::Postgres> + sqlx::Type<sqlx::Postgres>>(row: &'r PgRow, col: &str) -> StoreResult<T> {
+fn get<'r, T: sqlx::Decode<'r, sqlx::Postgres> + sqlx::Type<sqlx::Postgres>>(
+    row: &'r PgRow,
+    col: &str,
+) -> StoreResult<T> {
     row.try_get(col).map_err(|e| StoreError::Internal(format!("column {col}: {e}")))
 }
 
@@ -66,7 +69,8 @@ fn company_from_row(row: &PgRow) -> StoreResult<Company> {
     Ok(Company {
         id: CompanyId::from_uuid(get(row, "id")?),
         name: get(row, "name")?,
-        status: CompanyStatus::parse(&status).ok_or_else(|| StoreError::Internal(format!("company status {status:?}")))?,
+        status: CompanyStatus::parse(&status)
+            .ok_or_else(|| StoreError::Internal(format!("company status {status:?}")))?,
         created_at: get(row, "created_at")?,
     })
 }
@@ -105,10 +109,7 @@ macro_rules! key_select {
 }
 
 async fn bump_auth_revision(tx: &mut sqlx::PgConnection) -> StoreResult<()> {
-    sqlx::query("UPDATE auth_revision SET revision = revision + 1 WHERE id = 1")
-        .execute(tx)
-        .await
-        .map_err(map_err)?;
+    sqlx::query("UPDATE auth_revision SET revision = revision + 1 WHERE id = 1").execute(tx).await.map_err(map_err)?;
     Ok(())
 }
 
@@ -138,10 +139,12 @@ impl Store for PostgresStore {
         let pepper_version: i32 = get(&row, "pepper_version")?;
         Ok(Some(KeyAuthRecord {
             key: key_from_row(&row)?,
-            secret_hash: SecretHash::from_slice(&hash).ok_or_else(|| StoreError::Internal("secret hash length".into()))?,
+            secret_hash: SecretHash::from_slice(&hash)
+                .ok_or_else(|| StoreError::Internal("secret hash length".into()))?,
             pepper_version: u16::try_from(pepper_version).map_err(|_| StoreError::Internal("pepper version".into()))?,
             company_name: get(&row, "company_name")?,
-            company_status: CompanyStatus::parse(&status).ok_or_else(|| StoreError::Internal("company status".into()))?,
+            company_status: CompanyStatus::parse(&status)
+                .ok_or_else(|| StoreError::Internal("company status".into()))?,
         }))
     }
 
@@ -183,6 +186,54 @@ impl Store for PostgresStore {
             .await
             .map_err(map_err)?;
         row.as_ref().map(key_from_row).transpose()
+    }
+
+    async fn create_api_key(&self, scope: &CompanyScope, new: NewApiKey) -> StoreResult<ApiKey> {
+        let company_id = scope.company_id();
+        let result = sqlx::query(
+            "INSERT INTO api_keys (id, company_id, name, owner, scopes, mode, secret_hash, pepper_version, \
+             created_at, expires_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+        )
+        .bind(new.id.as_uuid())
+        .bind(company_id.as_uuid())
+        .bind(new.name.as_str())
+        .bind(new.owner.as_str())
+        .bind(new.scopes.to_storage())
+        .bind(new.mode.as_str())
+        .bind(&new.secret_hash.0[..])
+        .bind(new.pepper_version as i32)
+        .bind(new.created_at)
+        .bind(new.expires_at)
+        .execute(&self.pool)
+        .await;
+        match result {
+            Ok(_) => {}
+            Err(sqlx::Error::Database(db)) if db.is_foreign_key_violation() => {
+                return Err(StoreError::NotFound("company"));
+            }
+            Err(e) => return Err(map_err(e)),
+        }
+        Ok(ApiKey {
+            id: new.id,
+            company_id,
+            name: new.name.into_string(),
+            owner: new.owner.into_string(),
+            scopes: new.scopes,
+            mode: new.mode,
+            created_at: new.created_at,
+            expires_at: new.expires_at,
+            revoked_at: None,
+            last_used_at: None,
+        })
+    }
+
+    async fn revoke_api_key(
+        &self,
+        scope: &CompanyScope,
+        id: ApiKeyId,
+        at: OffsetDateTime,
+    ) -> StoreResult<Option<ApiKey>> {
+        self.revoke(Some(scope.company_id()), id, at).await
     }
 }
 
@@ -242,58 +293,37 @@ impl OperatorStore for PostgresStore {
         company_from_row(&row).map(Some)
     }
 
-    async fn create_api_key(&self, new: NewApiKey) -> StoreResult<ApiKey> {
-        let result = sqlx::query(
-            "INSERT INTO api_keys (id, company_id, name, owner, scopes, mode, secret_hash, pepper_version, \
-             created_at, expires_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
-        )
-        .bind(new.id.as_uuid())
-        .bind(new.company_id.as_uuid())
-        .bind(new.name.as_str())
-        .bind(new.owner.as_str())
-        .bind(new.scopes.to_storage())
-        .bind(new.mode.as_str())
-        .bind(&new.secret_hash.0[..])
-        .bind(new.pepper_version as i32)
-        .bind(new.created_at)
-        .bind(new.expires_at)
-        .execute(&self.pool)
-        .await;
-        match result {
-            Ok(_) => {}
-            Err(sqlx::Error::Database(db)) if db.is_foreign_key_violation() => {
-                return Err(StoreError::NotFound("company"));
-            }
-            Err(e) => return Err(map_err(e)),
-        }
-        Ok(ApiKey {
-            id: new.id,
-            company_id: new.company_id,
-            name: new.name.into_string(),
-            owner: new.owner.into_string(),
-            scopes: new.scopes,
-            mode: new.mode,
-            created_at: new.created_at,
-            expires_at: new.expires_at,
-            revoked_at: None,
-            last_used_at: None,
-        })
+    async fn revoke_api_key_by_id(&self, id: ApiKeyId, at: OffsetDateTime) -> StoreResult<Option<ApiKey>> {
+        self.revoke(None, id, at).await
     }
+}
 
-    async fn revoke_api_key(&self, id: ApiKeyId, at: OffsetDateTime) -> StoreResult<Option<ApiKey>> {
+impl PostgresStore {
+    async fn revoke(
+        &self,
+        company: Option<CompanyId>,
+        id: ApiKeyId,
+        at: OffsetDateTime,
+    ) -> StoreResult<Option<ApiKey>> {
         let mut tx = self.pool.begin().await.map_err(map_err)?;
-        let changed = sqlx::query("UPDATE api_keys SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL")
-            .bind(at)
-            .bind(id.as_uuid())
-            .execute(&mut *tx)
-            .await
-            .map_err(map_err)?
-            .rows_affected();
+        let company = company.map(|c| c.as_uuid());
+        let changed = sqlx::query(
+            "UPDATE api_keys SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL \
+             AND ($3::uuid IS NULL OR company_id = $3)",
+        )
+        .bind(at)
+        .bind(id.as_uuid())
+        .bind(company)
+        .execute(&mut *tx)
+        .await
+        .map_err(map_err)?
+        .rows_affected();
         if changed > 0 {
             bump_auth_revision(&mut tx).await?;
         }
-        let row = sqlx::query(key_select!("WHERE k.id = $1"))
+        let row = sqlx::query(key_select!("WHERE k.id = $1 AND ($2::uuid IS NULL OR k.company_id = $2)"))
             .bind(id.as_uuid())
+            .bind(company)
             .fetch_optional(&mut *tx)
             .await
             .map_err(map_err)?;

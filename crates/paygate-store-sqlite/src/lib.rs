@@ -12,8 +12,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use paygate_domain::{ApiKeyId, CompanyId, CompanyStatus, KeyMode, ScopeSet, SecretHash};
 use paygate_store::{
-    ApiKey, Backend, Company, CompanyScope, KeyAuthRecord, NewApiKey, NewCompany, OperatorStore, Page,
-    PageRequest, Store, StoreError, StoreResult,
+    ApiKey, Backend, Company, CompanyScope, KeyAuthRecord, NewApiKey, NewCompany, OperatorStore, Page, PageRequest,
+    Store, StoreError, StoreResult,
 };
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous};
 use sqlx::{Row, SqlitePool};
@@ -80,7 +80,10 @@ fn opt_from_micros(m: Option<i64>) -> StoreResult<Option<OffsetDateTime>> {
     m.map(from_micros).transpose()
 }
 
-fn get<'r, T: sqlx::Decode<'r, sqlx::Sqlite> + sqlx::Type<sqlx::Sqlite>>(row: &'r SqliteRow, col: &str) -> StoreResult<T> {
+fn get<'r, T: sqlx::Decode<'r, sqlx::Sqlite> + sqlx::Type<sqlx::Sqlite>>(
+    row: &'r SqliteRow,
+    col: &str,
+) -> StoreResult<T> {
     row.try_get(col).map_err(|e| StoreError::Internal(format!("column {col}: {e}")))
 }
 
@@ -89,7 +92,8 @@ fn company_from_row(row: &SqliteRow) -> StoreResult<Company> {
     Ok(Company {
         id: CompanyId::from_uuid(get(row, "id")?),
         name: get(row, "name")?,
-        status: CompanyStatus::parse(&status).ok_or_else(|| StoreError::Internal(format!("company status {status:?}")))?,
+        status: CompanyStatus::parse(&status)
+            .ok_or_else(|| StoreError::Internal(format!("company status {status:?}")))?,
         created_at: from_micros(get(row, "created_at")?)?,
     })
 }
@@ -128,10 +132,7 @@ macro_rules! key_select {
 }
 
 async fn bump_auth_revision(tx: &mut sqlx::SqliteConnection) -> StoreResult<()> {
-    sqlx::query("UPDATE auth_revision SET revision = revision + 1 WHERE id = 1")
-        .execute(tx)
-        .await
-        .map_err(map_err)?;
+    sqlx::query("UPDATE auth_revision SET revision = revision + 1 WHERE id = 1").execute(tx).await.map_err(map_err)?;
     Ok(())
 }
 
@@ -161,10 +162,12 @@ impl Store for SqliteStore {
         let pepper_version: i64 = get(&row, "pepper_version")?;
         Ok(Some(KeyAuthRecord {
             key: key_from_row(&row)?,
-            secret_hash: SecretHash::from_slice(&hash).ok_or_else(|| StoreError::Internal("secret hash length".into()))?,
+            secret_hash: SecretHash::from_slice(&hash)
+                .ok_or_else(|| StoreError::Internal("secret hash length".into()))?,
             pepper_version: u16::try_from(pepper_version).map_err(|_| StoreError::Internal("pepper version".into()))?,
             company_name: get(&row, "company_name")?,
-            company_status: CompanyStatus::parse(&status).ok_or_else(|| StoreError::Internal("company status".into()))?,
+            company_status: CompanyStatus::parse(&status)
+                .ok_or_else(|| StoreError::Internal("company status".into()))?,
         }))
     }
 
@@ -207,6 +210,58 @@ impl Store for SqliteStore {
             .await
             .map_err(map_err)?;
         row.as_ref().map(key_from_row).transpose()
+    }
+
+    async fn create_api_key(&self, scope: &CompanyScope, new: NewApiKey) -> StoreResult<ApiKey> {
+        let company_id = scope.company_id();
+        let mut tx = self.begin_write().await?;
+        let exists: Option<i64> = sqlx::query_scalar("SELECT 1 FROM companies WHERE id = ?")
+            .bind(company_id.as_uuid())
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        if exists.is_none() {
+            return Err(StoreError::NotFound("company"));
+        }
+        sqlx::query(
+            "INSERT INTO api_keys (id, company_id, name, owner, scopes, mode, secret_hash, pepper_version, \
+             created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(new.id.as_uuid())
+        .bind(company_id.as_uuid())
+        .bind(new.name.as_str())
+        .bind(new.owner.as_str())
+        .bind(new.scopes.to_storage())
+        .bind(new.mode.as_str())
+        .bind(&new.secret_hash.0[..])
+        .bind(new.pepper_version as i64)
+        .bind(micros(new.created_at))
+        .bind(new.expires_at.map(micros))
+        .execute(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        tx.commit().await.map_err(map_err)?;
+        Ok(ApiKey {
+            id: new.id,
+            company_id,
+            name: new.name.into_string(),
+            owner: new.owner.into_string(),
+            scopes: new.scopes,
+            mode: new.mode,
+            created_at: new.created_at,
+            expires_at: new.expires_at,
+            revoked_at: None,
+            last_used_at: None,
+        })
+    }
+
+    async fn revoke_api_key(
+        &self,
+        scope: &CompanyScope,
+        id: ApiKeyId,
+        at: OffsetDateTime,
+    ) -> StoreResult<Option<ApiKey>> {
+        self.revoke(Some(scope.company_id()), id, at).await
     }
 }
 
@@ -267,53 +322,26 @@ impl OperatorStore for SqliteStore {
         company_from_row(&row).map(Some)
     }
 
-    async fn create_api_key(&self, new: NewApiKey) -> StoreResult<ApiKey> {
-        let mut tx = self.begin_write().await?;
-        let exists: Option<i64> = sqlx::query_scalar("SELECT 1 FROM companies WHERE id = ?")
-            .bind(new.company_id.as_uuid())
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(map_err)?;
-        if exists.is_none() {
-            return Err(StoreError::NotFound("company"));
-        }
-        sqlx::query(
-            "INSERT INTO api_keys (id, company_id, name, owner, scopes, mode, secret_hash, pepper_version, \
-             created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(new.id.as_uuid())
-        .bind(new.company_id.as_uuid())
-        .bind(new.name.as_str())
-        .bind(new.owner.as_str())
-        .bind(new.scopes.to_storage())
-        .bind(new.mode.as_str())
-        .bind(&new.secret_hash.0[..])
-        .bind(new.pepper_version as i64)
-        .bind(micros(new.created_at))
-        .bind(new.expires_at.map(micros))
-        .execute(&mut *tx)
-        .await
-        .map_err(map_err)?;
-        tx.commit().await.map_err(map_err)?;
-        Ok(ApiKey {
-            id: new.id,
-            company_id: new.company_id,
-            name: new.name.into_string(),
-            owner: new.owner.into_string(),
-            scopes: new.scopes,
-            mode: new.mode,
-            created_at: new.created_at,
-            expires_at: new.expires_at,
-            revoked_at: None,
-            last_used_at: None,
-        })
+    async fn revoke_api_key_by_id(&self, id: ApiKeyId, at: OffsetDateTime) -> StoreResult<Option<ApiKey>> {
+        self.revoke(None, id, at).await
     }
+}
 
-    async fn revoke_api_key(&self, id: ApiKeyId, at: OffsetDateTime) -> StoreResult<Option<ApiKey>> {
+impl SqliteStore {
+    async fn revoke(
+        &self,
+        company: Option<CompanyId>,
+        id: ApiKeyId,
+        at: OffsetDateTime,
+    ) -> StoreResult<Option<ApiKey>> {
         let mut tx = self.begin_write().await?;
-        let changed = sqlx::query("UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL")
-            .bind(micros(at))
-            .bind(id.as_uuid())
+        let company = company.map(|c| c.as_uuid());
+        let changed = sqlx::query(
+            "UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL AND (?3 IS NULL OR company_id = ?3)",
+        )
+        .bind(micros(at))
+        .bind(id.as_uuid())
+        .bind(company)
             .execute(&mut *tx)
             .await
             .map_err(map_err)?
@@ -321,8 +349,9 @@ impl OperatorStore for SqliteStore {
         if changed > 0 {
             bump_auth_revision(&mut tx).await?;
         }
-        let row = sqlx::query(key_select!("WHERE k.id = ?"))
+        let row = sqlx::query(key_select!("WHERE k.id = ?1 AND (?2 IS NULL OR k.company_id = ?2)"))
             .bind(id.as_uuid())
+            .bind(company)
             .fetch_optional(&mut *tx)
             .await
             .map_err(map_err)?;

@@ -14,8 +14,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use paygate_domain::{ApiKeyId, ApiKeyText, CompanyStatus, KeyHasher, KeyParseError};
 use parking_lot::Mutex;
+use paygate_domain::{ApiKeyId, ApiKeyText, CompanyStatus, KeyHasher, KeyParseError};
 use time::OffsetDateTime;
 
 use crate::{Actor, CompanyScope, KeyAuthRecord, Store, StoreError};
@@ -180,6 +180,12 @@ impl Authenticator {
         }
     }
 
+    /// Drops every cached key on this node at once. Called after a change made
+    /// through this node, so it is refused here without waiting for the poll.
+    pub fn invalidate(&self) {
+        self.cache.drop_all();
+    }
+
     pub fn cached_keys(&self) -> usize {
         self.cache.len()
     }
@@ -261,14 +267,18 @@ impl KeyCache {
         // read under an unknown revision.
         let changed = *last != Some(revision);
         if changed {
-            self.generation.fetch_add(1, Ordering::AcqRel);
-            self.entries.lock().clear();
+            self.drop_all();
         }
         *last = Some(revision);
         // At least 1 so that 0 keeps meaning "never polled".
         let now_ms = (self.epoch.elapsed().as_millis() as u64).max(1);
         self.fresh_at_ms.store(now_ms, Ordering::Release);
         changed
+    }
+
+    fn drop_all(&self) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        self.entries.lock().clear();
     }
 
     fn len(&self) -> usize {

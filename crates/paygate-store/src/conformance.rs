@@ -6,15 +6,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use async_trait::async_trait;
-use paygate_domain::{
-    ApiKeyId, CompanyId, CompanyStatus, KeyHasher, KeyMode, Label, Pepper, ScopeSet,
-};
+use paygate_domain::{ApiKeyId, CompanyId, CompanyStatus, KeyHasher, KeyMode, Label, Pepper, ScopeSet};
 use time::{Duration, OffsetDateTime};
 
 use crate::auth::{AuthConfig, AuthError, Authenticator};
 use crate::{
-    ApiKey, Backend, Company, CompanyScope, KeyAuthRecord, NewApiKey, NewCompany, OperatorStore, Page,
-    PageRequest, Store, StoreError, StoreResult, operator_scope,
+    ApiKey, Backend, Company, CompanyScope, KeyAuthRecord, NewApiKey, NewCompany, OperatorStore, Page, PageRequest,
+    Store, StoreError, StoreResult, operator_scope,
 };
 
 /// A store on a database that exists for one test; the guard removes it.
@@ -43,6 +41,7 @@ macro_rules! conformance_tests {
             another_companys_key_is_invisible,
             api_keys_paginate_newest_first,
             revocation_is_idempotent_and_bumps_the_revision,
+            scoped_revocation_cannot_reach_another_company,
             key_auth_record_carries_company_status,
             authenticator_accepts_a_valid_key,
             authenticator_refuses_each_bad_state,
@@ -79,21 +78,28 @@ struct Issued {
     text: String,
 }
 
-async fn issue(store: &dyn OperatorStore, company: CompanyId, scopes: &str, expires_at: Option<OffsetDateTime>) -> Issued {
+async fn issue(
+    store: &dyn OperatorStore,
+    company: CompanyId,
+    scopes: &str,
+    expires_at: Option<OffsetDateTime>,
+) -> Issued {
     let generated = hasher().generate(KeyMode::Test);
     let key = store
-        .create_api_key(NewApiKey {
-            id: generated.id,
-            company_id: company,
-            name: label("ci"),
-            owner: label("erp@example.com"),
-            scopes: ScopeSet::parse_list(scopes).unwrap(),
-            mode: KeyMode::Test,
-            created_at: paygate_domain::now(),
-            expires_at,
-            secret_hash: generated.hash,
-            pepper_version: generated.pepper_version,
-        })
+        .create_api_key(
+            &operator_scope(store, company),
+            NewApiKey {
+                id: generated.id,
+                name: label("ci"),
+                owner: label("erp@example.com"),
+                scopes: ScopeSet::parse_list(scopes).unwrap(),
+                mode: KeyMode::Test,
+                created_at: paygate_domain::now(),
+                expires_at,
+                secret_hash: generated.hash,
+                pepper_version: generated.pepper_version,
+            },
+        )
         .await
         .unwrap();
     Issued { key, text: generated.text.to_string() }
@@ -148,18 +154,20 @@ pub async fn api_key_round_trip(store: Arc<dyn OperatorStore>) {
 pub async fn api_key_for_a_missing_company_is_not_found(store: Arc<dyn OperatorStore>) {
     let generated = hasher().generate(KeyMode::Live);
     let err = store
-        .create_api_key(NewApiKey {
-            id: generated.id,
-            company_id: CompanyId::generate(),
-            name: label("x"),
-            owner: label("y"),
-            scopes: ScopeSet::empty(),
-            mode: KeyMode::Live,
-            created_at: paygate_domain::now(),
-            expires_at: None,
-            secret_hash: generated.hash,
-            pepper_version: 1,
-        })
+        .create_api_key(
+            &scope(&*store, CompanyId::generate()),
+            NewApiKey {
+                id: generated.id,
+                name: label("x"),
+                owner: label("y"),
+                scopes: ScopeSet::empty(),
+                mode: KeyMode::Live,
+                created_at: paygate_domain::now(),
+                expires_at: None,
+                secret_hash: generated.hash,
+                pepper_version: 1,
+            },
+        )
         .await
         .unwrap_err();
     assert!(matches!(err, StoreError::NotFound("company")), "{err:?}");
@@ -175,7 +183,8 @@ pub async fn another_companys_key_is_invisible(store: Arc<dyn OperatorStore>) {
     let page = store.list_api_keys(&scope_b, PageRequest { limit: 100, after: None }).await.unwrap();
     assert!(page.items.is_empty());
     // A cursor taken from company A's list leaks nothing either.
-    let page = store.list_api_keys(&scope_b, PageRequest { limit: 100, after: Some(ApiKeyId::generate()) }).await.unwrap();
+    let page =
+        store.list_api_keys(&scope_b, PageRequest { limit: 100, after: Some(ApiKeyId::generate()) }).await.unwrap();
     assert!(page.items.is_empty());
 }
 
@@ -210,12 +219,26 @@ pub async fn revocation_is_idempotent_and_bumps_the_revision(store: Arc<dyn Oper
     let key = issue(&*store, a.id, "keys:read", None).await.key;
     let r0 = store.auth_revision().await.unwrap();
     let t1 = paygate_domain::now();
-    let revoked = store.revoke_api_key(key.id, t1).await.unwrap().unwrap();
+    let revoked = store.revoke_api_key_by_id(key.id, t1).await.unwrap().unwrap();
     assert_eq!(revoked.revoked_at, Some(t1));
     assert!(store.auth_revision().await.unwrap() > r0);
-    let again = store.revoke_api_key(key.id, t1 + Duration::seconds(5)).await.unwrap().unwrap();
+    let again = store.revoke_api_key_by_id(key.id, t1 + Duration::seconds(5)).await.unwrap().unwrap();
     assert_eq!(again.revoked_at, Some(t1), "the first revocation time stands");
-    assert_eq!(store.revoke_api_key(ApiKeyId::generate(), t1).await.unwrap(), None);
+    assert_eq!(store.revoke_api_key_by_id(ApiKeyId::generate(), t1).await.unwrap(), None);
+}
+
+pub async fn scoped_revocation_cannot_reach_another_company(store: Arc<dyn OperatorStore>) {
+    let a = company(&*store, "Acme").await;
+    let b = company(&*store, "Globex").await;
+    let key_a = issue(&*store, a.id, "keys:read", None).await.key;
+    let r0 = store.auth_revision().await.unwrap();
+    let now = paygate_domain::now();
+    assert_eq!(store.revoke_api_key(&scope(&*store, b.id), key_a.id, now).await.unwrap(), None);
+    assert_eq!(store.auth_revision().await.unwrap(), r0, "nothing changed, nothing signalled");
+    let still = store.get_api_key(&scope(&*store, a.id), key_a.id).await.unwrap().unwrap();
+    assert_eq!(still.revoked_at, None);
+    let revoked = store.revoke_api_key(&scope(&*store, a.id), key_a.id, now).await.unwrap().unwrap();
+    assert_eq!(revoked.revoked_at, Some(now));
 }
 
 pub async fn key_auth_record_carries_company_status(store: Arc<dyn OperatorStore>) {
@@ -268,7 +291,7 @@ pub async fn authenticator_refuses_each_bad_state(store: Arc<dyn OperatorStore>)
     assert!(auth.authenticate(&expiring.text, now).await.is_ok());
     assert!(matches!(auth.authenticate(&expiring.text, now + Duration::seconds(60)).await, Err(AuthError::Expired)));
 
-    store.revoke_api_key(issued.key.id, now).await.unwrap();
+    store.revoke_api_key_by_id(issued.key.id, now).await.unwrap();
     assert!(matches!(auth.authenticate(&issued.text, now).await, Err(AuthError::Revoked)));
 
     let live = issue(&*store, a.id, "keys:read", None).await;
@@ -311,6 +334,19 @@ impl Store for CountingStore {
         self.calls.fetch_add(1, Ordering::SeqCst);
         self.inner.get_api_key(scope, id).await
     }
+    async fn create_api_key(&self, scope: &CompanyScope, new: NewApiKey) -> StoreResult<ApiKey> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        self.inner.create_api_key(scope, new).await
+    }
+    async fn revoke_api_key(
+        &self,
+        scope: &CompanyScope,
+        id: ApiKeyId,
+        at: OffsetDateTime,
+    ) -> StoreResult<Option<ApiKey>> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        self.inner.revoke_api_key(scope, id, at).await
+    }
 }
 
 pub async fn authenticator_never_reads_the_store_for_malformed_keys(store: Arc<dyn OperatorStore>) {
@@ -322,8 +358,12 @@ pub async fn authenticator_never_reads_the_store_for_malformed_keys(store: Arc<d
     let last = bad_checksum.len() - 1;
     bad_checksum[last] = if bad_checksum[last] == b'A' { b'B' } else { b'A' };
     let bad_checksum = String::from_utf8(bad_checksum).unwrap();
-    for text in ["", "pgk_", "Bearer", "pgk_test_key_nope", &bad_checksum, &issued.text.replace("pgk_test", "pgk_live")] {
-        assert!(matches!(auth.authenticate(text, paygate_domain::now()).await, Err(AuthError::Malformed(_))), "{text:?}");
+    for text in ["", "pgk_", "Bearer", "pgk_test_key_nope", &bad_checksum, &issued.text.replace("pgk_test", "pgk_live")]
+    {
+        assert!(
+            matches!(auth.authenticate(text, paygate_domain::now()).await, Err(AuthError::Malformed(_))),
+            "{text:?}"
+        );
     }
     assert_eq!(counting.calls.load(Ordering::SeqCst), 0);
     // The counter does count: a well-formed key costs exactly one read.
@@ -342,7 +382,7 @@ pub async fn authenticator_cache_drops_on_revocation(store: Arc<dyn OperatorStor
     auth.authenticate(&issued.text, paygate_domain::now()).await.unwrap();
     assert_eq!(counting.calls.load(Ordering::SeqCst), before, "second call is served from the cache");
 
-    store.revoke_api_key(issued.key.id, paygate_domain::now()).await.unwrap();
+    store.revoke_api_key_by_id(issued.key.id, paygate_domain::now()).await.unwrap();
     assert!(auth.poll_revision().await.unwrap(), "the revision moved");
     assert!(matches!(auth.authenticate(&issued.text, paygate_domain::now()).await, Err(AuthError::Revoked)));
 }
@@ -365,7 +405,9 @@ pub async fn concurrent_key_creation_and_revocation(store: Arc<dyn OperatorStore
         for offset in [0, 1] {
             let store = store.clone();
             let id = key.id;
-            tasks.push(tokio::spawn(async move { store.revoke_api_key(id, now + Duration::seconds(offset)).await }));
+            tasks.push(tokio::spawn(
+                async move { store.revoke_api_key_by_id(id, now + Duration::seconds(offset)).await },
+            ));
         }
     }
     for t in tasks {

@@ -79,6 +79,20 @@ pub trait Store: Send + Sync + 'static {
 
     /// `None` both when the key does not exist and when it belongs to another company.
     async fn get_api_key(&self, scope: &CompanyScope, id: ApiKeyId) -> StoreResult<Option<ApiKey>>;
+
+    /// Inserts a key for the scope's company. Fails with `NotFound("company")` if
+    /// the company does not exist (possible only for an operator scope).
+    async fn create_api_key(&self, scope: &CompanyScope, new: NewApiKey) -> StoreResult<ApiKey>;
+
+    /// Sets `revoked_at` if not yet set (the first revocation time stands) and
+    /// bumps the auth revision in the same transaction. `None` when the key does
+    /// not exist or belongs to another company.
+    async fn revoke_api_key(
+        &self,
+        scope: &CompanyScope,
+        id: ApiKeyId,
+        at: OffsetDateTime,
+    ) -> StoreResult<Option<ApiKey>>;
 }
 
 /// Platform-wide operations for operators (the CLI). Never handed to the HTTP API.
@@ -94,9 +108,7 @@ pub trait OperatorStore: Store {
     /// `None` if the company does not exist.
     async fn set_company_status(&self, id: CompanyId, status: CompanyStatus) -> StoreResult<Option<Company>>;
 
-    /// Fails with `NotFound("company")` if the company does not exist.
-    async fn create_api_key(&self, new: NewApiKey) -> StoreResult<ApiKey>;
-    /// Sets `revoked_at` (first revocation wins; later calls change nothing) and
-    /// bumps the auth revision. `None` if the key does not exist.
-    async fn revoke_api_key(&self, id: ApiKeyId, at: OffsetDateTime) -> StoreResult<Option<ApiKey>>;
+    /// Revokes a key by id alone, whichever company owns it (emergency
+    /// revocation by an operator). Same semantics as [`Store::revoke_api_key`].
+    async fn revoke_api_key_by_id(&self, id: ApiKeyId, at: OffsetDateTime) -> StoreResult<Option<ApiKey>>;
 }

@@ -47,7 +47,6 @@ impl ApiKey {
 #[derive(Debug, Clone)]
 pub struct NewApiKey {
     pub id: ApiKeyId,
-    pub company_id: CompanyId,
     pub name: Label,
     pub owner: Label,
     pub scopes: ScopeSet,

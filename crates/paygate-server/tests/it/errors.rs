@@ -1,0 +1,103 @@
+//! Bad input (invariant I9): a problem+json 4xx with a stable code, never a 5xx.
+
+use reqwest::{Method, StatusCode};
+
+use crate::backend_tests;
+use crate::harness::{TestApp, json, problem};
+
+backend_tests!(framework_rejections_are_problems, request_ids_are_accepted_only_when_safe, bad_list_parameters_are_400);
+
+async fn framework_rejections_are_problems(app: TestApp) {
+    let acme = app.company("Acme").await;
+    let key = app.key(acme.id, "keys:read,keys:manage").await;
+    // Unknown /v1 path: 401 without a key (route existence is no oracle), 404 with one.
+    problem(
+        app.request(Method::GET, "/v1/nope", None).send().await.unwrap(),
+        StatusCode::UNAUTHORIZED,
+        "unauthenticated",
+    )
+    .await;
+    problem(app.get("/v1/nope", &key).send().await.unwrap(), StatusCode::NOT_FOUND, "not_found").await;
+    problem(app.request(Method::GET, "/nope", None).send().await.unwrap(), StatusCode::NOT_FOUND, "not_found").await;
+    problem(
+        app.request(Method::DELETE, "/v1/me", Some(&key)).send().await.unwrap(),
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+    )
+    .await;
+    let r = app.post("/v1/api-keys", &key).header("content-type", "text/plain").body("{}").send().await.unwrap();
+    problem(r, StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type").await;
+    let r = app.post("/v1/api-keys", &key).body("{}").send().await.unwrap();
+    problem(r, StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type").await;
+    let r = app
+        .post("/v1/api-keys", &key)
+        .header("content-type", "application/json")
+        .body("{\"name\": ")
+        .send()
+        .await
+        .unwrap();
+    problem(r, StatusCode::BAD_REQUEST, "invalid_json").await;
+    let r =
+        app.post("/v1/api-keys", &key).header("content-type", "application/json").body("[1,2]").send().await.unwrap();
+    problem(r, StatusCode::UNPROCESSABLE_ENTITY, "validation_failed").await;
+    let huge = format!("{{\"name\": \"{}\"}}", "x".repeat(70 * 1024));
+    let r = app
+        .post("/v1/api-keys", &key)
+        .header("content-type", "application/json")
+        .body(huge.clone())
+        .send()
+        .await
+        .unwrap();
+    problem(r, StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large").await;
+    // Chunked, without a Content-Length: the limit still holds while reading.
+    let stream = futures_stream(huge.into_bytes());
+    let r = app
+        .post("/v1/api-keys", &key)
+        .header("content-type", "application/json")
+        .body(reqwest::Body::wrap_stream(stream))
+        .send()
+        .await
+        .unwrap();
+    problem(r, StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large").await;
+    // Still healthy afterwards.
+    json(app.get("/v1/me", &key).send().await.unwrap(), StatusCode::OK).await;
+}
+
+fn futures_stream(
+    bytes: Vec<u8>,
+) -> impl futures_util::Stream<Item = Result<Vec<u8>, std::io::Error>> + Send + 'static {
+    let parts: Vec<Result<Vec<u8>, std::io::Error>> = bytes.chunks(8 * 1024).map(|c| Ok(c.to_vec())).collect();
+    futures_util::stream::iter(parts)
+}
+
+async fn request_ids_are_accepted_only_when_safe(app: TestApp) {
+    let acme = app.company("Acme").await;
+    let key = app.key(acme.id, "keys:read").await;
+    let r = app.get("/v1/me", &key).header("x-request-id", "erp-run-42.7_a").send().await.unwrap();
+    assert_eq!(r.headers()["x-request-id"], "erp-run-42.7_a");
+    for bad in ["has space", "semi;colon", &"a".repeat(65), "ünïcode"] {
+        let r = app.get("/v1/me", &key).header("x-request-id", bad).send().await.unwrap();
+        let id = r.headers()["x-request-id"].to_str().unwrap().to_owned();
+        assert!(id.starts_with("req_") && id.len() == 26, "{bad:?} replaced, got {id}");
+    }
+    let r = app.request(Method::GET, "/v1/me", None).send().await.unwrap();
+    assert!(r.headers()["x-request-id"].to_str().unwrap().starts_with("req_"));
+}
+
+async fn bad_list_parameters_are_400(app: TestApp) {
+    let acme = app.company("Acme").await;
+    let key = app.key(acme.id, "keys:read").await;
+    for (query, parameter) in [
+        ("limit=0", "limit"),
+        ("limit=101", "limit"),
+        ("limit=abc", "limit"),
+        ("limit=-1", "limit"),
+        ("cursor=bogus", "cursor"),
+        ("cursor=cmp_0000000000000000000000", "cursor"),
+        ("colour=blue", "colour"),
+    ] {
+        let r = app.get(&format!("/v1/api-keys?{query}"), &key).send().await.unwrap();
+        let body = problem(r, StatusCode::BAD_REQUEST, "invalid_parameter").await;
+        assert_eq!(body["errors"][0]["parameter"], parameter, "{query}: {body}");
+    }
+}

@@ -1,0 +1,213 @@
+use std::collections::BTreeMap;
+use std::process::Output;
+use std::sync::Arc;
+
+use paygate_domain::{CompanyId, KeyHasher, KeyMode, Label, ScopeSet};
+use paygate_server::app::{self, Server, StartOptions};
+use paygate_server::config::Config;
+use paygate_store::{Company, NewCompany, OperatorStore};
+use paygate_store_postgres::testing::TestDatabase;
+use reqwest::{Method, RequestBuilder, Response, StatusCode};
+use serde_json::Value;
+use tempfile::TempDir;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_paygate");
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// Generates one test per backend for each named `async fn(TestApp)`.
+#[macro_export]
+macro_rules! backend_tests {
+    ($($case:ident),+ $(,)?) => {
+        mod on_sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    if let Some(app) = $crate::harness::TestApp::spawn($crate::harness::Backend::Sqlite).await {
+                        super::$case(app).await;
+                    }
+                }
+            )+
+        }
+        mod on_postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    if let Some(app) = $crate::harness::TestApp::spawn($crate::harness::Backend::Postgres).await {
+                        super::$case(app).await;
+                    }
+                }
+            )+
+        }
+    };
+}
+
+pub fn postgres_url() -> Option<String> {
+    std::env::var("PAYGATE_TEST_POSTGRES_URL").ok().filter(|u| !u.is_empty())
+}
+
+/// A running server on a fresh database, plus what a test needs to drive it.
+pub struct TestApp {
+    pub backend: Backend,
+    pub base: String,
+    pub ops: String,
+    pub http: reqwest::Client,
+    pub store: Arc<dyn OperatorStore>,
+    pub hasher: KeyHasher,
+    /// The configuration as environment variables, for CLI subprocesses.
+    pub env: BTreeMap<String, String>,
+    pub dir: TempDir,
+    server: Option<Server>,
+    _pg: Option<TestDatabase>,
+}
+
+impl TestApp {
+    /// `None` when the backend is not configured (PostgreSQL without its URL).
+    pub async fn spawn(backend: Backend) -> Option<Self> {
+        let dir = tempfile::tempdir().unwrap();
+        let mut env = BTreeMap::new();
+        let mut pg = None;
+        match backend {
+            Backend::Sqlite => {
+                env.insert(
+                    "PAYGATE_DATABASE_URL".into(),
+                    format!("sqlite://{}", dir.path().join("paygate.db").display()),
+                );
+            }
+            Backend::Postgres => {
+                let admin_url = postgres_url()?;
+                let db = TestDatabase::create(&admin_url).await;
+                env.insert("PAYGATE_DATABASE_URL".into(), db.url.clone());
+                let pepper_file = dir.path().join("pepper");
+                std::fs::write(&pepper_file, paygate_domain::Pepper::generate_hex().as_bytes()).unwrap();
+                env.insert("PAYGATE_KEY_PEPPER_FILE".into(), pepper_file.display().to_string());
+                pg = Some(db);
+            }
+        }
+        env.insert("PAYGATE_LISTEN".into(), "127.0.0.1:0".into());
+        env.insert("PAYGATE_OPS_LISTEN".into(), "127.0.0.1:0".into());
+        let config = Config::from_sources(None, env.clone()).unwrap();
+        let server = app::start(&config, StartOptions::default()).await.unwrap();
+        Some(Self {
+            backend,
+            base: format!("http://{}", server.api_addr),
+            ops: format!("http://{}", server.ops_addr),
+            http: reqwest::Client::new(),
+            store: server.store.clone(),
+            hasher: server.hasher.clone(),
+            env,
+            dir,
+            server: Some(server),
+            _pg: pg,
+        })
+    }
+
+    pub async fn shutdown(mut self) {
+        if let Some(server) = self.server.take() {
+            server.shutdown().await;
+        }
+    }
+
+    pub async fn company(&self, name: &str) -> Company {
+        self.store.create_company(NewCompany::new(Label::parse(name).unwrap())).await.unwrap()
+    }
+
+    /// Issues a key and returns its text.
+    pub async fn key(&self, company: CompanyId, scopes: &str) -> String {
+        self.key_with(company, scopes, KeyMode::Test, None).await
+    }
+
+    pub async fn key_with(
+        &self,
+        company: CompanyId,
+        scopes: &str,
+        mode: KeyMode,
+        expires_in: Option<time::Duration>,
+    ) -> String {
+        let scopes = ScopeSet::parse_list(scopes).unwrap();
+        let (_, text) = paygate_server::admin::create_key(
+            &*self.store,
+            &self.hasher,
+            paygate_server::admin::KeyRequest { company, name: "test key", owner: "tester", scopes, mode, expires_in },
+        )
+        .await
+        .unwrap();
+        text.to_string()
+    }
+
+    pub fn request(&self, method: Method, path: &str, key: Option<&str>) -> RequestBuilder {
+        let builder = self.http.request(method, format!("{}{path}", self.base));
+        match key {
+            Some(k) => builder.bearer_auth(k),
+            None => builder,
+        }
+    }
+
+    pub fn get(&self, path: &str, key: &str) -> RequestBuilder {
+        self.request(Method::GET, path, Some(key))
+    }
+
+    pub fn post(&self, path: &str, key: &str) -> RequestBuilder {
+        self.request(Method::POST, path, Some(key))
+    }
+
+    /// Runs the `paygate` binary against this app's database.
+    pub async fn cli(&self, args: &[&str]) -> Output {
+        tokio::process::Command::new(BIN)
+            .args(args)
+            .envs(&self.env)
+            .env("PAYGATE_LOG_LEVEL", "warn")
+            .output()
+            .await
+            .unwrap()
+    }
+}
+
+/// Asserts a problem+json response and returns its body.
+pub async fn problem(response: Response, status: StatusCode, code: &str) -> Value {
+    assert_eq!(response.status(), status, "status");
+    let content_type = response.headers().get("content-type").map(|v| v.to_str().unwrap().to_owned());
+    assert_eq!(content_type.as_deref(), Some("application/problem+json"));
+    let request_id = response.headers().get("x-request-id").expect("x-request-id").to_str().unwrap().to_owned();
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["code"], code, "{body}");
+    assert_eq!(body["status"], status.as_u16());
+    assert_eq!(body["request_id"], request_id.as_str());
+    assert!(body["type"].as_str().unwrap().ends_with(code));
+    assert!(body["title"].is_string() && body["detail"].is_string());
+    body
+}
+
+/// The body without the per-request field, for "identical answer" comparisons.
+pub fn without_request_id(mut body: Value) -> Value {
+    body.as_object_mut().unwrap().remove("request_id");
+    body
+}
+
+pub async fn json(response: Response, status: StatusCode) -> Value {
+    let actual = response.status();
+    let body: Value = response.json().await.unwrap_or(Value::Null);
+    assert_eq!(actual, status, "{body}");
+    body
+}
+
+/// A well-formed key (valid checksum) for the same key id with a different secret.
+pub fn with_other_secret(text: &str) -> String {
+    let secret_start = text.rfind('_').unwrap() + 1;
+    let mut forged = text[..secret_start].to_owned();
+    forged.push_str(&"Z".repeat(43));
+    let checksum = crc32fast::hash(forged.as_bytes());
+    paygate_domain::base62::encode_fixed(checksum as u128, 6, &mut forged);
+    assert!(paygate_domain::ApiKeyText::parse(&forged).is_ok());
+    forged
+}
+
+/// The 43-character secret inside a key text.
+pub fn secret_of(text: &str) -> &str {
+    let start = text.rfind('_').unwrap() + 1;
+    &text[start..start + 43]
+}

@@ -1,0 +1,15 @@
+//! Paygate's integration suite: the real server on 127.0.0.1:0, real HTTP, a
+//! fresh database per test. Every case runs on SQLite, and on PostgreSQL when
+//! `PAYGATE_TEST_POSTGRES_URL` is set (CI sets it and fails if unreachable).
+
+mod harness;
+
+mod auth;
+mod cli;
+mod errors;
+mod keys;
+mod openapi;
+mod ops;
+mod process;
+mod secrets;
+mod tenancy;

@@ -1,0 +1,230 @@
+//! The real `paygate` binary as a process: logs, metrics, demo, shutdown.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use reqwest::StatusCode;
+use serde_json::Value;
+
+use crate::harness::{BIN, secret_of, with_other_secret};
+
+struct Process {
+    child: Child,
+    api: String,
+    ops: String,
+    stdout: Arc<Mutex<Vec<String>>>,
+    stderr: Arc<Mutex<Vec<String>>>,
+}
+
+fn collect(reader: impl std::io::Read + Send + 'static) -> Arc<Mutex<Vec<String>>> {
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    let sink = lines.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(reader).lines().map_while(Result::ok) {
+            sink.lock().unwrap().push(line);
+        }
+    });
+    lines
+}
+
+fn start(dir: &std::path::Path, args: &[&str], level: &str) -> Process {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .env("PAYGATE_DATABASE_URL", format!("sqlite://{}", dir.join("paygate.db").display()))
+        .env("PAYGATE_LISTEN", "127.0.0.1:0")
+        .env("PAYGATE_OPS_LISTEN", "127.0.0.1:0")
+        .env("PAYGATE_LOG_FORMAT", "json")
+        .env("PAYGATE_LOG_LEVEL", level)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = collect(child.stdout.take().unwrap());
+    let stderr = collect(child.stderr.take().unwrap());
+    let started = Instant::now();
+    loop {
+        let listening = stderr.lock().unwrap().iter().find_map(|l| {
+            let v: Value = serde_json::from_str(l).ok()?;
+            (v["message"] == "paygate listening")
+                .then(|| (v["api"].as_str().unwrap().to_owned(), v["ops"].as_str().unwrap().to_owned()))
+        });
+        if let Some((api, ops)) = listening {
+            return Process { child, api: format!("http://{api}"), ops: format!("http://{ops}"), stdout, stderr };
+        }
+        if started.elapsed() > Duration::from_secs(20) || child.try_wait().unwrap().is_some() {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("server did not start: {:?}", stderr.lock().unwrap());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+impl Drop for Process {
+    /// A failed test never leaves a server running.
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Process {
+    /// SIGTERM, then the exit status.
+    fn terminate(mut self) -> (std::process::ExitStatus, Vec<String>, Vec<String>) {
+        Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().unwrap();
+        let started = Instant::now();
+        let status = loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                break status;
+            }
+            assert!(started.elapsed() < Duration::from_secs(10), "no exit after SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        std::thread::sleep(Duration::from_millis(100));
+        let out = self.stdout.lock().unwrap().clone();
+        let err = self.stderr.lock().unwrap().clone();
+        (status, out, err)
+    }
+
+    /// Waits for the demo block on stdout and returns (initiator, approver, curl line).
+    fn demo_keys(&self) -> (String, String, String) {
+        let started = Instant::now();
+        loop {
+            let lines = self.stdout.lock().unwrap().clone();
+            if let Some(curl) = lines.iter().find(|l| l.trim_start().starts_with("curl ")) {
+                let keys: Vec<String> =
+                    lines.iter().map(|l| l.trim()).filter(|l| l.starts_with("pgk_test_")).map(str::to_owned).collect();
+                assert_eq!(keys.len(), 2, "{lines:?}");
+                return (keys[0].clone(), keys[1].clone(), curl.trim().to_owned());
+            }
+            assert!(started.elapsed() < Duration::from_secs(10), "no demo output: {lines:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(name))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn served_binary_never_logs_secrets_and_shuts_down_gracefully() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), &["serve", "--demo"], "trace");
+    let (initiator, approver, _) = server.demo_keys();
+    let http = reqwest::Client::new();
+    let me = http.get(format!("{}/v1/me", server.api)).bearer_auth(&initiator).send().await.unwrap();
+    assert_eq!(me.status(), StatusCode::OK);
+    let created: Value = http
+        .post(format!("{}/v1/api-keys", server.api))
+        .bearer_auth(&initiator)
+        .json(&serde_json::json!({"name": "n", "owner": "o", "scopes": ["keys:read"]}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let issued = created["secret"].as_str().unwrap().to_owned();
+    for key in [&approver, &issued, &with_other_secret(&initiator), &format!("{}x", &initiator)] {
+        http.get(format!("{}/v1/api-keys", server.api)).bearer_auth(key).send().await.unwrap();
+    }
+    let (status, _, logs) = server.terminate();
+    assert!(status.success(), "graceful shutdown exits 0, got {status:?}");
+    assert!(logs.len() > 10, "trace logging produced lines");
+    let request_line = logs
+        .iter()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|v| v["message"] == "request completed" && v["span"]["route"] == "/v1/me")
+        .expect("a request log line");
+    assert!(request_line["span"]["request_id"].as_str().unwrap().starts_with("req_"));
+    assert!(request_line["span"]["key_id"].as_str().unwrap().starts_with("key_"));
+    assert!(request_line["span"]["company_id"].as_str().unwrap().starts_with("cmp_"));
+    for key in [&initiator, &approver, &issued] {
+        for line in &logs {
+            assert!(!line.contains(secret_of(key)), "a secret reached the logs: {line}");
+            assert!(
+                !line.to_ascii_lowercase().contains("bearer pgk_"),
+                "an Authorization header reached the logs: {line}"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn malformed_keys_never_reach_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), &["serve", "--demo"], "warn,paygate_server=info");
+    let (initiator, _, _) = server.demo_keys();
+    let http = reqwest::Client::new();
+    let scrape = || async { http.get(format!("{}/metrics", server.ops)).send().await.unwrap().text().await.unwrap() };
+    let before = scrape().await;
+    let mut bad_checksum = initiator.clone().into_bytes();
+    let last = bad_checksum.len() - 1;
+    bad_checksum[last] = if bad_checksum[last] == b'q' { b'r' } else { b'q' };
+    let bad_checksum = String::from_utf8(bad_checksum).unwrap();
+    for i in 0..20 {
+        let key = if i % 2 == 0 { bad_checksum.clone() } else { format!("pgk_live_{i}") };
+        let r = http.get(format!("{}/v1/me", server.api)).bearer_auth(key).send().await.unwrap();
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    }
+    let after = scrape().await;
+    let lookups = "paygate_key_store_lookups_total";
+    assert_eq!(metric(&after, lookups), metric(&before, lookups), "a malformed key reached the store");
+    assert_eq!(metric(&after, "paygate_auth_failures_total{reason=\"bad_checksum\"}"), 10.0);
+    assert_eq!(metric(&after, "paygate_auth_failures_total{reason=\"malformed\"}"), 10.0);
+    // The counter does move for a well-formed key the node has not seen.
+    let fresh = paygate_domain::KeyHasher::new(&paygate_domain::Pepper::new(1, vec![9; 32]).unwrap())
+        .generate(paygate_domain::KeyMode::Test);
+    http.get(format!("{}/v1/me", server.api)).bearer_auth(&*fresh.text).send().await.unwrap();
+    assert_eq!(metric(&scrape().await, lookups), metric(&before, lookups) + 1.0);
+    let (status, _, _) = server.terminate();
+    assert!(status.success());
+}
+
+#[tokio::test]
+async fn demo_curl_line_returns_the_demo_company() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut company_ids = Vec::new();
+    for _ in 0..2 {
+        let server = start(dir.path(), &["serve", "--demo"], "info");
+        let (initiator, approver, curl) = server.demo_keys();
+        let url = curl.split_whitespace().find(|w| w.starts_with("http://")).unwrap().to_owned();
+        let bearer = curl.split("Bearer ").nth(1).unwrap().trim_end_matches('\'').to_owned();
+        assert_eq!(bearer, initiator);
+        let me: Value =
+            reqwest::Client::new().get(&url).bearer_auth(&bearer).send().await.unwrap().json().await.unwrap();
+        assert_eq!(me["company"]["name"], "Demo Co");
+        let scopes = me["key"]["scopes"].as_array().unwrap();
+        assert!(!scopes.contains(&Value::from("payments:approve")) && scopes.contains(&Value::from("payments:write")));
+        let approver_me: Value =
+            reqwest::Client::new().get(&url).bearer_auth(&approver).send().await.unwrap().json().await.unwrap();
+        assert_eq!(approver_me["key"]["scopes"], serde_json::json!(["payments:read", "payments:approve"]));
+        company_ids.push(me["company"]["id"].as_str().unwrap().to_owned());
+        assert!(server.terminate().0.success());
+    }
+    assert_eq!(company_ids[0], company_ids[1], "the demo company is created once");
+    // The embedded default generated a 0600 pepper file beside the database.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(dir.path().join("paygate.db.pepper")).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+}
+
+#[test]
+fn invalid_configuration_stops_startup_with_one_line() {
+    for (var, value) in
+        [("PAYGATE_LISTEN", "not-an-address"), ("PAYGATE_DATABASE_URL", "mysql://x"), ("PAYGATE_MAX_BODY_BYTES", "-5")]
+    {
+        let out = Command::new(BIN).arg("serve").env(var, value).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{var}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+        assert!(stderr.contains(var), "{stderr}");
+    }
+}

@@ -1,0 +1,72 @@
+//! Invariant I2: key secrets exist only as HMAC-SHA256 at rest.
+
+use reqwest::StatusCode;
+use serde_json::json as body;
+
+use crate::backend_tests;
+use crate::harness::{Backend, TestApp, json, secret_of};
+
+backend_tests!(secrets_are_stored_only_as_hmac);
+
+/// Every byte the database holds, as text: the raw SQLite files (main, WAL and
+/// shared memory), or every row of every PostgreSQL table rendered as text.
+async fn database_contents(app: &TestApp) -> String {
+    match app.backend {
+        Backend::Sqlite => {
+            let mut all = Vec::new();
+            for entry in std::fs::read_dir(app.dir.path()).unwrap() {
+                let path = entry.unwrap().path();
+                if path.file_name().unwrap().to_string_lossy().starts_with("paygate.db")
+                    && !path.to_string_lossy().ends_with(".pepper")
+                {
+                    all.extend(std::fs::read(&path).unwrap());
+                }
+            }
+            String::from_utf8_lossy(&all).into_owned()
+        }
+        Backend::Postgres => {
+            use sqlx::Connection;
+            let mut conn = sqlx::PgConnection::connect(&app.env["PAYGATE_DATABASE_URL"]).await.unwrap();
+            let tables: Vec<String> =
+                sqlx::query_scalar("SELECT tablename::text FROM pg_tables WHERE schemaname = 'public'")
+                    .fetch_all(&mut conn)
+                    .await
+                    .unwrap();
+            let mut all = String::new();
+            for table in tables {
+                let rows: Vec<String> =
+                    sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT t::text FROM \"{table}\" t")))
+                        .fetch_all(&mut conn)
+                        .await
+                        .unwrap();
+                all.push_str(&rows.join("\n"));
+            }
+            all
+        }
+    }
+}
+
+async fn secrets_are_stored_only_as_hmac(app: TestApp) {
+    let acme = app.company("Plaintext Probe Co").await;
+    let admin = app.key(acme.id, "keys:read,keys:manage").await;
+    let created: serde_json::Value = json(
+        app.post("/v1/api-keys", &admin)
+            .json(&body!({"name": "n", "owner": "o", "scopes": ["keys:read"]}))
+            .send()
+            .await
+            .unwrap(),
+        StatusCode::CREATED,
+    )
+    .await;
+    let api_issued = created["secret"].as_str().unwrap().to_owned();
+    json(app.get("/v1/me", &api_issued).send().await.unwrap(), StatusCode::OK).await;
+    json(app.get("/v1/api-keys", &admin).send().await.unwrap(), StatusCode::OK).await;
+
+    let contents = database_contents(&app).await;
+    // The scan sees stored text: the company name is there in clear.
+    assert!(contents.contains("Plaintext Probe Co"), "the scan must be able to see stored text");
+    for key in [&admin, &api_issued] {
+        assert!(!contents.contains(secret_of(key)), "a key secret is stored in clear");
+        assert!(!contents.contains(&key[key.len() - 20..]), "a fragment of a key is stored in clear");
+    }
+}
