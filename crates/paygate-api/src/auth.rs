@@ -5,7 +5,10 @@
 
 use std::marker::PhantomData;
 
+use std::net::{IpAddr, Ipv4Addr};
+
 use axum::extract::{FromRequestParts, Request, State};
+use axum::http::HeaderValue;
 use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
 use axum::middleware::Next;
@@ -15,7 +18,10 @@ use paygate_store::CompanyScope;
 use paygate_store::auth::{AuthError, Authenticated};
 
 use crate::AppState;
+use crate::client::ClientAddr;
 use crate::problem::ApiError;
+
+pub const KEY_EXPIRES_HEADER: &str = "paygate-key-expires";
 
 /// Extracts the credential from `Authorization: Bearer <key>` (scheme
 /// case-insensitive, per RFC 9110). `None` for anything else.
@@ -25,18 +31,31 @@ fn bearer(parts: &axum::http::HeaderMap) -> Option<&str> {
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }
 
+/// Keys this close to expiry get `Paygate-Key-Expires` on every response.
+pub const EXPIRY_WARNING: time::Duration = time::Duration::days(7);
+
 pub async fn middleware(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
+    let client = request.extensions().get::<ClientAddr>().map(|c| c.0).unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+    let now = paygate_domain::now();
     let outcome = match bearer(request.headers()) {
         None => Err(AuthError::Missing),
-        Some(token) => state.auth.authenticate(token, paygate_domain::now()).await,
+        Some(token) => state.auth.authenticate(token, client, now).await,
     };
     match outcome {
         Ok(caller) => {
             let span = tracing::Span::current();
             span.record("company_id", tracing::field::display(caller.scope.company_id()));
             span.record("key_id", tracing::field::display(caller.record.key.id));
+            let expires_at = caller.record.key.expires_at;
             request.extensions_mut().insert(caller);
-            next.run(request).await
+            let mut response = next.run(request).await;
+            if let Some(expires_at) = expires_at.filter(|e| *e - now <= EXPIRY_WARNING)
+                && let Ok(text) = expires_at.format(&time::format_description::well_known::Rfc3339)
+                && let Ok(value) = HeaderValue::from_str(&text)
+            {
+                response.headers_mut().insert(KEY_EXPIRES_HEADER, value);
+            }
+            response
         }
         Err(error) => {
             metrics::counter!("paygate_auth_failures_total", "reason" => error.reason()).increment(1);
@@ -54,6 +73,12 @@ fn problem_for(error: AuthError) -> ApiError {
         AuthError::Revoked => ApiError::key_revoked(),
         AuthError::Expired => ApiError::key_expired(),
         AuthError::CompanySuspended => ApiError::company_suspended(),
+        AuthError::IpNotAllowed => ApiError::new(
+            axum::http::StatusCode::FORBIDDEN,
+            "ip_not_allowed",
+            "Client address not allowed",
+            "This API key may not be used from this client address.",
+        ),
         AuthError::Unavailable(e) => ApiError::from(e),
     }
 }

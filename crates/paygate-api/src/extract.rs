@@ -91,6 +91,31 @@ fn to_json_pointer(path: &str) -> String {
     out
 }
 
+/// A JSON body that may be omitted entirely: an empty body (with or without a
+/// JSON content type) is `T::default()`; anything else is parsed like [`Json`].
+pub struct OptionalJson<T>(pub T);
+
+impl<T: DeserializeOwned + Default, S: Send + Sync> FromRequest<S> for OptionalJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let headers = req.headers().clone();
+        let bytes = axum::body::Bytes::from_request(req, state).await.map_err(|rejection| {
+            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::payload_too_large()
+            } else {
+                ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", "Invalid body", rejection.body_text())
+            }
+        })?;
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Ok(Self(T::default()));
+        }
+        let mut req = Request::new(axum::body::Body::from(bytes));
+        *req.headers_mut() = headers;
+        Json::<T>::from_request(req, state).await.map(|Json(v)| Self(v))
+    }
+}
+
 /// Query string. Unknown or malformed parameters → 400 `invalid_parameter`.
 pub struct Query<T>(pub T);
 

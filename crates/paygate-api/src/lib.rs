@@ -5,6 +5,7 @@
 //! (request id, problem rendering, metrics, body limit, timeout).
 
 pub mod auth;
+pub mod client;
 pub mod extract;
 pub mod pagination;
 pub mod problem;
@@ -38,11 +39,13 @@ pub struct AppState {
 pub struct ApiConfig {
     pub max_body_bytes: usize,
     pub request_timeout: Duration,
+    /// Peers whose `X-Forwarded-For` is believed. Empty: the TCP peer is the client.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 impl Default for ApiConfig {
     fn default() -> Self {
-        Self { max_body_bytes: 64 * 1024, request_timeout: Duration::from_secs(30) }
+        Self { max_body_bytes: 64 * 1024, request_timeout: Duration::from_secs(30), trusted_proxies: Vec::new() }
     }
 }
 
@@ -80,6 +83,7 @@ fn v1() -> OpenApiRouter<AppState> {
         .routes(routes!(routes::me::get_me))
         .routes(routes!(routes::api_keys::list_api_keys, routes::api_keys::create_api_key))
         .routes(routes!(routes::api_keys::revoke_api_key))
+        .routes(routes!(routes::api_keys::rotate_api_key))
         .routes(routes!(routes::api_keys::get_api_key))
 }
 
@@ -120,6 +124,7 @@ pub fn router(state: AppState, config: &ApiConfig) -> Router {
         .layer(axum::extract::DefaultBodyLimit::max(config.max_body_bytes))
         .layer(tower_http::limit::RequestBodyLimitLayer::new(config.max_body_bytes))
         .layer(middleware::from_fn(move |req: Request, next: Next| with_timeout(timeout, req, next)))
+        .layer(middleware::from_fn_with_state(Arc::new(config.trusted_proxies.clone()), client::middleware))
         .layer(middleware::from_fn(request_id::middleware))
 }
 

@@ -49,6 +49,7 @@ pub async fn middleware(mut request: Request, next: Next) -> Response {
         request_id = %id,
         method = %method,
         route = %route,
+        client_ip = tracing::field::Empty,
         company_id = tracing::field::Empty,
         key_id = tracing::field::Empty,
     );

@@ -1,7 +1,7 @@
 //! Response bodies. Views are built from store rows and never carry a secret
 //! or a hash.
 
-use paygate_domain::{ApiKeyId, CompanyId, KeyMode, ScopeSet};
+use paygate_domain::{AllowedCidrs, ApiKeyId, CompanyId, KeyMode, ScopeSet};
 use paygate_store::ApiKey;
 use serde::Serialize;
 use time::OffsetDateTime;
@@ -37,9 +37,19 @@ pub struct ApiKeyView {
     #[serde(with = "time::serde::rfc3339::option")]
     #[schema(value_type = Option<String>, format = DateTime)]
     pub revoked_at: Option<OffsetDateTime>,
+    /// Updated at most once a minute per key per node.
     #[serde(with = "time::serde::rfc3339::option")]
     #[schema(value_type = Option<String>, format = DateTime)]
     pub last_used_at: Option<OffsetDateTime>,
+    #[schema(value_type = Option<String>, example = "203.0.113.7")]
+    pub last_used_ip: Option<std::net::IpAddr>,
+    /// Client networks the key may be used from; empty means any.
+    #[schema(value_type = Vec<String>, example = json!(["203.0.113.0/24"]))]
+    pub allowed_cidrs: AllowedCidrs,
+    /// The key this one replaced by rotation.
+    pub replaces: Option<ApiKeyId>,
+    /// The key that replaced this one by rotation.
+    pub replaced_by: Option<ApiKeyId>,
 }
 
 impl ApiKeyView {
@@ -64,6 +74,10 @@ impl ApiKeyView {
             expires_at: key.expires_at,
             revoked_at: key.revoked_at,
             last_used_at: key.last_used_at,
+            last_used_ip: key.last_used_ip,
+            allowed_cidrs: key.allowed_cidrs,
+            replaces: key.replaces,
+            replaced_by: key.replaced_by,
         }
     }
 }

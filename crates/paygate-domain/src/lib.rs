@@ -26,3 +26,7 @@ pub fn truncate_to_micros(t: time::OffsetDateTime) -> time::OffsetDateTime {
     let micros = t.microsecond();
     t.replace_nanosecond(micros * 1_000).expect("microseconds fit in nanoseconds")
 }
+pub mod network;
+pub use network::{AllowedCidrs, CidrError};
+pub mod key_policy;
+pub use key_policy::{KeyPolicy, LifetimeExceedsPolicy};

@@ -27,12 +27,13 @@ fn key_verification(c: &mut Criterion) {
             scopes: ScopeSet::all(),
             mode: KeyMode::Live,
             expires_in: None,
+            allowed_cidrs: Default::default(),
         };
         let (_, text) = create_key(&*store, &hasher, request).await.unwrap();
         let api_store: Arc<dyn Store> = store.clone();
         let auth = Arc::new(Authenticator::new(api_store, hasher.clone(), AuthConfig::default()));
         auth.poll_revision().await.unwrap();
-        auth.authenticate(&text, paygate_domain::now()).await.unwrap();
+        auth.verify_key(&text, paygate_domain::now()).await.unwrap();
         (auth, text.to_string())
     });
     // Keep the cache trusted during the measurement, as the server's watcher does.
@@ -46,7 +47,8 @@ fn key_verification(c: &mut Criterion) {
         b.iter(|| assert!(hasher.verify(std::hint::black_box(parsed.secret()), &stored, 1)))
     });
     group.bench_function("parse_lookup_verify_cache_hit", |b| {
-        b.to_async(&runtime).iter(|| async { auth.authenticate(std::hint::black_box(&text), paygate_domain::now()).await.unwrap() })
+        b.to_async(&runtime)
+            .iter(|| async { auth.verify_key(std::hint::black_box(&text), paygate_domain::now()).await.unwrap() })
     });
     group.finish();
     watcher.abort();

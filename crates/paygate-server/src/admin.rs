@@ -6,7 +6,9 @@ use std::sync::Arc;
 
 use anyhow::{Context, anyhow, bail};
 use paygate_domain::duration::parse_duration;
-use paygate_domain::{ApiKeyId, CompanyId, CompanyStatus, KeyHasher, KeyMode, Label, ScopeSet};
+use paygate_domain::{
+    AllowedCidrs, ApiKeyId, CompanyId, CompanyStatus, KeyHasher, KeyMode, KeyPolicy, Label, ScopeSet,
+};
 use paygate_store::{ApiKey, Company, NewApiKey, NewCompany, OperatorStore, PageRequest, operator_scope};
 use serde_json::json;
 use time::format_description::well_known::Rfc3339;
@@ -26,7 +28,8 @@ fn key_json(k: &ApiKey) -> serde_json::Value {
         "id": k.id, "company_id": k.company_id, "name": k.name, "owner": k.owner,
         "scopes": k.scopes, "mode": k.mode, "created_at": rfc3339(k.created_at),
         "expires_at": k.expires_at.map(rfc3339), "revoked_at": k.revoked_at.map(rfc3339),
-        "last_used_at": k.last_used_at.map(rfc3339),
+        "last_used_at": k.last_used_at.map(rfc3339), "last_used_ip": k.last_used_ip,
+        "allowed_cidrs": k.allowed_cidrs, "replaces": k.replaces, "replaced_by": k.replaced_by,
     })
 }
 
@@ -57,6 +60,24 @@ pub async fn company(store: Arc<dyn OperatorStore>, command: CompanyCommand) -> 
         }
         CompanyCommand::Suspend { id } => set_status(&*store, &id, CompanyStatus::Suspended).await?,
         CompanyCommand::Resume { id } => set_status(&*store, &id, CompanyStatus::Active).await?,
+        CompanyCommand::SetKeyPolicy { id, max_lifetime, default_lifetime } => {
+            let id = parse_company(&id)?;
+            let parse = |flag: &str, v: Option<String>| {
+                v.as_deref().map(parse_duration).transpose().map_err(|e| anyhow!("--{flag}: {e}"))
+            };
+            let policy =
+                KeyPolicy::new(parse("default-lifetime", default_lifetime)?, parse("max-lifetime", max_lifetime)?)
+                    .map_err(|e| anyhow!("{e}"))?;
+            let company = store.set_key_policy(id, policy).await?.ok_or_else(|| anyhow!("no such company {id}"))?;
+            let show =
+                |d: Option<time::Duration>| d.map(|d| format!("{}s", d.whole_seconds())).unwrap_or("none".into());
+            println!(
+                "company {} key policy: default lifetime {}, max lifetime {}",
+                company.id,
+                show(company.key_policy.default_lifetime),
+                show(company.key_policy.max_lifetime)
+            );
+        }
     }
     Ok(())
 }
@@ -77,6 +98,7 @@ pub struct KeyRequest<'a> {
     pub scopes: ScopeSet,
     pub mode: KeyMode,
     pub expires_in: Option<time::Duration>,
+    pub allowed_cidrs: AllowedCidrs,
 }
 
 /// Issues a key and returns it with its text (shown once).
@@ -85,7 +107,7 @@ pub async fn create_key(
     hasher: &KeyHasher,
     request: KeyRequest<'_>,
 ) -> anyhow::Result<(ApiKey, zeroize::Zeroizing<String>)> {
-    let KeyRequest { company, name, owner, scopes, mode, expires_in } = request;
+    let KeyRequest { company, name, owner, scopes, mode, expires_in, allowed_cidrs } = request;
     let name = Label::parse(name).map_err(|e| anyhow!("--name {e}"))?;
     let owner = Label::parse(owner).map_err(|e| anyhow!("--owner {e}"))?;
     let generated = hasher.generate(mode);
@@ -102,6 +124,7 @@ pub async fn create_key(
                 mode,
                 created_at: now,
                 expires_at: expires_in.map(|d| now + d),
+                allowed_cidrs,
                 secret_hash: generated.hash,
                 pepper_version: generated.pepper_version,
             },
@@ -149,6 +172,14 @@ pub async fn key(
                 }
             }
         }
+        AdminKeyCommand::RevokeAll { company } => {
+            let company = parse_company(&company)?;
+            if store.find_company(company).await?.is_none() {
+                bail!("no such company {company}");
+            }
+            let revoked = store.revoke_all_api_keys(&operator_scope(&*store, company), paygate_domain::now()).await?;
+            println!("revoked {revoked} key(s) of company {company}");
+        }
         AdminKeyCommand::Revoke { id } => {
             let id = ApiKeyId::parse(&id).map_err(|_| anyhow!("{id:?} is not a key id (key_…)"))?;
             let key = store
@@ -173,12 +204,10 @@ async fn create_key_command(store: &dyn OperatorStore, hasher: &KeyHasher, args:
     };
     let expires_in =
         args.expires_in.as_deref().map(parse_duration).transpose().map_err(|e| anyhow!("--expires-in: {e}"))?;
-    let (key, text) = create_key(
-        store,
-        hasher,
-        KeyRequest { company, name: &args.name, owner: &args.owner, scopes, mode, expires_in },
-    )
-    .await?;
+    let allowed_cidrs = AllowedCidrs::parse_list(args.allowed_cidrs.as_deref().unwrap_or(""))
+        .map_err(|e| anyhow!("--allowed-cidrs: {e}"))?;
+    let request = KeyRequest { company, name: &args.name, owner: &args.owner, scopes, mode, expires_in, allowed_cidrs };
+    let (key, text) = create_key(store, hasher, request).await?;
     if args.json {
         let mut value = key_json(&key);
         value["secret"] = serde_json::Value::String(text.to_string());

@@ -38,6 +38,7 @@ pub struct Server {
     pub ops_addr: SocketAddr,
     pub store: Arc<dyn OperatorStore>,
     pub hasher: KeyHasher,
+    auth: Arc<Authenticator>,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
     workers: Vec<JoinHandle<()>>,
@@ -78,7 +79,11 @@ pub async fn start(config: &Config, options: StartOptions) -> anyhow::Result<Ser
     let ops_addr = ops_listener.local_addr()?;
 
     let state = AppState { store: api_store.clone(), auth: auth.clone() };
-    let api_config = ApiConfig { max_body_bytes: config.max_body_bytes, request_timeout: config.request_timeout };
+    let api_config = ApiConfig {
+        max_body_bytes: config.max_body_bytes,
+        request_timeout: config.request_timeout,
+        trusted_proxies: config.trusted_proxies.clone(),
+    };
     let api = paygate_api::router(state, &api_config);
     let ops = crate::ops::router(api_store, metrics);
 
@@ -105,8 +110,18 @@ pub async fn start(config: &Config, options: StartOptions) -> anyhow::Result<Ser
         }
     });
     let watcher = tokio::spawn(auth.clone().watch_revisions());
+    let usage = tokio::spawn(auth.clone().record_usage());
     tracing::info!(api = %api_addr, ops = %ops_addr, database = %config.database.redacted(), backend = store.backend().as_str(), "paygate listening");
-    Ok(Server { api_addr, ops_addr, store, hasher, stop, tasks: vec![api_task, ops_task], workers: vec![watcher] })
+    Ok(Server {
+        api_addr,
+        ops_addr,
+        store,
+        hasher,
+        auth,
+        stop,
+        tasks: vec![api_task, ops_task],
+        workers: vec![watcher, usage],
+    })
 }
 
 impl Server {
@@ -119,6 +134,8 @@ impl Server {
         for worker in self.workers {
             worker.abort();
         }
+        // Key usage noted by the last requests.
+        self.auth.flush_usage().await;
         tracing::info!("paygate stopped");
     }
 }

@@ -62,6 +62,16 @@ pub enum CompanyCommand {
     Suspend { id: String },
     /// Resume a suspended company.
     Resume { id: String },
+    /// Set the lifetime of keys the company creates over the API.
+    SetKeyPolicy {
+        id: String,
+        /// Longest lifetime, e.g. 90d; omit for none.
+        #[arg(long)]
+        max_lifetime: Option<String>,
+        /// Lifetime when a key asks for none, e.g. 30d; omit for none.
+        #[arg(long)]
+        default_lifetime: Option<String>,
+    },
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -87,6 +97,9 @@ pub struct KeyCreateArgs {
     /// Lifetime such as 90d, 12h or 2w.
     #[arg(long)]
     pub expires_in: Option<String>,
+    /// Comma-separated client networks the key may be used from (at most 32).
+    #[arg(long)]
+    pub allowed_cidrs: Option<String>,
     #[arg(long)]
     pub json: bool,
 }
@@ -104,6 +117,11 @@ pub enum AdminKeyCommand {
     },
     /// Revoke a key at once.
     Revoke { id: String },
+    /// Emergency: revoke every key of a company at once.
+    RevokeAll {
+        #[arg(long)]
+        company: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -23,6 +23,7 @@ const SETTINGS: &[(&str, &str)] = &[
     ("migrate_on_start", "Apply migrations when serve starts."),
     ("key_cache_capacity", "Verified keys cached per node."),
     ("key_cache_ttl_secs", "Longest reuse of a cached verified key."),
+    ("trusted_proxies", "Comma-separated CIDRs whose X-Forwarded-For is believed."),
 ];
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -74,6 +75,7 @@ pub struct Config {
     pub migrate_on_start: bool,
     pub key_cache_capacity: usize,
     pub key_cache_ttl: Duration,
+    pub trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -191,6 +193,12 @@ impl Config {
         })?;
         let key_cache_capacity = s.parse("key_cache_capacity", 10_000, positive(10_000_000))? as usize;
         let key_cache_ttl = Duration::from_secs(s.parse("key_cache_ttl_secs", 30, positive(3_600))?);
+        let trusted_proxies = s.parse("trusted_proxies", Vec::new(), |t| {
+            t.split([',', ' '])
+                .filter(|p| !p.trim().is_empty())
+                .map(|p| paygate_domain::network::parse_cidr(p).map_err(|e| e.to_string()))
+                .collect()
+        })?;
         Ok(Self {
             database,
             listen,
@@ -205,6 +213,7 @@ impl Config {
             migrate_on_start,
             key_cache_capacity,
             key_cache_ttl,
+            trusted_proxies,
         })
     }
 
@@ -275,6 +284,9 @@ mod tests {
         assert_eq!(c.database, Database::Sqlite { url: "sqlite://./paygate.db".into(), path: "./paygate.db".into() });
         assert_eq!(c.pepper, PepperSource::BesideDatabase("./paygate.db.pepper".into()));
         assert_eq!(c.max_body_bytes, 65_536);
+        assert!(c.trusted_proxies.is_empty());
+        let c = load(&[("PAYGATE_TRUSTED_PROXIES", "10.0.0.0/8, 127.0.0.1")], None).unwrap();
+        assert_eq!(c.trusted_proxies.len(), 2);
     }
 
     #[test]
@@ -303,6 +315,8 @@ mod tests {
         assert!(e.contains("lisen") && e.contains("unknown setting"), "{e}");
         let e = load(&[("PAYGATE_MAX_BODY_BYTES", "0")], None).unwrap_err().to_string();
         assert!(e.contains("max_body_bytes"), "{e}");
+        let e = load(&[("PAYGATE_TRUSTED_PROXIES", "10.0.0.0/8, proxy.local")], None).unwrap_err().to_string();
+        assert!(e.contains("trusted_proxies (PAYGATE_TRUSTED_PROXIES)"), "{e}");
         let e = load(&[("PAYGATE_DATABASE_URL", "sqlite::memory:")], None).unwrap_err().to_string();
         assert!(e.contains("in-memory"), "{e}");
     }

@@ -29,6 +29,7 @@ pub async fn prepare(store: &dyn OperatorStore, hasher: &KeyHasher, api_addr: So
             scopes: initiator_scopes,
             mode: KeyMode::Test,
             expires_in: None,
+            allowed_cidrs: Default::default(),
         },
     )
     .await?;
@@ -42,6 +43,7 @@ pub async fn prepare(store: &dyn OperatorStore, hasher: &KeyHasher, api_addr: So
             scopes: approver_scopes,
             mode: KeyMode::Test,
             expires_in: None,
+            allowed_cidrs: Default::default(),
         },
     )
     .await?;

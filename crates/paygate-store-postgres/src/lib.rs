@@ -1,20 +1,22 @@
 //! Paygate storage on PostgreSQL. Many `paygate serve` nodes share one database;
-//! nothing here depends on node-local state.
+//! nothing here depends on node-local state. Read-then-write transactions lock
+//! the rows they decide on (`FOR UPDATE`).
 
 #[cfg(feature = "testing")]
 pub mod testing;
 
+use std::net::IpAddr;
 use std::str::FromStr;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use paygate_domain::{ApiKeyId, CompanyId, CompanyStatus, KeyMode, ScopeSet, SecretHash};
+use paygate_domain::{AllowedCidrs, ApiKeyId, CompanyId, CompanyStatus, KeyMode, KeyPolicy, ScopeSet, SecretHash};
 use paygate_store::{
-    ApiKey, Backend, Company, CompanyScope, KeyAuthRecord, NewApiKey, NewCompany, OperatorStore, Page, PageRequest,
-    Store, StoreError, StoreResult,
+    ApiKey, Backend, Company, CompanyScope, KeyAuthRecord, KeyUsage, NewApiKey, NewCompany, OperatorStore, Page,
+    PageRequest, Rotation, Store, StoreError, StoreResult,
 };
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
-use sqlx::{PgPool, Row};
+use sqlx::{PgConnection, PgPool, Row};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
@@ -42,6 +44,10 @@ impl PostgresStore {
     pub fn pool(&self) -> &PgPool {
         &self.pool
     }
+
+    async fn begin_write(&self) -> StoreResult<sqlx::Transaction<'static, sqlx::Postgres>> {
+        self.pool.begin().await.map_err(map_err)
+    }
 }
 
 fn map_err(e: sqlx::Error) -> StoreError {
@@ -49,8 +55,8 @@ fn map_err(e: sqlx::Error) -> StoreError {
         sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) | sqlx::Error::Tls(_) => {
             StoreError::Unavailable(e.to_string())
         }
+        // Connection exceptions and operator intervention (shutdown, cancel).
         sqlx::Error::Database(db) if db.code().is_some_and(|c| c.starts_with("08") || c.starts_with("57")) => {
-            // Connection exceptions and operator intervention (shutdown, cancel).
             StoreError::Unavailable(e.to_string())
         }
         _ => StoreError::Internal(e.to_string()),
@@ -64,31 +70,51 @@ fn get<'r, T: sqlx::Decode<'r, sqlx::Postgres> + sqlx::Type<sqlx::Postgres>>(
     row.try_get(col).map_err(|e| StoreError::Internal(format!("column {col}: {e}")))
 }
 
+fn corrupt(what: &str, e: impl std::fmt::Display) -> StoreError {
+    StoreError::Internal(format!("stored {what} is invalid: {e}"))
+}
+
+const COMPANY_SELECT: &str =
+    "SELECT id, name, status, created_at, key_default_lifetime_secs, key_max_lifetime_secs FROM companies";
+
 fn company_from_row(row: &PgRow) -> StoreResult<Company> {
     let status: String = get(row, "status")?;
+    let default: Option<i64> = get(row, "key_default_lifetime_secs")?;
+    let max: Option<i64> = get(row, "key_max_lifetime_secs")?;
     Ok(Company {
         id: CompanyId::from_uuid(get(row, "id")?),
         name: get(row, "name")?,
-        status: CompanyStatus::parse(&status)
-            .ok_or_else(|| StoreError::Internal(format!("company status {status:?}")))?,
+        status: CompanyStatus::parse(&status).ok_or_else(|| corrupt("company status", &status))?,
         created_at: get(row, "created_at")?,
+        key_policy: KeyPolicy {
+            default_lifetime: default.map(time::Duration::seconds),
+            max_lifetime: max.map(time::Duration::seconds),
+        },
     })
 }
 
 fn key_from_row(row: &PgRow) -> StoreResult<ApiKey> {
     let scopes: String = get(row, "scopes")?;
     let mode: String = get(row, "mode")?;
+    let cidrs: String = get(row, "allowed_cidrs")?;
+    let ip: Option<String> = get(row, "last_used_ip")?;
+    let replaces: Option<Uuid> = get(row, "replaces")?;
+    let replaced_by: Option<Uuid> = get(row, "replaced_by")?;
     Ok(ApiKey {
         id: ApiKeyId::from_uuid(get(row, "id")?),
         company_id: CompanyId::from_uuid(get(row, "company_id")?),
         name: get(row, "name")?,
         owner: get(row, "owner")?,
-        scopes: ScopeSet::from_storage(&scopes).map_err(|e| StoreError::Internal(e.to_string()))?,
-        mode: KeyMode::parse(&mode).ok_or_else(|| StoreError::Internal(format!("key mode {mode:?}")))?,
+        scopes: ScopeSet::from_storage(&scopes).map_err(|e| corrupt("scopes", e))?,
+        mode: KeyMode::parse(&mode).ok_or_else(|| corrupt("key mode", &mode))?,
         created_at: get(row, "created_at")?,
         expires_at: get(row, "expires_at")?,
         revoked_at: get(row, "revoked_at")?,
         last_used_at: get(row, "last_used_at")?,
+        last_used_ip: ip.map(|i| i.parse::<IpAddr>().map_err(|e| corrupt("last_used_ip", e))).transpose()?,
+        allowed_cidrs: AllowedCidrs::parse_list(&cidrs).map_err(|e| corrupt("allowed_cidrs", e))?,
+        replaces: replaces.map(ApiKeyId::from_uuid),
+        replaced_by: replaced_by.map(ApiKeyId::from_uuid),
     })
 }
 
@@ -100,7 +126,7 @@ macro_rules! key_select {
     ($extra:literal, $tail:literal) => {
         concat!(
             "SELECT k.id, k.company_id, k.name, k.owner, k.scopes, k.mode, k.created_at, k.expires_at, ",
-            "k.revoked_at, k.last_used_at",
+            "k.revoked_at, k.last_used_at, k.last_used_ip, k.allowed_cidrs, k.replaces, k.replaced_by",
             $extra,
             " FROM api_keys k ",
             $tail
@@ -108,9 +134,50 @@ macro_rules! key_select {
     };
 }
 
-async fn bump_auth_revision(tx: &mut sqlx::PgConnection) -> StoreResult<()> {
-    sqlx::query("UPDATE auth_revision SET revision = revision + 1 WHERE id = 1").execute(tx).await.map_err(map_err)?;
+async fn bump_auth_revision(conn: &mut PgConnection) -> StoreResult<()> {
+    sqlx::query("UPDATE auth_revision SET revision = revision + 1 WHERE id = 1")
+        .execute(conn)
+        .await
+        .map_err(map_err)?;
     Ok(())
+}
+
+async fn insert_key(
+    conn: &mut PgConnection,
+    company_id: CompanyId,
+    new: &NewApiKey,
+    replaces: Option<ApiKeyId>,
+) -> StoreResult<()> {
+    sqlx::query(
+        "INSERT INTO api_keys (id, company_id, name, owner, scopes, mode, secret_hash, pepper_version, \
+         created_at, expires_at, allowed_cidrs, replaces) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+    )
+    .bind(new.id.as_uuid())
+    .bind(company_id.as_uuid())
+    .bind(new.name.as_str())
+    .bind(new.owner.as_str())
+    .bind(new.scopes.to_storage())
+    .bind(new.mode.as_str())
+    .bind(&new.secret_hash.0[..])
+    .bind(new.pepper_version as i32)
+    .bind(new.created_at)
+    .bind(new.expires_at)
+    .bind(new.allowed_cidrs.to_storage())
+    .bind(replaces.map(|r| r.as_uuid()))
+    .execute(conn)
+    .await
+    .map_err(map_err)?;
+    Ok(())
+}
+
+async fn scoped_key(conn: &mut PgConnection, company: Option<CompanyId>, id: ApiKeyId) -> StoreResult<Option<ApiKey>> {
+    let row = sqlx::query(key_select!("WHERE k.id = $1 AND ($2::uuid IS NULL OR k.company_id = $2)"))
+        .bind(id.as_uuid())
+        .bind(company.map(|c| c.as_uuid()))
+        .fetch_optional(conn)
+        .await
+        .map_err(map_err)?;
+    row.as_ref().map(key_from_row).transpose()
 }
 
 #[async_trait]
@@ -139,12 +206,10 @@ impl Store for PostgresStore {
         let pepper_version: i32 = get(&row, "pepper_version")?;
         Ok(Some(KeyAuthRecord {
             key: key_from_row(&row)?,
-            secret_hash: SecretHash::from_slice(&hash)
-                .ok_or_else(|| StoreError::Internal("secret hash length".into()))?,
-            pepper_version: u16::try_from(pepper_version).map_err(|_| StoreError::Internal("pepper version".into()))?,
+            secret_hash: SecretHash::from_slice(&hash).ok_or_else(|| corrupt("secret hash", hash.len()))?,
+            pepper_version: u16::try_from(pepper_version).map_err(|e| corrupt("pepper version", e))?,
             company_name: get(&row, "company_name")?,
-            company_status: CompanyStatus::parse(&status)
-                .ok_or_else(|| StoreError::Internal("company status".into()))?,
+            company_status: CompanyStatus::parse(&status).ok_or_else(|| corrupt("company status", &status))?,
         }))
     }
 
@@ -156,16 +221,11 @@ impl Store for PostgresStore {
     }
 
     async fn get_company(&self, scope: &CompanyScope) -> StoreResult<Company> {
-        let row = sqlx::query("SELECT id, name, status, created_at FROM companies WHERE id = $1")
-            .bind(scope.company_id().as_uuid())
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(map_err)?
-            .ok_or(StoreError::NotFound("company"))?;
-        company_from_row(&row)
+        self.find_company(scope.company_id()).await?.ok_or(StoreError::NotFound("company"))
     }
 
     async fn list_api_keys(&self, scope: &CompanyScope, page: PageRequest<ApiKeyId>) -> StoreResult<Page<ApiKey>> {
+        // A missing cursor is the largest possible id: one statement for both cases.
         let after = page.after.map(|a| a.as_uuid()).unwrap_or(Uuid::max());
         let rows = sqlx::query(key_select!("WHERE k.company_id = $1 AND k.id < $2 ORDER BY k.id DESC LIMIT $3"))
             .bind(scope.company_id().as_uuid())
@@ -179,52 +239,24 @@ impl Store for PostgresStore {
     }
 
     async fn get_api_key(&self, scope: &CompanyScope, id: ApiKeyId) -> StoreResult<Option<ApiKey>> {
-        let row = sqlx::query(key_select!("WHERE k.company_id = $1 AND k.id = $2"))
-            .bind(scope.company_id().as_uuid())
-            .bind(id.as_uuid())
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(map_err)?;
-        row.as_ref().map(key_from_row).transpose()
+        let mut conn = self.pool.acquire().await.map_err(map_err)?;
+        scoped_key(&mut conn, Some(scope.company_id()), id).await
     }
 
     async fn create_api_key(&self, scope: &CompanyScope, new: NewApiKey) -> StoreResult<ApiKey> {
         let company_id = scope.company_id();
-        let result = sqlx::query(
-            "INSERT INTO api_keys (id, company_id, name, owner, scopes, mode, secret_hash, pepper_version, \
-             created_at, expires_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
-        )
-        .bind(new.id.as_uuid())
-        .bind(company_id.as_uuid())
-        .bind(new.name.as_str())
-        .bind(new.owner.as_str())
-        .bind(new.scopes.to_storage())
-        .bind(new.mode.as_str())
-        .bind(&new.secret_hash.0[..])
-        .bind(new.pepper_version as i32)
-        .bind(new.created_at)
-        .bind(new.expires_at)
-        .execute(&self.pool)
-        .await;
-        match result {
-            Ok(_) => {}
-            Err(sqlx::Error::Database(db)) if db.is_foreign_key_violation() => {
-                return Err(StoreError::NotFound("company"));
-            }
-            Err(e) => return Err(map_err(e)),
+        let mut tx = self.begin_write().await?;
+        let exists: Option<i32> = sqlx::query_scalar("SELECT 1 FROM companies WHERE id = $1 FOR SHARE")
+            .bind(company_id.as_uuid())
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        if exists.is_none() {
+            return Err(StoreError::NotFound("company"));
         }
-        Ok(ApiKey {
-            id: new.id,
-            company_id,
-            name: new.name.into_string(),
-            owner: new.owner.into_string(),
-            scopes: new.scopes,
-            mode: new.mode,
-            created_at: new.created_at,
-            expires_at: new.expires_at,
-            revoked_at: None,
-            last_used_at: None,
-        })
+        insert_key(&mut tx, company_id, &new, None).await?;
+        tx.commit().await.map_err(map_err)?;
+        Ok(new.into_key(company_id, None))
     }
 
     async fn revoke_api_key(
@@ -234,6 +266,91 @@ impl Store for PostgresStore {
         at: OffsetDateTime,
     ) -> StoreResult<Option<ApiKey>> {
         self.revoke(Some(scope.company_id()), id, at).await
+    }
+
+    async fn revoke_all_api_keys(&self, scope: &CompanyScope, at: OffsetDateTime) -> StoreResult<u64> {
+        let mut tx = self.begin_write().await?;
+        let revoked = sqlx::query("UPDATE api_keys SET revoked_at = $1 WHERE company_id = $2 AND revoked_at IS NULL")
+            .bind(at)
+            .bind(scope.company_id().as_uuid())
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?
+            .rows_affected();
+        bump_auth_revision(&mut tx).await?;
+        tx.commit().await.map_err(map_err)?;
+        Ok(revoked)
+    }
+
+    async fn rotate_api_key(
+        &self,
+        scope: &CompanyScope,
+        id: ApiKeyId,
+        new: NewApiKey,
+        old_expires_at: OffsetDateTime,
+        now: OffsetDateTime,
+    ) -> StoreResult<Rotation> {
+        let company_id = scope.company_id();
+        let mut tx = self.begin_write().await?;
+        // Lock the old key: concurrent rotations and revocations wait for us.
+        let locked: Option<i32> =
+            sqlx::query_scalar("SELECT 1 FROM api_keys WHERE id = $1 AND company_id = $2 FOR UPDATE")
+                .bind(id.as_uuid())
+                .bind(company_id.as_uuid())
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(map_err)?;
+        if locked.is_none() {
+            return Ok(Rotation::NotFound);
+        }
+        let Some(old) = scoped_key(&mut tx, Some(company_id), id).await? else { return Ok(Rotation::NotFound) };
+        if old.revoked_at.is_some() {
+            return Ok(Rotation::Revoked);
+        }
+        if old.is_expired_at(now) {
+            return Ok(Rotation::Expired);
+        }
+        if old.replaced_by.is_some() {
+            return Ok(Rotation::AlreadyRotated);
+        }
+        insert_key(&mut tx, company_id, &new, Some(id)).await?;
+        sqlx::query(
+            "UPDATE api_keys SET replaced_by = $1, \
+             expires_at = CASE WHEN expires_at IS NULL OR expires_at > $2 THEN $2 ELSE expires_at END WHERE id = $3",
+        )
+        .bind(new.id.as_uuid())
+        .bind(old_expires_at)
+        .bind(id.as_uuid())
+        .execute(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        bump_auth_revision(&mut tx).await?;
+        let old = scoped_key(&mut tx, Some(company_id), id).await?.ok_or(StoreError::NotFound("API key"))?;
+        tx.commit().await.map_err(map_err)?;
+        Ok(Rotation::Rotated { old, new: new.into_key(company_id, Some(id)) })
+    }
+
+    async fn record_key_usage(&self, usage: &[KeyUsage]) -> StoreResult<()> {
+        if usage.is_empty() {
+            return Ok(());
+        }
+        // Rows in id order: two nodes flushing at once cannot deadlock.
+        let mut usage = usage.to_vec();
+        usage.sort_by_key(|u| u.id);
+        let mut tx = self.begin_write().await?;
+        for u in &usage {
+            sqlx::query(
+                "UPDATE api_keys SET last_used_at = $1, last_used_ip = $2 \
+                 WHERE id = $3 AND (last_used_at IS NULL OR last_used_at < $1)",
+            )
+            .bind(u.at)
+            .bind(u.ip.to_string())
+            .bind(u.id.as_uuid())
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        }
+        tx.commit().await.map_err(map_err)
     }
 }
 
@@ -250,20 +367,23 @@ impl OperatorStore for PostgresStore {
             name: new.name.into_string(),
             status: CompanyStatus::Active,
             created_at: new.created_at,
+            key_policy: KeyPolicy::default(),
         };
+        let mut tx = self.begin_write().await?;
         sqlx::query("INSERT INTO companies (id, name, status, created_at) VALUES ($1, $2, $3, $4)")
             .bind(company.id.as_uuid())
             .bind(&company.name)
             .bind(company.status.as_str())
             .bind(company.created_at)
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await
             .map_err(map_err)?;
+        tx.commit().await.map_err(map_err)?;
         Ok(company)
     }
 
     async fn list_companies(&self) -> StoreResult<Vec<Company>> {
-        let rows = sqlx::query("SELECT id, name, status, created_at FROM companies ORDER BY id DESC")
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!("{COMPANY_SELECT} ORDER BY id DESC")))
             .fetch_all(&self.pool)
             .await
             .map_err(map_err)?;
@@ -271,7 +391,7 @@ impl OperatorStore for PostgresStore {
     }
 
     async fn find_company(&self, id: CompanyId) -> StoreResult<Option<Company>> {
-        let row = sqlx::query("SELECT id, name, status, created_at FROM companies WHERE id = $1")
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!("{COMPANY_SELECT} WHERE id = $1")))
             .bind(id.as_uuid())
             .fetch_optional(&self.pool)
             .await
@@ -280,17 +400,36 @@ impl OperatorStore for PostgresStore {
     }
 
     async fn set_company_status(&self, id: CompanyId, status: CompanyStatus) -> StoreResult<Option<Company>> {
-        let mut tx = self.pool.begin().await.map_err(map_err)?;
-        let row = sqlx::query("UPDATE companies SET status = $1 WHERE id = $2 RETURNING id, name, status, created_at")
+        let mut tx = self.begin_write().await?;
+        let changed = sqlx::query("UPDATE companies SET status = $1 WHERE id = $2")
             .bind(status.as_str())
             .bind(id.as_uuid())
-            .fetch_optional(&mut *tx)
+            .execute(&mut *tx)
             .await
-            .map_err(map_err)?;
-        let Some(row) = row else { return Ok(None) };
+            .map_err(map_err)?
+            .rows_affected();
+        if changed == 0 {
+            return Ok(None);
+        }
         bump_auth_revision(&mut tx).await?;
         tx.commit().await.map_err(map_err)?;
-        company_from_row(&row).map(Some)
+        self.find_company(id).await
+    }
+
+    async fn set_key_policy(&self, id: CompanyId, policy: KeyPolicy) -> StoreResult<Option<Company>> {
+        let mut tx = self.begin_write().await?;
+        let changed = sqlx::query(
+            "UPDATE companies SET key_default_lifetime_secs = $1, key_max_lifetime_secs = $2 WHERE id = $3",
+        )
+        .bind(policy.default_lifetime.map(|d| d.whole_seconds()))
+        .bind(policy.max_lifetime.map(|d| d.whole_seconds()))
+        .bind(id.as_uuid())
+        .execute(&mut *tx)
+        .await
+        .map_err(map_err)?
+        .rows_affected();
+        tx.commit().await.map_err(map_err)?;
+        if changed == 0 { Ok(None) } else { self.find_company(id).await }
     }
 
     async fn revoke_api_key_by_id(&self, id: ApiKeyId, at: OffsetDateTime) -> StoreResult<Option<ApiKey>> {
@@ -305,15 +444,13 @@ impl PostgresStore {
         id: ApiKeyId,
         at: OffsetDateTime,
     ) -> StoreResult<Option<ApiKey>> {
-        let mut tx = self.pool.begin().await.map_err(map_err)?;
-        let company = company.map(|c| c.as_uuid());
+        let mut tx = self.begin_write().await?;
         let changed = sqlx::query(
-            "UPDATE api_keys SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL \
-             AND ($3::uuid IS NULL OR company_id = $3)",
+            "UPDATE api_keys SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL AND ($3::uuid IS NULL OR company_id = $3)",
         )
         .bind(at)
         .bind(id.as_uuid())
-        .bind(company)
+        .bind(company.map(|c| c.as_uuid()))
         .execute(&mut *tx)
         .await
         .map_err(map_err)?
@@ -321,13 +458,8 @@ impl PostgresStore {
         if changed > 0 {
             bump_auth_revision(&mut tx).await?;
         }
-        let row = sqlx::query(key_select!("WHERE k.id = $1 AND ($2::uuid IS NULL OR k.company_id = $2)"))
-            .bind(id.as_uuid())
-            .bind(company)
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(map_err)?;
+        let key = scoped_key(&mut tx, company, id).await?;
         tx.commit().await.map_err(map_err)?;
-        row.as_ref().map(key_from_row).transpose()
+        Ok(key)
     }
 }

@@ -6,17 +6,18 @@
 //! write fails at once when another writer is active). A CLI process and the
 //! server share the file safely.
 
+use std::net::IpAddr;
 use std::str::FromStr;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use paygate_domain::{ApiKeyId, CompanyId, CompanyStatus, KeyMode, ScopeSet, SecretHash};
+use paygate_domain::{AllowedCidrs, ApiKeyId, CompanyId, CompanyStatus, KeyMode, KeyPolicy, ScopeSet, SecretHash};
 use paygate_store::{
-    ApiKey, Backend, Company, CompanyScope, KeyAuthRecord, NewApiKey, NewCompany, OperatorStore, Page, PageRequest,
-    Store, StoreError, StoreResult,
+    ApiKey, Backend, Company, CompanyScope, KeyAuthRecord, KeyUsage, NewApiKey, NewCompany, OperatorStore, Page,
+    PageRequest, Rotation, Store, StoreError, StoreResult,
 };
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous};
-use sqlx::{Row, SqlitePool};
+use sqlx::{Row, SqliteConnection, SqlitePool};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
@@ -87,31 +88,51 @@ fn get<'r, T: sqlx::Decode<'r, sqlx::Sqlite> + sqlx::Type<sqlx::Sqlite>>(
     row.try_get(col).map_err(|e| StoreError::Internal(format!("column {col}: {e}")))
 }
 
+fn corrupt(what: &str, e: impl std::fmt::Display) -> StoreError {
+    StoreError::Internal(format!("stored {what} is invalid: {e}"))
+}
+
+const COMPANY_SELECT: &str =
+    "SELECT id, name, status, created_at, key_default_lifetime_secs, key_max_lifetime_secs FROM companies";
+
 fn company_from_row(row: &SqliteRow) -> StoreResult<Company> {
     let status: String = get(row, "status")?;
+    let default: Option<i64> = get(row, "key_default_lifetime_secs")?;
+    let max: Option<i64> = get(row, "key_max_lifetime_secs")?;
     Ok(Company {
         id: CompanyId::from_uuid(get(row, "id")?),
         name: get(row, "name")?,
-        status: CompanyStatus::parse(&status)
-            .ok_or_else(|| StoreError::Internal(format!("company status {status:?}")))?,
+        status: CompanyStatus::parse(&status).ok_or_else(|| corrupt("company status", &status))?,
         created_at: from_micros(get(row, "created_at")?)?,
+        key_policy: KeyPolicy {
+            default_lifetime: default.map(time::Duration::seconds),
+            max_lifetime: max.map(time::Duration::seconds),
+        },
     })
 }
 
 fn key_from_row(row: &SqliteRow) -> StoreResult<ApiKey> {
     let scopes: String = get(row, "scopes")?;
     let mode: String = get(row, "mode")?;
+    let cidrs: String = get(row, "allowed_cidrs")?;
+    let ip: Option<String> = get(row, "last_used_ip")?;
+    let replaces: Option<Uuid> = get(row, "replaces")?;
+    let replaced_by: Option<Uuid> = get(row, "replaced_by")?;
     Ok(ApiKey {
         id: ApiKeyId::from_uuid(get(row, "id")?),
         company_id: CompanyId::from_uuid(get(row, "company_id")?),
         name: get(row, "name")?,
         owner: get(row, "owner")?,
-        scopes: ScopeSet::from_storage(&scopes).map_err(|e| StoreError::Internal(e.to_string()))?,
-        mode: KeyMode::parse(&mode).ok_or_else(|| StoreError::Internal(format!("key mode {mode:?}")))?,
+        scopes: ScopeSet::from_storage(&scopes).map_err(|e| corrupt("scopes", e))?,
+        mode: KeyMode::parse(&mode).ok_or_else(|| corrupt("key mode", &mode))?,
         created_at: from_micros(get(row, "created_at")?)?,
         expires_at: opt_from_micros(get(row, "expires_at")?)?,
         revoked_at: opt_from_micros(get(row, "revoked_at")?)?,
         last_used_at: opt_from_micros(get(row, "last_used_at")?)?,
+        last_used_ip: ip.map(|i| i.parse::<IpAddr>().map_err(|e| corrupt("last_used_ip", e))).transpose()?,
+        allowed_cidrs: AllowedCidrs::parse_list(&cidrs).map_err(|e| corrupt("allowed_cidrs", e))?,
+        replaces: replaces.map(ApiKeyId::from_uuid),
+        replaced_by: replaced_by.map(ApiKeyId::from_uuid),
     })
 }
 
@@ -123,7 +144,7 @@ macro_rules! key_select {
     ($extra:literal, $tail:literal) => {
         concat!(
             "SELECT k.id, k.company_id, k.name, k.owner, k.scopes, k.mode, k.created_at, k.expires_at, ",
-            "k.revoked_at, k.last_used_at",
+            "k.revoked_at, k.last_used_at, k.last_used_ip, k.allowed_cidrs, k.replaces, k.replaced_by",
             $extra,
             " FROM api_keys k ",
             $tail
@@ -131,9 +152,54 @@ macro_rules! key_select {
     };
 }
 
-async fn bump_auth_revision(tx: &mut sqlx::SqliteConnection) -> StoreResult<()> {
-    sqlx::query("UPDATE auth_revision SET revision = revision + 1 WHERE id = 1").execute(tx).await.map_err(map_err)?;
+async fn bump_auth_revision(conn: &mut SqliteConnection) -> StoreResult<()> {
+    sqlx::query("UPDATE auth_revision SET revision = revision + 1 WHERE id = 1")
+        .execute(conn)
+        .await
+        .map_err(map_err)?;
     Ok(())
+}
+
+async fn insert_key(
+    conn: &mut SqliteConnection,
+    company_id: CompanyId,
+    new: &NewApiKey,
+    replaces: Option<ApiKeyId>,
+) -> StoreResult<()> {
+    sqlx::query(
+        "INSERT INTO api_keys (id, company_id, name, owner, scopes, mode, secret_hash, pepper_version, \
+         created_at, expires_at, allowed_cidrs, replaces) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(new.id.as_uuid())
+    .bind(company_id.as_uuid())
+    .bind(new.name.as_str())
+    .bind(new.owner.as_str())
+    .bind(new.scopes.to_storage())
+    .bind(new.mode.as_str())
+    .bind(&new.secret_hash.0[..])
+    .bind(new.pepper_version as i64)
+    .bind(micros(new.created_at))
+    .bind(new.expires_at.map(micros))
+    .bind(new.allowed_cidrs.to_storage())
+    .bind(replaces.map(|r| r.as_uuid()))
+    .execute(conn)
+    .await
+    .map_err(map_err)?;
+    Ok(())
+}
+
+async fn scoped_key(
+    conn: &mut SqliteConnection,
+    company: Option<CompanyId>,
+    id: ApiKeyId,
+) -> StoreResult<Option<ApiKey>> {
+    let row = sqlx::query(key_select!("WHERE k.id = ?1 AND (?2 IS NULL OR k.company_id = ?2)"))
+        .bind(id.as_uuid())
+        .bind(company.map(|c| c.as_uuid()))
+        .fetch_optional(conn)
+        .await
+        .map_err(map_err)?;
+    row.as_ref().map(key_from_row).transpose()
 }
 
 #[async_trait]
@@ -162,12 +228,10 @@ impl Store for SqliteStore {
         let pepper_version: i64 = get(&row, "pepper_version")?;
         Ok(Some(KeyAuthRecord {
             key: key_from_row(&row)?,
-            secret_hash: SecretHash::from_slice(&hash)
-                .ok_or_else(|| StoreError::Internal("secret hash length".into()))?,
-            pepper_version: u16::try_from(pepper_version).map_err(|_| StoreError::Internal("pepper version".into()))?,
+            secret_hash: SecretHash::from_slice(&hash).ok_or_else(|| corrupt("secret hash", hash.len()))?,
+            pepper_version: u16::try_from(pepper_version).map_err(|e| corrupt("pepper version", e))?,
             company_name: get(&row, "company_name")?,
-            company_status: CompanyStatus::parse(&status)
-                .ok_or_else(|| StoreError::Internal("company status".into()))?,
+            company_status: CompanyStatus::parse(&status).ok_or_else(|| corrupt("company status", &status))?,
         }))
     }
 
@@ -179,13 +243,7 @@ impl Store for SqliteStore {
     }
 
     async fn get_company(&self, scope: &CompanyScope) -> StoreResult<Company> {
-        let row = sqlx::query("SELECT id, name, status, created_at FROM companies WHERE id = ?")
-            .bind(scope.company_id().as_uuid())
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(map_err)?
-            .ok_or(StoreError::NotFound("company"))?;
-        company_from_row(&row)
+        self.find_company(scope.company_id()).await?.ok_or(StoreError::NotFound("company"))
     }
 
     async fn list_api_keys(&self, scope: &CompanyScope, page: PageRequest<ApiKeyId>) -> StoreResult<Page<ApiKey>> {
@@ -203,13 +261,8 @@ impl Store for SqliteStore {
     }
 
     async fn get_api_key(&self, scope: &CompanyScope, id: ApiKeyId) -> StoreResult<Option<ApiKey>> {
-        let row = sqlx::query(key_select!("WHERE k.company_id = ? AND k.id = ?"))
-            .bind(scope.company_id().as_uuid())
-            .bind(id.as_uuid())
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(map_err)?;
-        row.as_ref().map(key_from_row).transpose()
+        let mut conn = self.pool.acquire().await.map_err(map_err)?;
+        scoped_key(&mut conn, Some(scope.company_id()), id).await
     }
 
     async fn create_api_key(&self, scope: &CompanyScope, new: NewApiKey) -> StoreResult<ApiKey> {
@@ -223,36 +276,9 @@ impl Store for SqliteStore {
         if exists.is_none() {
             return Err(StoreError::NotFound("company"));
         }
-        sqlx::query(
-            "INSERT INTO api_keys (id, company_id, name, owner, scopes, mode, secret_hash, pepper_version, \
-             created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(new.id.as_uuid())
-        .bind(company_id.as_uuid())
-        .bind(new.name.as_str())
-        .bind(new.owner.as_str())
-        .bind(new.scopes.to_storage())
-        .bind(new.mode.as_str())
-        .bind(&new.secret_hash.0[..])
-        .bind(new.pepper_version as i64)
-        .bind(micros(new.created_at))
-        .bind(new.expires_at.map(micros))
-        .execute(&mut *tx)
-        .await
-        .map_err(map_err)?;
+        insert_key(&mut tx, company_id, &new, None).await?;
         tx.commit().await.map_err(map_err)?;
-        Ok(ApiKey {
-            id: new.id,
-            company_id,
-            name: new.name.into_string(),
-            owner: new.owner.into_string(),
-            scopes: new.scopes,
-            mode: new.mode,
-            created_at: new.created_at,
-            expires_at: new.expires_at,
-            revoked_at: None,
-            last_used_at: None,
-        })
+        Ok(new.into_key(company_id, None))
     }
 
     async fn revoke_api_key(
@@ -262,6 +288,78 @@ impl Store for SqliteStore {
         at: OffsetDateTime,
     ) -> StoreResult<Option<ApiKey>> {
         self.revoke(Some(scope.company_id()), id, at).await
+    }
+
+    async fn revoke_all_api_keys(&self, scope: &CompanyScope, at: OffsetDateTime) -> StoreResult<u64> {
+        let mut tx = self.begin_write().await?;
+        let revoked = sqlx::query("UPDATE api_keys SET revoked_at = ? WHERE company_id = ? AND revoked_at IS NULL")
+            .bind(micros(at))
+            .bind(scope.company_id().as_uuid())
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?
+            .rows_affected();
+        bump_auth_revision(&mut tx).await?;
+        tx.commit().await.map_err(map_err)?;
+        Ok(revoked)
+    }
+
+    async fn rotate_api_key(
+        &self,
+        scope: &CompanyScope,
+        id: ApiKeyId,
+        new: NewApiKey,
+        old_expires_at: OffsetDateTime,
+        now: OffsetDateTime,
+    ) -> StoreResult<Rotation> {
+        let company_id = scope.company_id();
+        // BEGIN IMMEDIATE holds the write lock: the checks below cannot race.
+        let mut tx = self.begin_write().await?;
+        let Some(old) = scoped_key(&mut tx, Some(company_id), id).await? else { return Ok(Rotation::NotFound) };
+        if old.revoked_at.is_some() {
+            return Ok(Rotation::Revoked);
+        }
+        if old.is_expired_at(now) {
+            return Ok(Rotation::Expired);
+        }
+        if old.replaced_by.is_some() {
+            return Ok(Rotation::AlreadyRotated);
+        }
+        insert_key(&mut tx, company_id, &new, Some(id)).await?;
+        sqlx::query(
+            "UPDATE api_keys SET replaced_by = ?1, \
+             expires_at = CASE WHEN expires_at IS NULL OR expires_at > ?2 THEN ?2 ELSE expires_at END WHERE id = ?3",
+        )
+        .bind(new.id.as_uuid())
+        .bind(micros(old_expires_at))
+        .bind(id.as_uuid())
+        .execute(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        bump_auth_revision(&mut tx).await?;
+        let old = scoped_key(&mut tx, Some(company_id), id).await?.ok_or(StoreError::NotFound("API key"))?;
+        tx.commit().await.map_err(map_err)?;
+        Ok(Rotation::Rotated { old, new: new.into_key(company_id, Some(id)) })
+    }
+
+    async fn record_key_usage(&self, usage: &[KeyUsage]) -> StoreResult<()> {
+        if usage.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.begin_write().await?;
+        for u in usage {
+            sqlx::query(
+                "UPDATE api_keys SET last_used_at = ?1, last_used_ip = ?2 \
+                 WHERE id = ?3 AND (last_used_at IS NULL OR last_used_at < ?1)",
+            )
+            .bind(micros(u.at))
+            .bind(u.ip.to_string())
+            .bind(u.id.as_uuid())
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        }
+        tx.commit().await.map_err(map_err)
     }
 }
 
@@ -277,6 +375,7 @@ impl OperatorStore for SqliteStore {
             name: new.name.into_string(),
             status: CompanyStatus::Active,
             created_at: new.created_at,
+            key_policy: KeyPolicy::default(),
         };
         let mut tx = self.begin_write().await?;
         sqlx::query("INSERT INTO companies (id, name, status, created_at) VALUES (?, ?, ?, ?)")
@@ -292,7 +391,7 @@ impl OperatorStore for SqliteStore {
     }
 
     async fn list_companies(&self) -> StoreResult<Vec<Company>> {
-        let rows = sqlx::query("SELECT id, name, status, created_at FROM companies ORDER BY id DESC")
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!("{COMPANY_SELECT} ORDER BY id DESC")))
             .fetch_all(&self.pool)
             .await
             .map_err(map_err)?;
@@ -300,7 +399,7 @@ impl OperatorStore for SqliteStore {
     }
 
     async fn find_company(&self, id: CompanyId) -> StoreResult<Option<Company>> {
-        let row = sqlx::query("SELECT id, name, status, created_at FROM companies WHERE id = ?")
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!("{COMPANY_SELECT} WHERE id = ?")))
             .bind(id.as_uuid())
             .fetch_optional(&self.pool)
             .await
@@ -310,16 +409,34 @@ impl OperatorStore for SqliteStore {
 
     async fn set_company_status(&self, id: CompanyId, status: CompanyStatus) -> StoreResult<Option<Company>> {
         let mut tx = self.begin_write().await?;
-        let row = sqlx::query("UPDATE companies SET status = ? WHERE id = ? RETURNING id, name, status, created_at")
+        let changed = sqlx::query("UPDATE companies SET status = ? WHERE id = ?")
             .bind(status.as_str())
             .bind(id.as_uuid())
-            .fetch_optional(&mut *tx)
+            .execute(&mut *tx)
             .await
-            .map_err(map_err)?;
-        let Some(row) = row else { return Ok(None) };
+            .map_err(map_err)?
+            .rows_affected();
+        if changed == 0 {
+            return Ok(None);
+        }
         bump_auth_revision(&mut tx).await?;
         tx.commit().await.map_err(map_err)?;
-        company_from_row(&row).map(Some)
+        self.find_company(id).await
+    }
+
+    async fn set_key_policy(&self, id: CompanyId, policy: KeyPolicy) -> StoreResult<Option<Company>> {
+        let mut tx = self.begin_write().await?;
+        let changed =
+            sqlx::query("UPDATE companies SET key_default_lifetime_secs = ?, key_max_lifetime_secs = ? WHERE id = ?")
+                .bind(policy.default_lifetime.map(|d| d.whole_seconds()))
+                .bind(policy.max_lifetime.map(|d| d.whole_seconds()))
+                .bind(id.as_uuid())
+                .execute(&mut *tx)
+                .await
+                .map_err(map_err)?
+                .rows_affected();
+        tx.commit().await.map_err(map_err)?;
+        if changed == 0 { Ok(None) } else { self.find_company(id).await }
     }
 
     async fn revoke_api_key_by_id(&self, id: ApiKeyId, at: OffsetDateTime) -> StoreResult<Option<ApiKey>> {
@@ -335,27 +452,21 @@ impl SqliteStore {
         at: OffsetDateTime,
     ) -> StoreResult<Option<ApiKey>> {
         let mut tx = self.begin_write().await?;
-        let company = company.map(|c| c.as_uuid());
         let changed = sqlx::query(
-            "UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL AND (?3 IS NULL OR company_id = ?3)",
+            "UPDATE api_keys SET revoked_at = ?1 WHERE id = ?2 AND revoked_at IS NULL AND (?3 IS NULL OR company_id = ?3)",
         )
         .bind(micros(at))
         .bind(id.as_uuid())
-        .bind(company)
-            .execute(&mut *tx)
-            .await
-            .map_err(map_err)?
-            .rows_affected();
+        .bind(company.map(|c| c.as_uuid()))
+        .execute(&mut *tx)
+        .await
+        .map_err(map_err)?
+        .rows_affected();
         if changed > 0 {
             bump_auth_revision(&mut tx).await?;
         }
-        let row = sqlx::query(key_select!("WHERE k.id = ?1 AND (?2 IS NULL OR k.company_id = ?2)"))
-            .bind(id.as_uuid())
-            .bind(company)
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(map_err)?;
+        let key = scoped_key(&mut tx, company, id).await?;
         tx.commit().await.map_err(map_err)?;
-        row.as_ref().map(key_from_row).transpose()
+        Ok(key)
     }
 }

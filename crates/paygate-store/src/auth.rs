@@ -10,6 +10,7 @@
 //! reads, never a stale accept.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -18,7 +19,7 @@ use parking_lot::Mutex;
 use paygate_domain::{ApiKeyId, ApiKeyText, CompanyStatus, KeyHasher, KeyParseError};
 use time::OffsetDateTime;
 
-use crate::{Actor, CompanyScope, KeyAuthRecord, Store, StoreError};
+use crate::{Actor, CompanyScope, KeyAuthRecord, KeyUsage, Store, StoreError};
 
 #[derive(Debug, Clone)]
 pub struct AuthConfig {
@@ -30,6 +31,13 @@ pub struct AuthConfig {
     pub revision_poll: Duration,
     /// The cache is bypassed when the last successful poll is older than this.
     pub max_staleness: Duration,
+    /// `last_used_at` is written at most this often per key per node.
+    pub usage_interval: Duration,
+    /// How often noted usage is flushed to the store.
+    pub usage_flush: Duration,
+    /// Most usage records waiting for a flush; beyond it, usage is dropped
+    /// (and counted), never a request.
+    pub usage_queue: usize,
 }
 
 impl Default for AuthConfig {
@@ -39,6 +47,9 @@ impl Default for AuthConfig {
             cache_ttl: Duration::from_secs(30),
             revision_poll: Duration::from_millis(200),
             max_staleness: Duration::from_millis(750),
+            usage_interval: Duration::from_secs(60),
+            usage_flush: Duration::from_secs(1),
+            usage_queue: 10_000,
         }
     }
 }
@@ -61,6 +72,8 @@ pub enum AuthError {
     Expired,
     #[error("company suspended")]
     CompanySuspended,
+    #[error("client address not in the key's allow-list")]
+    IpNotAllowed,
     #[error(transparent)]
     Unavailable(StoreError),
 }
@@ -76,6 +89,7 @@ impl AuthError {
             Self::Revoked => "revoked",
             Self::Expired => "expired",
             Self::CompanySuspended => "company_suspended",
+            Self::IpNotAllowed => "ip_not_allowed",
             Self::Unavailable(_) => "store_unavailable",
         }
     }
@@ -92,21 +106,41 @@ pub struct Authenticator {
     store: Arc<dyn Store>,
     hasher: KeyHasher,
     cache: KeyCache,
+    usage: UsageRecorder,
     config: AuthConfig,
 }
 
 impl Authenticator {
     pub fn new(store: Arc<dyn Store>, hasher: KeyHasher, config: AuthConfig) -> Self {
         let cache = KeyCache::new(config.cache_capacity, config.cache_ttl);
-        Self { store, hasher, cache, config }
+        let usage = UsageRecorder::new(config.usage_interval, config.usage_queue);
+        Self { store, hasher, cache, usage, config }
+    }
+
+    /// The whole of steps 3–5 for a request from `client`: verify the key, check
+    /// the key's client address allow-list, and note the use (`last_used_at`).
+    pub async fn authenticate(
+        &self,
+        text: &str,
+        client: IpAddr,
+        now: OffsetDateTime,
+    ) -> Result<Authenticated, AuthError> {
+        let caller = self.verify_key(text, now).await?;
+        if !caller.record.key.allowed_cidrs.permits(client) {
+            return Err(AuthError::IpNotAllowed);
+        }
+        self.usage.note(caller.record.key.id, client, now);
+        Ok(caller)
     }
 
     pub fn hasher(&self) -> &KeyHasher {
         &self.hasher
     }
 
-    /// Authenticates the text of an `Authorization: Bearer` credential.
-    pub async fn authenticate(&self, text: &str, now: OffsetDateTime) -> Result<Authenticated, AuthError> {
+    /// Verifies the text of an `Authorization: Bearer` credential and the key's
+    /// status. Does not look at the client address: requests go through
+    /// [`Authenticator::authenticate`].
+    pub async fn verify_key(&self, text: &str, now: OffsetDateTime) -> Result<Authenticated, AuthError> {
         // Step 3: a malformed or bad-checksum key never reaches the store.
         let key = ApiKeyText::parse(text).map_err(AuthError::Malformed)?;
         let record = match self.cache.get(key.id(), self.config.max_staleness) {
@@ -184,6 +218,28 @@ impl Authenticator {
     /// through this node, so it is refused here without waiting for the poll.
     pub fn invalidate(&self) {
         self.cache.drop_all();
+    }
+
+    /// Flushes noted key usage forever; run it as a background task.
+    pub async fn record_usage(self: Arc<Self>) {
+        let mut ticker = tokio_interval(self.config.usage_flush);
+        loop {
+            ticker.tick().await;
+            self.flush_usage().await;
+        }
+    }
+
+    /// Writes the usage noted since the last flush. On failure the batch is
+    /// dropped: usage is informational and will be noted again.
+    pub async fn flush_usage(&self) {
+        let batch = self.usage.take();
+        if batch.is_empty() {
+            return;
+        }
+        if let Err(error) = self.store.record_key_usage(&batch).await {
+            metrics::counter!("paygate_key_usage_dropped_total", "reason" => "store").increment(batch.len() as u64);
+            tracing::warn!(%error, keys = batch.len(), "could not record key usage");
+        }
     }
 
     pub fn cached_keys(&self) -> usize {
@@ -283,5 +339,53 @@ impl KeyCache {
 
     fn len(&self) -> usize {
         self.entries.lock().len()
+    }
+}
+
+/// Notes successful key use at most once per `interval` per key on this node,
+/// so `last_used_at` never costs a database write per request.
+struct UsageRecorder {
+    interval: Duration,
+    capacity: usize,
+    state: Mutex<UsageState>,
+}
+
+#[derive(Default)]
+struct UsageState {
+    last_noted: HashMap<ApiKeyId, Instant>,
+    pending: Vec<KeyUsage>,
+}
+
+impl UsageRecorder {
+    fn new(interval: Duration, capacity: usize) -> Self {
+        Self { interval, capacity: capacity.max(1), state: Mutex::new(UsageState::default()) }
+    }
+
+    fn note(&self, id: ApiKeyId, ip: IpAddr, at: OffsetDateTime) {
+        let mut state = self.state.lock();
+        if state.last_noted.get(&id).is_some_and(|t| t.elapsed() < self.interval) {
+            return;
+        }
+        if state.pending.len() >= self.capacity {
+            metrics::counter!("paygate_key_usage_dropped_total", "reason" => "queue_full").increment(1);
+            return;
+        }
+        if state.last_noted.len() >= self.capacity {
+            let interval = self.interval;
+            state.last_noted.retain(|_, t| t.elapsed() < interval);
+            if state.last_noted.len() >= self.capacity {
+                // All fresh: forget them (a few extra writes) rather than grow.
+                state.last_noted.clear();
+            }
+        }
+        state.last_noted.insert(id, Instant::now());
+        state.pending.push(KeyUsage { id, at, ip });
+        metrics::gauge!("paygate_key_usage_pending").set(state.pending.len() as f64);
+    }
+
+    fn take(&self) -> Vec<KeyUsage> {
+        let batch = std::mem::take(&mut self.state.lock().pending);
+        metrics::gauge!("paygate_key_usage_pending").set(0.0);
+        batch
     }
 }

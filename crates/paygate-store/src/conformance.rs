@@ -6,13 +6,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use async_trait::async_trait;
-use paygate_domain::{ApiKeyId, CompanyId, CompanyStatus, KeyHasher, KeyMode, Label, Pepper, ScopeSet};
+use paygate_domain::{
+    AllowedCidrs, ApiKeyId, CompanyId, CompanyStatus, KeyHasher, KeyMode, KeyPolicy, Label, Pepper, ScopeSet,
+};
 use time::{Duration, OffsetDateTime};
 
 use crate::auth::{AuthConfig, AuthError, Authenticator};
 use crate::{
-    ApiKey, Backend, Company, CompanyScope, KeyAuthRecord, NewApiKey, NewCompany, OperatorStore, Page, PageRequest,
-    Store, StoreError, StoreResult, operator_scope,
+    ApiKey, Backend, Company, CompanyScope, KeyAuthRecord, KeyUsage, NewApiKey, NewCompany, OperatorStore, Page,
+    PageRequest, Rotation, Store, StoreError, StoreResult, operator_scope,
 };
 
 /// A store on a database that exists for one test; the guard removes it.
@@ -48,6 +50,13 @@ macro_rules! conformance_tests {
             authenticator_never_reads_the_store_for_malformed_keys,
             authenticator_cache_drops_on_revocation,
             concurrent_key_creation_and_revocation,
+            rotation_links_keys_and_shortens_the_old_expiry,
+            rotation_refuses_revoked_expired_rotated_and_foreign_keys,
+            concurrent_rotations_produce_one_successor,
+            revoke_all_touches_only_the_company,
+            key_usage_is_recorded_and_never_moves_backwards,
+            key_policy_round_trip,
+            authenticator_bypasses_the_cache_when_revision_polls_fail,
         );
     };
     (@cases $factory:path; $($case:ident),* $(,)?) => {
@@ -96,6 +105,7 @@ async fn issue(
                 mode: KeyMode::Test,
                 created_at: paygate_domain::now(),
                 expires_at,
+                allowed_cidrs: AllowedCidrs::default(),
                 secret_hash: generated.hash,
                 pepper_version: generated.pepper_version,
             },
@@ -164,6 +174,7 @@ pub async fn api_key_for_a_missing_company_is_not_found(store: Arc<dyn OperatorS
                 mode: KeyMode::Live,
                 created_at: paygate_domain::now(),
                 expires_at: None,
+                allowed_cidrs: AllowedCidrs::default(),
                 secret_hash: generated.hash,
                 pepper_version: 1,
             },
@@ -267,7 +278,7 @@ pub async fn authenticator_accepts_a_valid_key(store: Arc<dyn OperatorStore>) {
     let auth = authenticator(store.clone());
     auth.poll_revision().await.unwrap();
     for _ in 0..2 {
-        let ok = auth.authenticate(&issued.text, paygate_domain::now()).await.unwrap();
+        let ok = auth.verify_key(&issued.text, paygate_domain::now()).await.unwrap();
         assert_eq!(ok.scope.company_id(), a.id);
         assert_eq!(ok.record.key.id, issued.key.id);
     }
@@ -280,29 +291,37 @@ pub async fn authenticator_refuses_each_bad_state(store: Arc<dyn OperatorStore>)
     let now = paygate_domain::now();
 
     let unknown = hasher().generate(KeyMode::Test);
-    assert!(matches!(auth.authenticate(&unknown.text, now).await, Err(AuthError::UnknownKey)));
+    assert!(matches!(auth.verify_key(&unknown.text, now).await, Err(AuthError::UnknownKey)));
 
     let issued = issue(&*store, a.id, "keys:read", None).await;
     let other_pepper = KeyHasher::new(&Pepper::new(1, vec![1u8; 32]).unwrap());
     let wrong = Authenticator::new(store.clone(), other_pepper, AuthConfig::default());
-    assert!(matches!(wrong.authenticate(&issued.text, now).await, Err(AuthError::WrongSecret)));
+    assert!(matches!(wrong.verify_key(&issued.text, now).await, Err(AuthError::WrongSecret)));
 
     let expiring = issue(&*store, a.id, "keys:read", Some(now + Duration::seconds(60))).await;
-    assert!(auth.authenticate(&expiring.text, now).await.is_ok());
-    assert!(matches!(auth.authenticate(&expiring.text, now + Duration::seconds(60)).await, Err(AuthError::Expired)));
+    assert!(auth.verify_key(&expiring.text, now).await.is_ok());
+    assert!(matches!(auth.verify_key(&expiring.text, now + Duration::seconds(60)).await, Err(AuthError::Expired)));
 
     store.revoke_api_key_by_id(issued.key.id, now).await.unwrap();
-    assert!(matches!(auth.authenticate(&issued.text, now).await, Err(AuthError::Revoked)));
+    assert!(matches!(auth.verify_key(&issued.text, now).await, Err(AuthError::Revoked)));
 
     let live = issue(&*store, a.id, "keys:read", None).await;
     store.set_company_status(a.id, CompanyStatus::Suspended).await.unwrap();
-    assert!(matches!(auth.authenticate(&live.text, now).await, Err(AuthError::CompanySuspended)));
+    assert!(matches!(auth.verify_key(&live.text, now).await, Err(AuthError::CompanySuspended)));
 }
 
 /// Counts every call that reaches the wrapped store.
 struct CountingStore {
     inner: Arc<dyn OperatorStore>,
     calls: AtomicUsize,
+    /// Makes `auth_revision` fail, as when the database is unreachable.
+    fail_revision: std::sync::atomic::AtomicBool,
+}
+
+impl CountingStore {
+    fn new(inner: Arc<dyn OperatorStore>) -> Arc<Self> {
+        Arc::new(Self { inner, calls: AtomicUsize::new(0), fail_revision: Default::default() })
+    }
 }
 
 #[async_trait]
@@ -320,6 +339,9 @@ impl Store for CountingStore {
     }
     async fn auth_revision(&self) -> StoreResult<i64> {
         self.calls.fetch_add(1, Ordering::SeqCst);
+        if self.fail_revision.load(Ordering::SeqCst) {
+            return Err(StoreError::Unavailable("injected".into()));
+        }
         self.inner.auth_revision().await
     }
     async fn get_company(&self, scope: &CompanyScope) -> StoreResult<Company> {
@@ -347,12 +369,34 @@ impl Store for CountingStore {
         self.calls.fetch_add(1, Ordering::SeqCst);
         self.inner.revoke_api_key(scope, id, at).await
     }
+    async fn revoke_all_api_keys(&self, scope: &CompanyScope, at: OffsetDateTime) -> StoreResult<u64> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        self.inner.revoke_all_api_keys(scope, at).await
+    }
+    async fn rotate_api_key(
+        &self,
+        scope: &CompanyScope,
+        id: ApiKeyId,
+        new: NewApiKey,
+        old_expires_at: OffsetDateTime,
+        now: OffsetDateTime,
+    ) -> StoreResult<Rotation> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        self.inner.rotate_api_key(scope, id, new, old_expires_at, now).await
+    }
+    async fn record_key_usage(&self, usage: &[KeyUsage]) -> StoreResult<()> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        if self.fail_revision.load(Ordering::SeqCst) {
+            return Err(StoreError::Unavailable("injected".into()));
+        }
+        self.inner.record_key_usage(usage).await
+    }
 }
 
 pub async fn authenticator_never_reads_the_store_for_malformed_keys(store: Arc<dyn OperatorStore>) {
     let a = company(&*store, "Acme").await;
     let issued = issue(&*store, a.id, "keys:read", None).await;
-    let counting = Arc::new(CountingStore { inner: store.clone(), calls: AtomicUsize::new(0) });
+    let counting = CountingStore::new(store.clone());
     let auth = authenticator(counting.clone());
     let mut bad_checksum = issued.text.clone().into_bytes();
     let last = bad_checksum.len() - 1;
@@ -360,31 +404,28 @@ pub async fn authenticator_never_reads_the_store_for_malformed_keys(store: Arc<d
     let bad_checksum = String::from_utf8(bad_checksum).unwrap();
     for text in ["", "pgk_", "Bearer", "pgk_test_key_nope", &bad_checksum, &issued.text.replace("pgk_test", "pgk_live")]
     {
-        assert!(
-            matches!(auth.authenticate(text, paygate_domain::now()).await, Err(AuthError::Malformed(_))),
-            "{text:?}"
-        );
+        assert!(matches!(auth.verify_key(text, paygate_domain::now()).await, Err(AuthError::Malformed(_))), "{text:?}");
     }
     assert_eq!(counting.calls.load(Ordering::SeqCst), 0);
     // The counter does count: a well-formed key costs exactly one read.
-    auth.authenticate(&issued.text, paygate_domain::now()).await.unwrap();
+    auth.verify_key(&issued.text, paygate_domain::now()).await.unwrap();
     assert_eq!(counting.calls.load(Ordering::SeqCst), 1);
 }
 
 pub async fn authenticator_cache_drops_on_revocation(store: Arc<dyn OperatorStore>) {
     let a = company(&*store, "Acme").await;
     let issued = issue(&*store, a.id, "keys:read", None).await;
-    let counting = Arc::new(CountingStore { inner: store.clone(), calls: AtomicUsize::new(0) });
+    let counting = CountingStore::new(store.clone());
     let auth = authenticator(counting.clone());
     auth.poll_revision().await.unwrap();
-    auth.authenticate(&issued.text, paygate_domain::now()).await.unwrap();
+    auth.verify_key(&issued.text, paygate_domain::now()).await.unwrap();
     let before = counting.calls.load(Ordering::SeqCst);
-    auth.authenticate(&issued.text, paygate_domain::now()).await.unwrap();
+    auth.verify_key(&issued.text, paygate_domain::now()).await.unwrap();
     assert_eq!(counting.calls.load(Ordering::SeqCst), before, "second call is served from the cache");
 
     store.revoke_api_key_by_id(issued.key.id, paygate_domain::now()).await.unwrap();
     assert!(auth.poll_revision().await.unwrap(), "the revision moved");
-    assert!(matches!(auth.authenticate(&issued.text, paygate_domain::now()).await, Err(AuthError::Revoked)));
+    assert!(matches!(auth.verify_key(&issued.text, paygate_domain::now()).await, Err(AuthError::Revoked)));
 }
 
 pub async fn concurrent_key_creation_and_revocation(store: Arc<dyn OperatorStore>) {
@@ -416,4 +457,184 @@ pub async fn concurrent_key_creation_and_revocation(store: Arc<dyn OperatorStore
     let page = store.list_api_keys(&scope(&*store, a.id), PageRequest { limit: 100, after: None }).await.unwrap();
     assert_eq!(page.items.len(), 16);
     assert!(page.items.iter().all(|k| k.revoked_at.is_some()));
+}
+
+fn new_key(mode: KeyMode, scopes: &str, cidrs: &str) -> (NewApiKey, String) {
+    let generated = hasher().generate(mode);
+    let new = NewApiKey {
+        id: generated.id,
+        name: label("rotated"),
+        owner: label("erp@example.com"),
+        scopes: ScopeSet::parse_list(scopes).unwrap(),
+        mode,
+        created_at: paygate_domain::now(),
+        expires_at: None,
+        allowed_cidrs: AllowedCidrs::parse_list(cidrs).unwrap(),
+        secret_hash: generated.hash,
+        pepper_version: generated.pepper_version,
+    };
+    (new, generated.text.to_string())
+}
+
+pub async fn rotation_links_keys_and_shortens_the_old_expiry(store: Arc<dyn OperatorStore>) {
+    let a = company(&*store, "Acme").await;
+    let sa = scope(&*store, a.id);
+    let (first, _) = new_key(KeyMode::Test, "keys:read", "203.0.113.0/24");
+    let old = store.create_api_key(&sa, first).await.unwrap();
+    assert_eq!(old.allowed_cidrs.to_storage(), "203.0.113.0/24");
+    let r0 = store.auth_revision().await.unwrap();
+    let now = paygate_domain::now();
+    let grace = now + Duration::hours(24);
+    let (second, _) = new_key(KeyMode::Test, "keys:read", "203.0.113.0/24");
+    let second_id = second.id;
+    let Rotation::Rotated { old: rotated, new } = store.rotate_api_key(&sa, old.id, second, grace, now).await.unwrap()
+    else {
+        panic!("rotation refused")
+    };
+    assert_eq!(rotated.replaced_by, Some(second_id));
+    assert_eq!(rotated.expires_at, Some(grace));
+    assert_eq!(new.replaces, Some(old.id));
+    assert_eq!(store.get_api_key(&sa, second_id).await.unwrap().unwrap(), new);
+    assert!(store.auth_revision().await.unwrap() > r0, "cached copies of the old key must drop");
+
+    // An earlier expiry is never extended by the grace period.
+    let soon = now + Duration::minutes(5);
+    let expiring = issue(&*store, a.id, "keys:read", Some(soon)).await.key;
+    let (third, _) = new_key(KeyMode::Test, "keys:read", "");
+    let Rotation::Rotated { old, .. } = store.rotate_api_key(&sa, expiring.id, third, grace, now).await.unwrap() else {
+        panic!("rotation refused")
+    };
+    assert_eq!(old.expires_at, Some(soon));
+}
+
+pub async fn rotation_refuses_revoked_expired_rotated_and_foreign_keys(store: Arc<dyn OperatorStore>) {
+    let a = company(&*store, "Acme").await;
+    let b = company(&*store, "Globex").await;
+    let sa = scope(&*store, a.id);
+    let now = paygate_domain::now();
+    let later = now + Duration::hours(1);
+    let revoked = issue(&*store, a.id, "keys:read", None).await.key;
+    store.revoke_api_key(&sa, revoked.id, now).await.unwrap();
+    assert_eq!(
+        store.rotate_api_key(&sa, revoked.id, new_key(KeyMode::Test, "", "").0, later, now).await.unwrap(),
+        Rotation::Revoked
+    );
+    let expired = issue(&*store, a.id, "keys:read", Some(now)).await.key;
+    assert_eq!(
+        store.rotate_api_key(&sa, expired.id, new_key(KeyMode::Test, "", "").0, later, now).await.unwrap(),
+        Rotation::Expired
+    );
+    let live = issue(&*store, a.id, "keys:read", None).await.key;
+    assert_eq!(
+        store
+            .rotate_api_key(&scope(&*store, b.id), live.id, new_key(KeyMode::Test, "", "").0, later, now)
+            .await
+            .unwrap(),
+        Rotation::NotFound
+    );
+    assert!(matches!(
+        store.rotate_api_key(&sa, live.id, new_key(KeyMode::Test, "", "").0, later, now).await.unwrap(),
+        Rotation::Rotated { .. }
+    ));
+    assert_eq!(
+        store.rotate_api_key(&sa, live.id, new_key(KeyMode::Test, "", "").0, later, now).await.unwrap(),
+        Rotation::AlreadyRotated
+    );
+    let page = store.list_api_keys(&sa, PageRequest { limit: 100, after: None }).await.unwrap();
+    assert_eq!(page.items.len(), 4, "refused rotations wrote nothing");
+}
+
+pub async fn concurrent_rotations_produce_one_successor(store: Arc<dyn OperatorStore>) {
+    let a = company(&*store, "Acme").await;
+    let key = issue(&*store, a.id, "keys:read", None).await.key;
+    let now = paygate_domain::now();
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let store = store.clone();
+        let sa = scope(&*store, a.id);
+        tasks.push(tokio::spawn(async move {
+            store
+                .rotate_api_key(&sa, key.id, new_key(KeyMode::Test, "keys:read", "").0, now + Duration::hours(1), now)
+                .await
+        }));
+    }
+    let mut rotated = 0;
+    for t in tasks {
+        match t.await.unwrap().unwrap() {
+            Rotation::Rotated { .. } => rotated += 1,
+            Rotation::AlreadyRotated => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(rotated, 1);
+    let page = store.list_api_keys(&scope(&*store, a.id), PageRequest { limit: 100, after: None }).await.unwrap();
+    assert_eq!(page.items.len(), 2);
+}
+
+pub async fn revoke_all_touches_only_the_company(store: Arc<dyn OperatorStore>) {
+    let a = company(&*store, "Acme").await;
+    let b = company(&*store, "Globex").await;
+    let now = paygate_domain::now();
+    for _ in 0..3 {
+        issue(&*store, a.id, "keys:read", None).await;
+    }
+    let already = issue(&*store, a.id, "keys:read", None).await.key;
+    store.revoke_api_key_by_id(already.id, now - Duration::hours(1)).await.unwrap();
+    let other = issue(&*store, b.id, "keys:read", None).await.key;
+    let r0 = store.auth_revision().await.unwrap();
+    assert_eq!(store.revoke_all_api_keys(&scope(&*store, a.id), now).await.unwrap(), 3);
+    assert!(store.auth_revision().await.unwrap() > r0);
+    let page = store.list_api_keys(&scope(&*store, a.id), PageRequest { limit: 100, after: None }).await.unwrap();
+    assert!(page.items.iter().all(|k| k.revoked_at.is_some()));
+    let kept = page.items.iter().find(|k| k.id == already.id).unwrap();
+    assert_eq!(kept.revoked_at, Some(now - Duration::hours(1)), "earlier revocation time stands");
+    assert_eq!(store.get_api_key(&scope(&*store, b.id), other.id).await.unwrap().unwrap().revoked_at, None);
+}
+
+pub async fn key_usage_is_recorded_and_never_moves_backwards(store: Arc<dyn OperatorStore>) {
+    let a = company(&*store, "Acme").await;
+    let k1 = issue(&*store, a.id, "keys:read", None).await.key;
+    let k2 = issue(&*store, a.id, "keys:read", None).await.key;
+    let now = paygate_domain::now();
+    let ip: std::net::IpAddr = "203.0.113.9".parse().unwrap();
+    let ip6: std::net::IpAddr = "2001:db8::1".parse().unwrap();
+    store
+        .record_key_usage(&[KeyUsage { id: k2.id, at: now, ip: ip6 }, KeyUsage { id: k1.id, at: now, ip }])
+        .await
+        .unwrap();
+    store.record_key_usage(&[KeyUsage { id: k1.id, at: now - Duration::minutes(5), ip: ip6 }]).await.unwrap();
+    store.record_key_usage(&[]).await.unwrap();
+    let sa = scope(&*store, a.id);
+    let got = store.get_api_key(&sa, k1.id).await.unwrap().unwrap();
+    assert_eq!((got.last_used_at, got.last_used_ip), (Some(now), Some(ip)));
+    let got = store.get_api_key(&sa, k2.id).await.unwrap().unwrap();
+    assert_eq!((got.last_used_at, got.last_used_ip), (Some(now), Some(ip6)));
+}
+
+pub async fn key_policy_round_trip(store: Arc<dyn OperatorStore>) {
+    let a = company(&*store, "Acme").await;
+    assert_eq!(a.key_policy, KeyPolicy::default());
+    let policy = KeyPolicy::new(Some(Duration::days(30)), Some(Duration::days(90))).unwrap();
+    let updated = store.set_key_policy(a.id, policy).await.unwrap().unwrap();
+    assert_eq!(updated.key_policy, policy);
+    assert_eq!(store.get_company(&scope(&*store, a.id)).await.unwrap().key_policy, policy);
+    assert_eq!(store.set_key_policy(CompanyId::generate(), policy).await.unwrap(), None);
+    store.set_key_policy(a.id, KeyPolicy::default()).await.unwrap();
+    assert_eq!(store.find_company(a.id).await.unwrap().unwrap().key_policy, KeyPolicy::default());
+}
+
+/// A node that cannot read the revision must stop trusting its cache: a lost
+/// signal costs database reads, never a stale accept.
+pub async fn authenticator_bypasses_the_cache_when_revision_polls_fail(store: Arc<dyn OperatorStore>) {
+    let a = company(&*store, "Acme").await;
+    let issued = issue(&*store, a.id, "keys:read", None).await;
+    let counting = CountingStore::new(store.clone());
+    let auth = authenticator(counting.clone());
+    auth.poll_revision().await.unwrap();
+    auth.verify_key(&issued.text, paygate_domain::now()).await.unwrap();
+    counting.fail_revision.store(true, Ordering::SeqCst);
+    store.revoke_api_key_by_id(issued.key.id, paygate_domain::now()).await.unwrap();
+    assert!(auth.poll_revision().await.is_err());
+    tokio::time::sleep(AuthConfig::default().max_staleness + std::time::Duration::from_millis(50)).await;
+    assert!(matches!(auth.verify_key(&issued.text, paygate_domain::now()).await, Err(AuthError::Revoked)));
 }

@@ -15,7 +15,7 @@ mod rows;
 mod scope;
 
 use async_trait::async_trait;
-use paygate_domain::{ApiKeyId, CompanyId, CompanyStatus};
+use paygate_domain::{ApiKeyId, CompanyId, CompanyStatus, KeyPolicy};
 use time::OffsetDateTime;
 
 pub use rows::*;
@@ -93,6 +93,28 @@ pub trait Store: Send + Sync + 'static {
         id: ApiKeyId,
         at: OffsetDateTime,
     ) -> StoreResult<Option<ApiKey>>;
+
+    /// Revokes every unrevoked key of the company in one transaction (emergency
+    /// revocation) and bumps the auth revision. Returns how many were revoked.
+    async fn revoke_all_api_keys(&self, scope: &CompanyScope, at: OffsetDateTime) -> StoreResult<u64>;
+
+    /// In one transaction: checks that key `id` of the scope's company is
+    /// neither revoked, expired at `now`, nor already rotated; inserts `new`
+    /// (pointing back with `replaces`); points the old key at it with
+    /// `replaced_by`; moves the old key's expiry to `old_expires_at` if that is
+    /// sooner; bumps the auth revision.
+    async fn rotate_api_key(
+        &self,
+        scope: &CompanyScope,
+        id: ApiKeyId,
+        new: NewApiKey,
+        old_expires_at: OffsetDateTime,
+        now: OffsetDateTime,
+    ) -> StoreResult<Rotation>;
+
+    /// Records key usage (`last_used_at`, `last_used_ip`); a time never moves
+    /// backwards. Called in batches by the usage recorder, not per request.
+    async fn record_key_usage(&self, usage: &[KeyUsage]) -> StoreResult<()>;
 }
 
 /// Platform-wide operations for operators (the CLI). Never handed to the HTTP API.
@@ -107,6 +129,9 @@ pub trait OperatorStore: Store {
     /// Sets the status and bumps the auth revision in one transaction.
     /// `None` if the company does not exist.
     async fn set_company_status(&self, id: CompanyId, status: CompanyStatus) -> StoreResult<Option<Company>>;
+
+    /// Sets the company's key policy. `None` if the company does not exist.
+    async fn set_key_policy(&self, id: CompanyId, policy: KeyPolicy) -> StoreResult<Option<Company>>;
 
     /// Revokes a key by id alone, whichever company owns it (emergency
     /// revocation by an operator). Same semantics as [`Store::revoke_api_key`].

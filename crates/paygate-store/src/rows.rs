@@ -1,4 +1,8 @@
-use paygate_domain::{ApiKeyId, CompanyId, CompanyStatus, KeyMode, Label, ScopeSet, SecretHash};
+use std::net::IpAddr;
+
+use paygate_domain::{
+    AllowedCidrs, ApiKeyId, CompanyId, CompanyStatus, KeyMode, KeyPolicy, Label, ScopeSet, SecretHash,
+};
 use time::OffsetDateTime;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -7,6 +11,7 @@ pub struct Company {
     pub name: String,
     pub status: CompanyStatus,
     pub created_at: OffsetDateTime,
+    pub key_policy: KeyPolicy,
 }
 
 #[derive(Debug, Clone)]
@@ -35,6 +40,13 @@ pub struct ApiKey {
     pub expires_at: Option<OffsetDateTime>,
     pub revoked_at: Option<OffsetDateTime>,
     pub last_used_at: Option<OffsetDateTime>,
+    pub last_used_ip: Option<IpAddr>,
+    /// Empty: any client address.
+    pub allowed_cidrs: AllowedCidrs,
+    /// The key this one replaced by rotation.
+    pub replaces: Option<ApiKeyId>,
+    /// The key that replaced this one by rotation.
+    pub replaced_by: Option<ApiKeyId>,
 }
 
 impl ApiKey {
@@ -53,8 +65,49 @@ pub struct NewApiKey {
     pub mode: KeyMode,
     pub created_at: OffsetDateTime,
     pub expires_at: Option<OffsetDateTime>,
+    pub allowed_cidrs: AllowedCidrs,
     pub secret_hash: SecretHash,
     pub pepper_version: u16,
+}
+
+impl NewApiKey {
+    /// The row as it reads back right after insertion.
+    pub fn into_key(self, company_id: CompanyId, replaces: Option<ApiKeyId>) -> ApiKey {
+        ApiKey {
+            id: self.id,
+            company_id,
+            name: self.name.into_string(),
+            owner: self.owner.into_string(),
+            scopes: self.scopes,
+            mode: self.mode,
+            created_at: self.created_at,
+            expires_at: self.expires_at,
+            revoked_at: None,
+            last_used_at: None,
+            last_used_ip: None,
+            allowed_cidrs: self.allowed_cidrs,
+            replaces,
+            replaced_by: None,
+        }
+    }
+}
+
+/// The outcome of a rotation, decided inside the rotating transaction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Rotation {
+    Rotated { old: ApiKey, new: ApiKey },
+    NotFound,
+    Revoked,
+    Expired,
+    AlreadyRotated,
+}
+
+/// A successful use of a key, recorded at most once a minute per key per node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyUsage {
+    pub id: ApiKeyId,
+    pub at: OffsetDateTime,
+    pub ip: IpAddr,
 }
 
 /// Everything authentication needs in one read.

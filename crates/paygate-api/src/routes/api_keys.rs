@@ -1,14 +1,14 @@
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::Json;
-use paygate_domain::{ApiKeyId, Label, Scope, ScopeSet};
-use paygate_store::NewApiKey;
+use paygate_domain::{AllowedCidrs, ApiKeyId, Label, LifetimeExceedsPolicy, Scope, ScopeSet};
+use paygate_store::{NewApiKey, Rotation};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
 use crate::AppState;
 use crate::auth::{Authorized, scope};
-use crate::extract::{Json as JsonBody, Query};
+use crate::extract::{Json as JsonBody, OptionalJson, Query};
 use crate::pagination::{List, ListParams};
 use crate::problem::{ApiError, FieldError, Problem};
 use crate::views::ApiKeyView;
@@ -77,9 +77,16 @@ pub struct CreateApiKey {
     /// A subset of the calling key's scopes.
     #[schema(value_type = Vec<Scope>)]
     pub scopes: Vec<String>,
-    /// RFC 3339; must be in the future. Omit for no expiry.
+    /// RFC 3339; must be in the future and within the company's maximum key
+    /// lifetime. Omitted: the company's default lifetime (else its maximum,
+    /// else no expiry).
     #[schema(value_type = Option<String>, format = DateTime)]
     pub expires_at: Option<String>,
+    /// Client networks (IPv4/IPv6 CIDR, at most 32) the key may be used from.
+    /// Omitted or empty: any address.
+    #[serde(default)]
+    #[schema(example = json!(["203.0.113.0/24"]))]
+    pub allowed_cidrs: Vec<String>,
 }
 
 /// A newly issued key, with its text shown this once.
@@ -105,7 +112,7 @@ pub struct CreatedApiKey {
         (status = 401, description = "Unauthenticated", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "Missing `keys:manage`, or `scope_escalation`", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "Body is not JSON", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "Invalid fields", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid fields, or `lifetime_exceeds_policy`", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub async fn create_api_key(
@@ -136,7 +143,16 @@ pub async fn create_api_key(
             None
         }
     };
-    let (Some(name), Some(owner), true) = (name, owner, errors.is_empty()) else {
+    let mut nets = Vec::new();
+    for (i, text) in body.allowed_cidrs.iter().enumerate() {
+        match paygate_domain::network::parse_cidr(text) {
+            Ok(net) => nets.push(net),
+            Err(e) => errors.push(FieldError::pointer(format!("/allowed_cidrs/{i}"), e.to_string())),
+        }
+    }
+    let allowed_cidrs =
+        AllowedCidrs::new(nets).map_err(|e| errors.push(FieldError::pointer("/allowed_cidrs", e.to_string()))).ok();
+    let (Some(name), Some(owner), Some(allowed_cidrs), true) = (name, owner, allowed_cidrs, errors.is_empty()) else {
         return Err(ApiError::validation(errors));
     };
     let caller = &auth.caller.record.key;
@@ -149,6 +165,8 @@ pub async fn create_api_key(
             format!("A key cannot grant scopes it does not hold: {}.", extra.join(", ")),
         ));
     }
+    let policy = state.store.get_company(auth.scope()).await?.key_policy;
+    let expires_at = policy.expiry_for(now, expires_at).map_err(lifetime_exceeded)?;
     let generated = state.auth.hasher().generate(caller.mode);
     let key = state
         .store
@@ -162,6 +180,7 @@ pub async fn create_api_key(
                 mode: caller.mode,
                 created_at: now,
                 expires_at,
+                allowed_cidrs,
                 secret_hash: generated.hash,
                 pepper_version: generated.pepper_version,
             },
@@ -196,4 +215,116 @@ pub async fn revoke_api_key(
     let key = state.store.revoke_api_key(auth.scope(), id, now).await?.ok_or_else(|| ApiError::not_found("API key"))?;
     state.auth.invalidate();
     Ok(Json(ApiKeyView::new(key, now)))
+}
+
+fn lifetime_exceeded(e: LifetimeExceedsPolicy) -> ApiError {
+    let mut error = ApiError::new(
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "lifetime_exceeds_policy",
+        "Lifetime exceeds policy",
+        format!("Keys of this company may live at most {} seconds.", e.max_seconds),
+    );
+    error.errors = vec![FieldError::pointer("/expires_at", e.to_string())];
+    error
+}
+
+/// Body of `POST /v1/api-keys/{id}/rotate`; may be omitted.
+#[derive(Debug, Default, serde::Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RotateApiKey {
+    /// How long the old key keeps working: 0 to 604800 seconds, default 86400.
+    #[schema(minimum = 0, maximum = 604800, default = 86400)]
+    pub grace_period_seconds: Option<i64>,
+}
+
+pub const DEFAULT_GRACE_SECONDS: i64 = 86_400;
+pub const MAX_GRACE_SECONDS: i64 = 604_800;
+
+/// Rotate a key: a new key with the same name, owner, scopes and allow-list;
+/// the old one keeps working for the grace period, then is refused as expired.
+/// The two point at each other (`replaces` / `replaced_by`).
+#[utoipa::path(
+    post,
+    path = "/api-keys/{id}/rotate",
+    tag = "api-keys",
+    security(("api_key" = ["keys:manage"])),
+    params(("id" = String, Path, description = "The key id (`key_…`)")),
+    request_body(content = Option<RotateApiKey>, description = "Optional"),
+    responses(
+        (status = 201, description = "The new key, with its text shown once", body = CreatedApiKey),
+        (status = 401, description = "Unauthenticated", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Missing `keys:manage`; `scope_escalation` if the key holds scopes the caller lacks; `mode_mismatch`", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such key", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "`invalid_state`: the key is revoked, expired or already rotated", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid grace period", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn rotate_api_key(
+    auth: Authorized<scope::KeysManage>,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    OptionalJson(body): OptionalJson<RotateApiKey>,
+) -> Result<(StatusCode, axum::response::Json<CreatedApiKey>), ApiError> {
+    let id = ApiKeyId::parse(&id).map_err(|_| ApiError::not_found("API key"))?;
+    let grace = body.grace_period_seconds.unwrap_or(DEFAULT_GRACE_SECONDS);
+    if !(0..=MAX_GRACE_SECONDS).contains(&grace) {
+        return Err(ApiError::validation(vec![FieldError::pointer(
+            "/grace_period_seconds",
+            format!("must be from 0 to {MAX_GRACE_SECONDS}"),
+        )]));
+    }
+    let now = paygate_domain::now();
+    let old = state.store.get_api_key(auth.scope(), id).await?.ok_or_else(|| ApiError::not_found("API key"))?;
+    let caller = &auth.caller.record.key;
+    // Rotating hands out a fresh secret for the old key's powers: the caller
+    // must hold all of them, in the same mode.
+    if !old.scopes.is_subset_of(caller.scopes) {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "scope_escalation",
+            "Scope escalation",
+            "A key can rotate only keys whose scopes it holds itself.",
+        ));
+    }
+    if old.mode != caller.mode {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "mode_mismatch",
+            "Mode mismatch",
+            format!("A {} key cannot rotate a {} key.", caller.mode, old.mode),
+        ));
+    }
+    // The successor keeps the old key's lifetime, within today's policy.
+    let policy = state.store.get_company(auth.scope()).await?.key_policy;
+    let requested = old.expires_at.map(|e| now + (e - old.created_at));
+    let expires_at = match policy.expiry_for(now, requested) {
+        Ok(e) => e,
+        Err(_) => policy.max_lifetime.map(|m| now + m),
+    };
+    let generated = state.auth.hasher().generate(old.mode);
+    let new = NewApiKey {
+        id: generated.id,
+        name: Label::parse(&old.name).map_err(|_| ApiError::internal())?,
+        owner: Label::parse(&old.owner).map_err(|_| ApiError::internal())?,
+        scopes: old.scopes,
+        mode: old.mode,
+        created_at: now,
+        expires_at,
+        allowed_cidrs: old.allowed_cidrs.clone(),
+        secret_hash: generated.hash,
+        pepper_version: generated.pepper_version,
+    };
+    let grace_until = now + time::Duration::seconds(grace);
+    let invalid = |detail: &str| ApiError::new(StatusCode::CONFLICT, "invalid_state", "Invalid state", detail);
+    let new = match state.store.rotate_api_key(auth.scope(), id, new, grace_until, now).await? {
+        Rotation::Rotated { new, .. } => new,
+        Rotation::NotFound => return Err(ApiError::not_found("API key")),
+        Rotation::Revoked => return Err(invalid("The key is revoked.")),
+        Rotation::Expired => return Err(invalid("The key has expired.")),
+        Rotation::AlreadyRotated => return Err(invalid("The key has already been rotated; rotate its successor.")),
+    };
+    // The old key's expiry changed: this node drops cached copies at once.
+    state.auth.invalidate();
+    let body = CreatedApiKey { key: ApiKeyView::new(new, now), secret: generated.text.to_string() };
+    Ok((StatusCode::CREATED, axum::response::Json(body)))
 }

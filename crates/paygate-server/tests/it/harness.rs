@@ -132,7 +132,15 @@ impl TestApp {
         let (_, text) = paygate_server::admin::create_key(
             &*self.store,
             &self.hasher,
-            paygate_server::admin::KeyRequest { company, name: "test key", owner: "tester", scopes, mode, expires_in },
+            paygate_server::admin::KeyRequest {
+                company,
+                name: "test key",
+                owner: "tester",
+                scopes,
+                mode,
+                expires_in,
+                allowed_cidrs: Default::default(),
+            },
         )
         .await
         .unwrap();

@@ -1,0 +1,161 @@
+//! Client addresses: per-key allow-lists and the trusted-proxy rule for
+//! `X-Forwarded-For`.
+
+use std::fmt;
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+
+/// At most this many networks per key.
+pub const MAX_ALLOWED_CIDRS: usize = 32;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CidrError {
+    #[error("{0:?} is not an IPv4 or IPv6 network such as 203.0.113.0/24 or 2001:db8::/32")]
+    Invalid(String),
+    #[error("at most {MAX_ALLOWED_CIDRS} networks")]
+    TooMany,
+}
+
+/// Parses one network; a bare address means a single host (/32 or /128).
+/// Host bits are cleared, so `10.1.2.3/8` is stored as `10.0.0.0/8`.
+pub fn parse_cidr(text: &str) -> Result<IpNet, CidrError> {
+    let text = text.trim();
+    let net = match text.parse::<IpNet>() {
+        Ok(net) => net,
+        Err(_) => {
+            text.parse::<IpAddr>().map(IpNet::from).map_err(|_| CidrError::Invalid(text.chars().take(64).collect()))?
+        }
+    };
+    Ok(net.trunc())
+}
+
+/// A key's client address allow-list. Empty means any address.
+#[derive(Clone, PartialEq, Eq, Default)]
+pub struct AllowedCidrs(Vec<IpNet>);
+
+impl AllowedCidrs {
+    pub fn new(nets: Vec<IpNet>) -> Result<Self, CidrError> {
+        if nets.len() > MAX_ALLOWED_CIDRS {
+            return Err(CidrError::TooMany);
+        }
+        let mut nets = nets;
+        nets.sort();
+        nets.dedup();
+        Ok(Self(nets))
+    }
+
+    /// Comma- or space-separated list (CLI, storage).
+    pub fn parse_list(text: &str) -> Result<Self, CidrError> {
+        let nets =
+            text.split([',', ' ']).filter(|s| !s.trim().is_empty()).map(parse_cidr).collect::<Result<Vec<_>, _>>()?;
+        Self::new(nets)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn permits(&self, addr: IpAddr) -> bool {
+        let addr = canonical(addr);
+        self.0.is_empty() || self.0.iter().any(|net| net.contains(&addr))
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &IpNet> {
+        self.0.iter()
+    }
+
+    pub fn to_storage(&self) -> String {
+        self.0.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(" ")
+    }
+}
+
+impl fmt::Debug for AllowedCidrs {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.0.iter().map(|n| n.to_string())).finish()
+    }
+}
+
+impl serde::Serialize for AllowedCidrs {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.0.iter().map(|n| n.to_string()))
+    }
+}
+
+/// IPv4-mapped IPv6 addresses (`::ffff:1.2.3.4`, as a dual-stack listener
+/// reports IPv4 peers) compare as the IPv4 address.
+pub fn canonical(addr: IpAddr) -> IpAddr {
+    match addr {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(addr),
+        v4 => v4,
+    }
+}
+
+/// The client address of a request: the TCP peer, unless the peer is a trusted
+/// proxy, in which case `X-Forwarded-For` is walked from the right, skipping
+/// trusted proxies, and the first untrusted hop is the client. A header from an
+/// untrusted peer changes nothing. An unparsable hop stops the walk: the last
+/// trusted hop seen is then the client, so garbage can never select an address.
+pub fn client_address(peer: IpAddr, forwarded_for: Option<&str>, trusted: &[IpNet]) -> IpAddr {
+    let peer = canonical(peer);
+    let is_trusted = |a: &IpAddr| trusted.iter().any(|n| n.contains(a));
+    if !is_trusted(&peer) {
+        return peer;
+    }
+    let Some(header) = forwarded_for else { return peer };
+    let mut current = peer;
+    for hop in header.rsplit(',') {
+        let hop = hop.trim();
+        let Ok(addr) = hop.parse::<IpAddr>().map(canonical) else { return current };
+        if !is_trusted(&addr) {
+            return addr;
+        }
+        current = addr;
+    }
+    current
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn cidrs_parse_and_match() {
+        let list = AllowedCidrs::parse_list("203.0.113.7/24, 2001:db8::/32 198.51.100.9").unwrap();
+        assert_eq!(list.to_storage(), "198.51.100.9/32 203.0.113.0/24 2001:db8::/32");
+        assert!(list.permits(ip("203.0.113.200")));
+        assert!(list.permits(ip("::ffff:203.0.113.1")));
+        assert!(list.permits(ip("2001:db8:1::5")));
+        assert!(!list.permits(ip("198.51.100.10")));
+        assert!(AllowedCidrs::default().permits(ip("1.2.3.4")), "empty allows all");
+        assert!(AllowedCidrs::parse_list("10.0.0.0/33").is_err());
+        assert!(AllowedCidrs::parse_list("example.com").is_err());
+        let many: Vec<String> = (0..33).map(|i| format!("10.0.{i}.0/24")).collect();
+        assert_eq!(AllowedCidrs::parse_list(&many.join(",")), Err(CidrError::TooMany));
+    }
+
+    #[test]
+    fn forwarded_for_is_honoured_only_from_trusted_peers() {
+        let trusted = vec![parse_cidr("127.0.0.1").unwrap(), parse_cidr("10.0.0.0/8").unwrap()];
+        let xff = Some("203.0.113.7, 10.1.1.1");
+        assert_eq!(client_address(ip("192.0.2.1"), xff, &trusted), ip("192.0.2.1"), "untrusted peer: header ignored");
+        assert_eq!(client_address(ip("127.0.0.1"), xff, &trusted), ip("203.0.113.7"));
+        assert_eq!(
+            client_address(ip("127.0.0.1"), Some("1.1.1.1, 203.0.113.7"), &trusted),
+            ip("203.0.113.7"),
+            "the spoofable left part is ignored"
+        );
+        assert_eq!(
+            client_address(ip("127.0.0.1"), Some("10.2.2.2"), &trusted),
+            ip("10.2.2.2"),
+            "all trusted: leftmost"
+        );
+        assert_eq!(client_address(ip("127.0.0.1"), Some("garbage, 10.1.1.1"), &trusted), ip("10.1.1.1"));
+        assert_eq!(client_address(ip("127.0.0.1"), None, &trusted), ip("127.0.0.1"));
+        assert_eq!(client_address(ip("127.0.0.1"), xff, &[]), ip("127.0.0.1"), "no trusted proxies configured");
+    }
+}
