@@ -327,7 +327,7 @@ impl Store for PostgresStore {
         bump_auth_revision(&mut tx).await?;
         let old = scoped_key(&mut tx, Some(company_id), id).await?.ok_or(StoreError::NotFound("API key"))?;
         tx.commit().await.map_err(map_err)?;
-        Ok(Rotation::Rotated { old, new: new.into_key(company_id, Some(id)) })
+        Ok(Rotation::Rotated { old: Box::new(old), new: Box::new(new.into_key(company_id, Some(id))) })
     }
 
     async fn record_key_usage(&self, usage: &[KeyUsage]) -> StoreResult<()> {

@@ -494,7 +494,7 @@ pub async fn rotation_links_keys_and_shortens_the_old_expiry(store: Arc<dyn Oper
     assert_eq!(rotated.replaced_by, Some(second_id));
     assert_eq!(rotated.expires_at, Some(grace));
     assert_eq!(new.replaces, Some(old.id));
-    assert_eq!(store.get_api_key(&sa, second_id).await.unwrap().unwrap(), new);
+    assert_eq!(store.get_api_key(&sa, second_id).await.unwrap().unwrap(), *new);
     assert!(store.auth_revision().await.unwrap() > r0, "cached copies of the old key must drop");
 
     // An earlier expiry is never extended by the grace period.

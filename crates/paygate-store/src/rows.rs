@@ -95,7 +95,7 @@ impl NewApiKey {
 /// The outcome of a rotation, decided inside the rotating transaction.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Rotation {
-    Rotated { old: ApiKey, new: ApiKey },
+    Rotated { old: Box<ApiKey>, new: Box<ApiKey> },
     NotFound,
     Revoked,
     Expired,

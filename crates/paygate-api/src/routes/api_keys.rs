@@ -317,7 +317,7 @@ pub async fn rotate_api_key(
     let grace_until = now + time::Duration::seconds(grace);
     let invalid = |detail: &str| ApiError::new(StatusCode::CONFLICT, "invalid_state", "Invalid state", detail);
     let new = match state.store.rotate_api_key(auth.scope(), id, new, grace_until, now).await? {
-        Rotation::Rotated { new, .. } => new,
+        Rotation::Rotated { new, .. } => *new,
         Rotation::NotFound => return Err(ApiError::not_found("API key")),
         Rotation::Revoked => return Err(invalid("The key is revoked.")),
         Rotation::Expired => return Err(invalid("The key has expired.")),

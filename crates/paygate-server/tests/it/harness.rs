@@ -68,6 +68,11 @@ pub struct TestApp {
 impl TestApp {
     /// `None` when the backend is not configured (PostgreSQL without its URL).
     pub async fn spawn(backend: Backend) -> Option<Self> {
+        Self::spawn_with(backend, &[]).await
+    }
+
+    /// As [`TestApp::spawn`], with extra `PAYGATE_*` settings.
+    pub async fn spawn_with(backend: Backend, settings: &[(&str, &str)]) -> Option<Self> {
         let dir = tempfile::tempdir().unwrap();
         let mut env = BTreeMap::new();
         let mut pg = None;
@@ -90,6 +95,9 @@ impl TestApp {
         }
         env.insert("PAYGATE_LISTEN".into(), "127.0.0.1:0".into());
         env.insert("PAYGATE_OPS_LISTEN".into(), "127.0.0.1:0".into());
+        for (k, v) in settings {
+            env.insert(k.to_string(), v.to_string());
+        }
         let config = Config::from_sources(None, env.clone()).unwrap();
         let server = app::start(&config, StartOptions::default()).await.unwrap();
         Some(Self {

@@ -8,6 +8,7 @@ mod auth;
 mod cli;
 mod errors;
 mod keys;
+mod lifecycle;
 mod openapi;
 mod ops;
 mod process;

@@ -30,9 +30,14 @@ fn collect(reader: impl std::io::Read + Send + 'static) -> Arc<Mutex<Vec<String>
 }
 
 fn start(dir: &std::path::Path, args: &[&str], level: &str) -> Process {
+    let db = format!("sqlite://{}", dir.join("paygate.db").display());
+    start_with(args, level, &[("PAYGATE_DATABASE_URL", db.as_str())])
+}
+
+fn start_with(args: &[&str], level: &str, env: &[(&str, &str)]) -> Process {
     let mut child = Command::new(BIN)
         .args(args)
-        .env("PAYGATE_DATABASE_URL", format!("sqlite://{}", dir.join("paygate.db").display()))
+        .envs(env.iter().copied())
         .env("PAYGATE_LISTEN", "127.0.0.1:0")
         .env("PAYGATE_OPS_LISTEN", "127.0.0.1:0")
         .env("PAYGATE_LOG_FORMAT", "json")
@@ -226,5 +231,149 @@ fn invalid_configuration_stops_startup_with_one_line() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
         assert!(stderr.contains(var), "{stderr}");
+    }
+}
+
+/// Two `paygate serve` processes on one PostgreSQL database: a revocation or
+/// suspension made through one node, or through the CLI, is refused by every
+/// node within 1 s (the measured times are printed).
+#[tokio::test]
+async fn two_nodes_refuse_revoked_and_suspended_keys_within_1s() {
+    let Some(admin_url) = crate::harness::postgres_url() else {
+        eprintln!("PAYGATE_TEST_POSTGRES_URL not set: two-node test skipped");
+        return;
+    };
+    let db = paygate_store_postgres::testing::TestDatabase::create(&admin_url).await;
+    let dir = tempfile::tempdir().unwrap();
+    let pepper = dir.path().join("pepper");
+    std::fs::write(&pepper, paygate_domain::Pepper::generate_hex().as_bytes()).unwrap();
+    let pepper = pepper.display().to_string();
+    let env = [("PAYGATE_DATABASE_URL", db.url.as_str()), ("PAYGATE_KEY_PEPPER_FILE", pepper.as_str())];
+    let a = start_with(&["serve"], "warn,paygate_server=info", &env);
+    let b = start_with(&["serve"], "warn,paygate_server=info", &env);
+    let cli = |args: &[&str]| {
+        let out =
+            Command::new(BIN).args(args).envs(env.iter().copied()).env("PAYGATE_LOG_LEVEL", "warn").output().unwrap();
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice::<Value>(&out.stdout).unwrap_or(Value::Null)
+    };
+    let company =
+        cli(&["admin", "company", "create", "--name", "Two Nodes", "--json"])["id"].as_str().unwrap().to_owned();
+    let key = |scopes: &str| {
+        cli(&[
+            "admin",
+            "key",
+            "create",
+            "--company",
+            &company,
+            "--name",
+            "n",
+            "--owner",
+            "o",
+            "--scopes",
+            scopes,
+            "--mode",
+            "test",
+            "--json",
+        ])
+    };
+    let http = reqwest::Client::new();
+    let status = |node: &Process, text: &str| {
+        let request = http.get(format!("{}/v1/me", node.api)).bearer_auth(text);
+        async move { request.send().await.unwrap().status() }
+    };
+    let until = |node: &'static str, base: String, text: String, expected: StatusCode| {
+        let http = http.clone();
+        async move {
+            let started = Instant::now();
+            loop {
+                let s = http.get(format!("{base}/v1/me")).bearer_auth(&text).send().await.unwrap().status();
+                if s == expected {
+                    return started.elapsed();
+                }
+                assert!(started.elapsed() < Duration::from_secs(5), "node {node} still answers {s}");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    };
+    let admin = key("keys:read,keys:manage")["secret"].as_str().unwrap().to_owned();
+
+    // 1. Revoked through the API on node A; node B must refuse it.
+    let victim = key("keys:read");
+    let text = victim["secret"].as_str().unwrap().to_owned();
+    for node in [&a, &b] {
+        assert_eq!(status(node, &text).await, StatusCode::OK, "warm the cache");
+    }
+    let r = http
+        .post(format!("{}/v1/api-keys/{}/revoke", a.api, victim["id"].as_str().unwrap()))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let on_b = until("B", b.api.clone(), text.clone(), StatusCode::UNAUTHORIZED).await;
+    println!("API revocation on node A refused by node B after {on_b:?}");
+    assert!(on_b < Duration::from_secs(1));
+
+    // 2. Revoked through the CLI; both nodes must refuse it.
+    let victim = key("keys:read");
+    let text = victim["secret"].as_str().unwrap().to_owned();
+    for node in [&a, &b] {
+        assert_eq!(status(node, &text).await, StatusCode::OK);
+    }
+    cli(&["admin", "key", "revoke", victim["id"].as_str().unwrap()]);
+    let (on_a, on_b) = tokio::join!(
+        until("A", a.api.clone(), text.clone(), StatusCode::UNAUTHORIZED),
+        until("B", b.api.clone(), text.clone(), StatusCode::UNAUTHORIZED)
+    );
+    println!("CLI revocation refused by node A after {on_a:?}, node B after {on_b:?}");
+    assert!(on_a < Duration::from_secs(1) && on_b < Duration::from_secs(1));
+
+    // 3. Company suspended through the CLI; both nodes must refuse its keys.
+    let member = key("keys:read")["secret"].as_str().unwrap().to_owned();
+    for node in [&a, &b] {
+        assert_eq!(status(node, &member).await, StatusCode::OK);
+    }
+    cli(&["admin", "company", "suspend", &company]);
+    let (on_a, on_b) = tokio::join!(
+        until("A", a.api.clone(), member.clone(), StatusCode::FORBIDDEN),
+        until("B", b.api.clone(), member.clone(), StatusCode::FORBIDDEN)
+    );
+    println!("CLI suspension refused by node A after {on_a:?}, node B after {on_b:?}");
+    assert!(on_a < Duration::from_secs(1) && on_b < Duration::from_secs(1));
+    cli(&["admin", "company", "resume", &company]);
+    let (on_a, on_b) = tokio::join!(
+        until("A", a.api.clone(), member.clone(), StatusCode::OK),
+        until("B", b.api.clone(), member.clone(), StatusCode::OK)
+    );
+    assert!(on_a < Duration::from_secs(1) && on_b < Duration::from_secs(1));
+
+    // 4. Rotated on node B with no grace: node A refuses the old key.
+    let old = key("keys:read");
+    let old_text = old["secret"].as_str().unwrap().to_owned();
+    assert_eq!(status(&a, &old_text).await, StatusCode::OK);
+    let r = http
+        .post(format!("{}/v1/api-keys/{}/rotate", b.api, old["id"].as_str().unwrap()))
+        .bearer_auth(&admin)
+        .json(&serde_json::json!({"grace_period_seconds": 0}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let on_a = until("A", a.api.clone(), old_text, StatusCode::UNAUTHORIZED).await;
+    println!("rotation (no grace) on node B refused by node A after {on_a:?}");
+    assert!(on_a < Duration::from_secs(1));
+
+    // 5. Emergency revocation of every key of the company.
+    cli(&["admin", "key", "revoke-all", "--company", &company]);
+    let (on_a, on_b) = tokio::join!(
+        until("A", a.api.clone(), admin.clone(), StatusCode::UNAUTHORIZED),
+        until("B", b.api.clone(), admin.clone(), StatusCode::UNAUTHORIZED)
+    );
+    println!("CLI revoke-all refused by node A after {on_a:?}, node B after {on_b:?}");
+    assert!(on_a < Duration::from_secs(1) && on_b < Duration::from_secs(1));
+
+    for node in [a, b] {
+        assert!(node.terminate().0.success());
     }
 }
