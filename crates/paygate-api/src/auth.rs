@@ -6,6 +6,8 @@
 use std::marker::PhantomData;
 
 use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::extract::{FromRequestParts, Request, State};
 use axum::http::HeaderValue;
@@ -34,7 +36,15 @@ fn bearer(parts: &axum::http::HeaderMap) -> Option<&str> {
 /// Keys this close to expiry get `Paygate-Key-Expires` on every response.
 pub const EXPIRY_WARNING: time::Duration = time::Duration::days(7);
 
-pub async fn middleware(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
+/// Every `/v1` answer is private to its caller, and some carry a key secret:
+/// no shared or browser cache may keep one.
+pub async fn middleware(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let mut response = authenticate_then(state, request, next).await;
+    response.headers_mut().insert(axum::http::header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}
+
+async fn authenticate_then(state: AppState, mut request: Request, next: Next) -> Response {
     let client = request.extensions().get::<ClientAddr>().map(|c| c.0).unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
     let now = paygate_domain::now();
     let outcome = match bearer(request.headers()) {
@@ -48,7 +58,15 @@ pub async fn middleware(State(state): State<AppState>, mut request: Request, nex
             span.record("key_id", tracing::field::display(caller.record.key.id));
             let expires_at = caller.record.key.expires_at;
             request.extensions_mut().insert(caller);
+            let checked = ScopeChecked::default();
+            request.extensions_mut().insert(checked.clone());
             let mut response = next.run(request).await;
+            // Deny by default, at run time too: a handler that answered without
+            // passing through `Authorized<S>` never gets its answer out.
+            if response.status().as_u16() < 400 && !checked.0.load(Ordering::Acquire) {
+                tracing::error!("route answered without declaring a scope; refused");
+                return ApiError::internal().into_response();
+            }
             if let Some(expires_at) = expires_at.filter(|e| *e - now <= EXPIRY_WARNING)
                 && let Ok(text) = expires_at.format(&time::format_description::well_known::Rfc3339)
                 && let Ok(value) = HeaderValue::from_str(&text)
@@ -82,6 +100,10 @@ fn problem_for(error: AuthError) -> ApiError {
         AuthError::Unavailable(e) => ApiError::from(e),
     }
 }
+
+/// Set by [`Authorized`] when the route's scope was checked.
+#[derive(Clone, Default)]
+struct ScopeChecked(Arc<AtomicBool>);
 
 /// A scope requirement, declared as a type in the handler's signature.
 pub trait RequiredScope: Send + Sync + 'static {
@@ -133,6 +155,9 @@ impl<S: RequiredScope, T: Send + Sync> FromRequestParts<T> for Authorized<S> {
             && !caller.record.key.scopes.contains(required)
         {
             return Err(ApiError::insufficient_scope(required.as_str()));
+        }
+        if let Some(checked) = parts.extensions.get::<ScopeChecked>() {
+            checked.0.store(true, Ordering::Release);
         }
         Ok(Self { caller, _scope: PhantomData })
     }

@@ -102,13 +102,7 @@ pub fn openapi_json() -> String {
 pub fn router(state: AppState, config: &ApiConfig) -> Router {
     let (v1, _) = v1().split_for_parts();
     let doc_json = Arc::new(openapi_json());
-    // Authentication wraps the fallback too: an unknown `/v1` path is 401 without
-    // a valid key and 404 with one, so route existence is not an oracle.
-    let v1 = v1
-        .fallback(not_found)
-        .method_not_allowed_fallback(method_not_allowed)
-        .layer(middleware::from_fn_with_state(state.clone(), auth::middleware))
-        .with_state(state);
+    let v1 = protect(v1, state);
     let timeout = config.request_timeout;
     Router::new()
         .route(
@@ -125,7 +119,25 @@ pub fn router(state: AppState, config: &ApiConfig) -> Router {
         .layer(tower_http::limit::RequestBodyLimitLayer::new(config.max_body_bytes))
         .layer(middleware::from_fn(move |req: Request, next: Next| with_timeout(timeout, req, next)))
         .layer(middleware::from_fn_with_state(Arc::new(config.trusted_proxies.clone()), client::middleware))
+        // A panic in a handler is a bug: answer 500 problem+json, keep serving.
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(|_: Box<dyn std::any::Any + Send>| {
+            tracing::error!("request handler panicked");
+            ApiError::internal().into_response()
+        }))
         .layer(middleware::from_fn(request_id::middleware))
+}
+
+/// Puts routes behind authentication and the run-time scope guard. Public so
+/// that tests can prove the guard refuses a route that declares no scope.
+///
+/// Authentication wraps the fallback too: an unknown `/v1` path is 401 without
+/// a valid key and 404 with one, so route existence is not an oracle.
+pub fn protect(routes: Router<AppState>, state: AppState) -> Router {
+    routes
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn_with_state(state.clone(), auth::middleware))
+        .with_state(state)
 }
 
 async fn not_found() -> ApiError {
@@ -146,5 +158,35 @@ async fn with_timeout(timeout: Duration, request: Request, next: Next) -> Respon
             "The request took too long; it may or may not have taken effect.",
         )
         .into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// ADR 0002: the API crate never reaches for operator powers. A
+    /// `CompanyScope` here comes only from authentication.
+    #[test]
+    fn the_api_never_names_operator_capabilities() {
+        let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        let mut stack = vec![src];
+        let mut files = 0;
+        while let Some(dir) = stack.pop() {
+            for entry in std::fs::read_dir(dir).unwrap() {
+                let path = entry.unwrap().path();
+                if path.is_dir() {
+                    stack.push(path);
+                    continue;
+                }
+                files += 1;
+                let text = std::fs::read_to_string(&path).unwrap();
+                let code: String =
+                    text.lines().filter(|l| !l.trim_start().starts_with("//")).collect::<Vec<_>>().join("\n");
+                let code = code.split("#[cfg(test)]").next().unwrap_or_default();
+                for forbidden in ["OperatorStore", "operator_scope", "revoke_api_key_by_id"] {
+                    assert!(!code.contains(forbidden), "{} names {forbidden}", path.display());
+                }
+            }
+        }
+        assert!(files > 5);
     }
 }

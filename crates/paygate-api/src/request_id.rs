@@ -73,8 +73,8 @@ pub async fn middleware(mut request: Request, next: Next) -> Response {
         400..=499 => "4xx",
         _ => "5xx",
     };
-    let method = method.as_str().to_owned();
-    metrics::counter!("paygate_http_requests_total", "route" => route.clone(), "method" => method.clone(), "status" => class)
+    let method = method_label(&method);
+    metrics::counter!("paygate_http_requests_total", "route" => route.clone(), "method" => method, "status" => class)
         .increment(1);
     metrics::histogram!("paygate_http_request_duration_seconds", "route" => route, "method" => method)
         .record(elapsed.as_secs_f64());
@@ -82,6 +82,21 @@ pub async fn middleware(mut request: Request, next: Next) -> Response {
         tracing::info!(status = status.as_u16(), latency_us = elapsed.as_micros() as u64, "request completed");
     });
     response
+}
+
+/// A closed set of labels: a client-chosen method must never mint a metric series.
+fn method_label(method: &axum::http::Method) -> &'static str {
+    use axum::http::Method;
+    match *method {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        Method::DELETE => "DELETE",
+        Method::OPTIONS => "OPTIONS",
+        _ => "other",
+    }
 }
 
 fn is_problem(response: &Response) -> bool {

@@ -8,7 +8,7 @@ pub enum LabelError {
     Empty,
     #[error("must be at most {0} characters")]
     TooLong(usize),
-    #[error("must not contain control characters")]
+    #[error("must not contain control or invisible formatting characters")]
     ControlCharacter,
 }
 
@@ -29,7 +29,7 @@ impl Label {
         if text.chars().count() > Self::MAX_CHARS {
             return Err(LabelError::TooLong(Self::MAX_CHARS));
         }
-        if text.chars().any(char::is_control) {
+        if text.chars().any(|c| c.is_control() || is_invisible_format(c)) {
             return Err(LabelError::ControlCharacter);
         }
         Ok(Self(text.to_owned()))
@@ -42,6 +42,15 @@ impl Label {
     pub fn into_string(self) -> String {
         self.0
     }
+}
+
+/// Zero-width and bidirectional formatting characters (Unicode category Cf in
+/// common use): they make two different labels look identical, and owners are
+/// compared by four-eyes rules.
+fn is_invisible_format(c: char) -> bool {
+    matches!(c,
+        '\u{00AD}' | '\u{061C}' | '\u{180E}' | '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}'
+        | '\u{2060}'..='\u{2064}' | '\u{2066}'..='\u{206F}' | '\u{FEFF}' | '\u{FFF9}'..='\u{FFFB}')
 }
 
 impl fmt::Display for Label {
@@ -65,6 +74,8 @@ mod tests {
         assert_eq!(Label::parse("  Acme  ").unwrap().as_str(), "Acme");
         assert_eq!(Label::parse(" "), Err(LabelError::Empty));
         assert_eq!(Label::parse("a\nb"), Err(LabelError::ControlCharacter));
+        assert_eq!(Label::parse("alice\u{200B}"), Err(LabelError::ControlCharacter));
+        assert_eq!(Label::parse("\u{202E}ecila"), Err(LabelError::ControlCharacter));
         assert!(Label::parse(&"é".repeat(200)).is_ok());
         assert_eq!(Label::parse(&"é".repeat(201)), Err(LabelError::TooLong(200)));
     }

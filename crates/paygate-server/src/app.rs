@@ -35,6 +35,8 @@ pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn OperatorStore
 /// A running server. Dropping it does not stop it; call [`Server::shutdown`].
 pub struct Server {
     pub api_addr: SocketAddr,
+    /// What the API handlers hold; tests use it to serve extra routers.
+    pub state: AppState,
     pub ops_addr: SocketAddr,
     pub store: Arc<dyn OperatorStore>,
     pub hasher: KeyHasher,
@@ -79,6 +81,7 @@ pub async fn start(config: &Config, options: StartOptions) -> anyhow::Result<Ser
     let ops_addr = ops_listener.local_addr()?;
 
     let state = AppState { store: api_store.clone(), auth: auth.clone() };
+    let api_state = state.clone();
     let api_config = ApiConfig {
         max_body_bytes: config.max_body_bytes,
         request_timeout: config.request_timeout,
@@ -113,6 +116,7 @@ pub async fn start(config: &Config, options: StartOptions) -> anyhow::Result<Ser
     let usage = tokio::spawn(auth.clone().record_usage());
     tracing::info!(api = %api_addr, ops = %ops_addr, database = %config.database.redacted(), backend = store.backend().as_str(), "paygate listening");
     Ok(Server {
+        state: api_state,
         api_addr,
         ops_addr,
         store,

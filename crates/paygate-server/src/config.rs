@@ -26,10 +26,17 @@ const SETTINGS: &[(&str, &str)] = &[
     ("trusted_proxies", "Comma-separated CIDRs whose X-Forwarded-For is believed."),
 ];
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub enum Database {
     Sqlite { url: String, path: PathBuf },
     Postgres { url: String },
+}
+
+/// Never prints a password, even through `{:?}`.
+impl std::fmt::Debug for Database {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.redacted())
+    }
 }
 
 impl Database {
@@ -46,12 +53,23 @@ impl Database {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub enum PepperSource {
     Inline(String),
     File(PathBuf),
     /// Embedded default: a generated file beside the SQLite database.
     BesideDatabase(PathBuf),
+}
+
+/// Never prints an inline pepper, even through `{:?}`.
+impl std::fmt::Debug for PepperSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Inline(_) => f.write_str("Inline(<redacted>)"),
+            Self::File(p) => f.debug_tuple("File").field(p).finish(),
+            Self::BesideDatabase(p) => f.debug_tuple("BesideDatabase").field(p).finish(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -322,8 +340,13 @@ mod tests {
     }
 
     #[test]
-    fn postgres_url_is_redacted() {
+    fn secrets_are_redacted_even_in_debug_output() {
         let d = parse_database("postgres://user:secret@db.internal:5432/paygate?sslmode=require").unwrap();
         assert_eq!(d.redacted(), "postgres://db.internal:5432/paygate");
+        let pepper = "ab".repeat(32);
+        let c = load(&[("PAYGATE_DATABASE_URL", "postgres://user:secret@db/x"), ("PAYGATE_KEY_PEPPER", &pepper)], None)
+            .unwrap();
+        let debug = format!("{c:?}");
+        assert!(!debug.contains("secret") && !debug.contains(&pepper), "{debug}");
     }
 }

@@ -4,18 +4,33 @@
 use std::net::SocketAddr;
 
 use paygate_domain::{KeyHasher, KeyMode, Label, Scope, ScopeSet};
-use paygate_store::{NewCompany, OperatorStore};
+use paygate_store::{NewCompany, OperatorStore, operator_scope};
 
 use crate::admin::{KeyRequest, create_key};
 
 pub const DEMO_COMPANY: &str = "Demo Co";
 
 pub async fn prepare(store: &dyn OperatorStore, hasher: &KeyHasher, api_addr: SocketAddr) -> anyhow::Result<()> {
-    let existing = store.list_companies().await?.into_iter().find(|c| c.name == DEMO_COMPANY);
+    if store.backend() != paygate_store::Backend::Sqlite {
+        anyhow::bail!(
+            "--demo is for the embedded SQLite default; on PostgreSQL create companies and keys with `paygate admin`"
+        );
+    }
+    // Found by its flag, never by name: a real tenant called "Demo Co" is left alone.
+    let existing = store.list_companies().await?.into_iter().find(|c| c.demo);
     let company = match existing {
         Some(c) => c,
-        None => store.create_company(NewCompany::new(Label::parse(DEMO_COMPANY)?)).await?,
+        None => {
+            let mut new = NewCompany::new(Label::parse(DEMO_COMPANY)?);
+            new.demo = true;
+            store.create_company(new).await?
+        }
     };
+    // Each start shows two fresh keys; the previous start's keys stop working.
+    let revoked = store.revoke_all_api_keys(&operator_scope(store, company.id), paygate_domain::now()).await?;
+    if revoked > 0 {
+        tracing::info!(revoked, "revoked the previous demo keys");
+    }
     let mut initiator_scopes = ScopeSet::all();
     initiator_scopes.remove(Scope::PaymentsApprove);
     let approver_scopes: ScopeSet = [Scope::PaymentsApprove, Scope::PaymentsRead].into_iter().collect();

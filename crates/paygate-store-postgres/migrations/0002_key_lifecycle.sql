@@ -6,3 +6,5 @@ ALTER TABLE api_keys ADD COLUMN last_used_ip text;
 
 ALTER TABLE companies ADD COLUMN key_default_lifetime_secs bigint;
 ALTER TABLE companies ADD COLUMN key_max_lifetime_secs bigint;
+-- The sandbox company of `serve --demo`, marked so no real tenant is mistaken for it.
+ALTER TABLE companies ADD COLUMN demo boolean NOT NULL DEFAULT false;

@@ -25,6 +25,9 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 #[derive(Clone)]
 pub struct PostgresStore {
     pool: PgPool,
+    /// One connection of its own for the auth revision poll, so a pool
+    /// exhausted by requests cannot starve the revocation signal.
+    signal_pool: PgPool,
 }
 
 impl PostgresStore {
@@ -35,10 +38,16 @@ impl PostgresStore {
         let pool = PgPoolOptions::new()
             .max_connections(16)
             .acquire_timeout(Duration::from_secs(5))
+            .connect_with(options.clone())
+            .await
+            .map_err(map_err)?;
+        let signal_pool = PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(Duration::from_millis(500))
             .connect_with(options)
             .await
             .map_err(map_err)?;
-        Ok(Self { pool })
+        Ok(Self { pool, signal_pool })
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -75,7 +84,7 @@ fn corrupt(what: &str, e: impl std::fmt::Display) -> StoreError {
 }
 
 const COMPANY_SELECT: &str =
-    "SELECT id, name, status, created_at, key_default_lifetime_secs, key_max_lifetime_secs FROM companies";
+    "SELECT id, name, status, created_at, key_default_lifetime_secs, key_max_lifetime_secs, demo FROM companies";
 
 fn company_from_row(row: &PgRow) -> StoreResult<Company> {
     let status: String = get(row, "status")?;
@@ -90,6 +99,7 @@ fn company_from_row(row: &PgRow) -> StoreResult<Company> {
             default_lifetime: default.map(time::Duration::seconds),
             max_lifetime: max.map(time::Duration::seconds),
         },
+        demo: get(row, "demo")?,
     })
 }
 
@@ -215,7 +225,7 @@ impl Store for PostgresStore {
 
     async fn auth_revision(&self) -> StoreResult<i64> {
         sqlx::query_scalar("SELECT revision FROM auth_revision WHERE id = 1")
-            .fetch_one(&self.pool)
+            .fetch_one(&self.signal_pool)
             .await
             .map_err(map_err)
     }
@@ -368,13 +378,15 @@ impl OperatorStore for PostgresStore {
             status: CompanyStatus::Active,
             created_at: new.created_at,
             key_policy: KeyPolicy::default(),
+            demo: new.demo,
         };
         let mut tx = self.begin_write().await?;
-        sqlx::query("INSERT INTO companies (id, name, status, created_at) VALUES ($1, $2, $3, $4)")
+        sqlx::query("INSERT INTO companies (id, name, status, created_at, demo) VALUES ($1, $2, $3, $4, $5)")
             .bind(company.id.as_uuid())
             .bind(&company.name)
             .bind(company.status.as_str())
             .bind(company.created_at)
+            .bind(company.demo)
             .execute(&mut *tx)
             .await
             .map_err(map_err)?;

@@ -6,3 +6,5 @@ ALTER TABLE api_keys ADD COLUMN last_used_ip TEXT;
 
 ALTER TABLE companies ADD COLUMN key_default_lifetime_secs INTEGER;
 ALTER TABLE companies ADD COLUMN key_max_lifetime_secs INTEGER;
+-- The sandbox company of `serve --demo`, marked so no real tenant is mistaken for it.
+ALTER TABLE companies ADD COLUMN demo INTEGER NOT NULL DEFAULT 0 CHECK (demo IN (0, 1));

@@ -26,6 +26,9 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 #[derive(Clone)]
 pub struct SqliteStore {
     pool: SqlitePool,
+    /// One connection of its own for the auth revision poll, so a pool
+    /// exhausted by requests cannot starve the revocation signal.
+    signal_pool: SqlitePool,
 }
 
 impl SqliteStore {
@@ -41,10 +44,16 @@ impl SqliteStore {
         let pool = SqlitePoolOptions::new()
             .max_connections(8)
             .acquire_timeout(Duration::from_secs(5))
-            .connect_with(options)
+            .connect_with(options.clone())
             .await
             .map_err(map_err)?;
-        Ok(Self { pool })
+        let signal_pool = SqlitePoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(Duration::from_millis(500))
+            .connect_with(options.busy_timeout(Duration::from_millis(500)))
+            .await
+            .map_err(map_err)?;
+        Ok(Self { pool, signal_pool })
     }
 
     pub fn pool(&self) -> &SqlitePool {
@@ -93,7 +102,7 @@ fn corrupt(what: &str, e: impl std::fmt::Display) -> StoreError {
 }
 
 const COMPANY_SELECT: &str =
-    "SELECT id, name, status, created_at, key_default_lifetime_secs, key_max_lifetime_secs FROM companies";
+    "SELECT id, name, status, created_at, key_default_lifetime_secs, key_max_lifetime_secs, demo FROM companies";
 
 fn company_from_row(row: &SqliteRow) -> StoreResult<Company> {
     let status: String = get(row, "status")?;
@@ -108,6 +117,7 @@ fn company_from_row(row: &SqliteRow) -> StoreResult<Company> {
             default_lifetime: default.map(time::Duration::seconds),
             max_lifetime: max.map(time::Duration::seconds),
         },
+        demo: get::<i64>(row, "demo")? != 0,
     })
 }
 
@@ -237,7 +247,7 @@ impl Store for SqliteStore {
 
     async fn auth_revision(&self) -> StoreResult<i64> {
         sqlx::query_scalar("SELECT revision FROM auth_revision WHERE id = 1")
-            .fetch_one(&self.pool)
+            .fetch_one(&self.signal_pool)
             .await
             .map_err(map_err)
     }
@@ -376,13 +386,15 @@ impl OperatorStore for SqliteStore {
             status: CompanyStatus::Active,
             created_at: new.created_at,
             key_policy: KeyPolicy::default(),
+            demo: new.demo,
         };
         let mut tx = self.begin_write().await?;
-        sqlx::query("INSERT INTO companies (id, name, status, created_at) VALUES (?, ?, ?, ?)")
+        sqlx::query("INSERT INTO companies (id, name, status, created_at, demo) VALUES (?, ?, ?, ?, ?)")
             .bind(company.id.as_uuid())
             .bind(&company.name)
             .bind(company.status.as_str())
             .bind(micros(company.created_at))
+            .bind(company.demo as i64)
             .execute(&mut *tx)
             .await
             .map_err(map_err)?;

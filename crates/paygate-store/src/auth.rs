@@ -187,8 +187,11 @@ impl Authenticator {
 
     /// One poll of the auth revision. Returns whether the cache was dropped.
     pub async fn poll_revision(&self) -> Result<bool, StoreError> {
+        // Freshness dates from before the read: a revocation committed while the
+        // answer travels back must not extend the window past `max_staleness`.
+        let asked_at = self.cache.now_ms();
         let revision = self.store.auth_revision().await?;
-        Ok(self.cache.observe_revision(revision))
+        Ok(self.cache.observe_revision(revision, asked_at))
     }
 
     /// Polls forever; run it as a background task next to the server.
@@ -317,7 +320,12 @@ impl KeyCache {
         metrics::gauge!("paygate_key_cache_entries").set(entries.len() as f64);
     }
 
-    fn observe_revision(&self, revision: i64) -> bool {
+    /// Milliseconds since `epoch`, at least 1 (0 means "never polled").
+    fn now_ms(&self) -> u64 {
+        (self.epoch.elapsed().as_millis() as u64).max(1)
+    }
+
+    fn observe_revision(&self, revision: i64, asked_at_ms: u64) -> bool {
         let mut last = self.last_revision.lock();
         // The first observation counts as a change: entries cached before it were
         // read under an unknown revision.
@@ -326,9 +334,7 @@ impl KeyCache {
             self.drop_all();
         }
         *last = Some(revision);
-        // At least 1 so that 0 keeps meaning "never polled".
-        let now_ms = (self.epoch.elapsed().as_millis() as u64).max(1);
-        self.fresh_at_ms.store(now_ms, Ordering::Release);
+        self.fresh_at_ms.fetch_max(asked_at_ms, Ordering::AcqRel);
         changed
     }
 

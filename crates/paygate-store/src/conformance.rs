@@ -298,15 +298,22 @@ pub async fn authenticator_refuses_each_bad_state(store: Arc<dyn OperatorStore>)
     let wrong = Authenticator::new(store.clone(), other_pepper, AuthConfig::default());
     assert!(matches!(wrong.verify_key(&issued.text, now).await, Err(AuthError::WrongSecret)));
 
+    // The cache is in use (polled) and warm for every key below, so each refusal
+    // must come from the cached record or the revision signal.
+    auth.poll_revision().await.unwrap();
     let expiring = issue(&*store, a.id, "keys:read", Some(now + Duration::seconds(60))).await;
     assert!(auth.verify_key(&expiring.text, now).await.is_ok());
     assert!(matches!(auth.verify_key(&expiring.text, now + Duration::seconds(60)).await, Err(AuthError::Expired)));
 
+    assert!(auth.verify_key(&issued.text, now).await.is_ok());
     store.revoke_api_key_by_id(issued.key.id, now).await.unwrap();
+    assert!(auth.poll_revision().await.unwrap());
     assert!(matches!(auth.verify_key(&issued.text, now).await, Err(AuthError::Revoked)));
 
     let live = issue(&*store, a.id, "keys:read", None).await;
+    assert!(auth.verify_key(&live.text, now).await.is_ok());
     store.set_company_status(a.id, CompanyStatus::Suspended).await.unwrap();
+    assert!(auth.poll_revision().await.unwrap());
     assert!(matches!(auth.verify_key(&live.text, now).await, Err(AuthError::CompanySuspended)));
 }
 
@@ -451,12 +458,19 @@ pub async fn concurrent_key_creation_and_revocation(store: Arc<dyn OperatorStore
             ));
         }
     }
+    let mut results = Vec::new();
     for t in tasks {
-        assert!(t.await.unwrap().unwrap().is_some());
+        results.push(t.await.unwrap().unwrap().unwrap());
+    }
+    for pair in results.chunks(2) {
+        assert_eq!(pair[0].revoked_at, pair[1].revoked_at, "both callers see the one timestamp that stands");
     }
     let page = store.list_api_keys(&scope(&*store, a.id), PageRequest { limit: 100, after: None }).await.unwrap();
     assert_eq!(page.items.len(), 16);
-    assert!(page.items.iter().all(|k| k.revoked_at.is_some()));
+    for key in &page.items {
+        let seen = results.iter().find(|r| r.id == key.id).unwrap();
+        assert_eq!(key.revoked_at, seen.revoked_at);
+    }
 }
 
 fn new_key(mode: KeyMode, scopes: &str, cidrs: &str) -> (NewApiKey, String) {

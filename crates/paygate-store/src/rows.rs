@@ -12,6 +12,8 @@ pub struct Company {
     pub status: CompanyStatus,
     pub created_at: OffsetDateTime,
     pub key_policy: KeyPolicy,
+    /// The sandbox company of `serve --demo`.
+    pub demo: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -19,11 +21,12 @@ pub struct NewCompany {
     pub id: CompanyId,
     pub name: Label,
     pub created_at: OffsetDateTime,
+    pub demo: bool,
 }
 
 impl NewCompany {
     pub fn new(name: Label) -> Self {
-        Self { id: CompanyId::generate(), name, created_at: paygate_domain::now() }
+        Self { id: CompanyId::generate(), name, created_at: paygate_domain::now(), demo: false }
     }
 }
 

@@ -119,7 +119,7 @@ pub async fn create_api_key(
     auth: Authorized<scope::KeysManage>,
     State(state): State<AppState>,
     JsonBody(body): JsonBody<CreateApiKey>,
-) -> Result<(StatusCode, axum::response::Json<CreatedApiKey>), ApiError> {
+) -> Result<Created, ApiError> {
     let now = paygate_domain::now();
     let mut errors = Vec::new();
     let name = Label::parse(&body.name).map_err(|e| errors.push(FieldError::pointer("/name", e.to_string()))).ok();
@@ -131,14 +131,20 @@ pub async fn create_api_key(
             Err(e) => errors.push(FieldError::pointer(format!("/scopes/{i}"), e.to_string())),
         }
     }
-    let expires_at = match body.expires_at.as_deref().map(|t| OffsetDateTime::parse(t, &Rfc3339)) {
+    // Converted to UTC with a checked conversion: an offset can push a valid
+    // RFC 3339 time past year 9999.
+    let parsed = body
+        .expires_at
+        .as_deref()
+        .map(|t| OffsetDateTime::parse(t, &Rfc3339).ok().and_then(|t| t.checked_to_offset(time::UtcOffset::UTC)));
+    let expires_at = match parsed {
         None => None,
-        Some(Ok(t)) if t > now => Some(paygate_domain::truncate_to_micros(t.to_offset(time::UtcOffset::UTC))),
-        Some(Ok(_)) => {
+        Some(Some(t)) if t > now => Some(paygate_domain::truncate_to_micros(t)),
+        Some(Some(_)) => {
             errors.push(FieldError::pointer("/expires_at", "must be in the future"));
             None
         }
-        Some(Err(_)) => {
+        Some(None) => {
             errors.push(FieldError::pointer("/expires_at", "must be an RFC 3339 date-time, e.g. 2027-01-31T00:00:00Z"));
             None
         }
@@ -186,8 +192,7 @@ pub async fn create_api_key(
             },
         )
         .await?;
-    let body = CreatedApiKey { key: ApiKeyView::new(key, now), secret: generated.text.to_string() };
-    Ok((StatusCode::CREATED, axum::response::Json(body)))
+    Ok(created(ApiKeyView::new(key, now), &generated.text))
 }
 
 /// Revoke a key of the caller's company at once. Revoking a revoked key changes
@@ -201,7 +206,7 @@ pub async fn create_api_key(
     responses(
         (status = 200, description = "The revoked key", body = ApiKeyView),
         (status = 401, description = "Unauthenticated", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "Missing `keys:manage`", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Missing `keys:manage`; `mode_mismatch` for a key of the other mode", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such key", body = Problem, content_type = "application/problem+json"),
     )
 )]
@@ -212,9 +217,33 @@ pub async fn revoke_api_key(
 ) -> Result<Json<ApiKeyView>, ApiError> {
     let id = ApiKeyId::parse(&id).map_err(|_| ApiError::not_found("API key"))?;
     let now = paygate_domain::now();
+    let target = state.store.get_api_key(auth.scope(), id).await?.ok_or_else(|| ApiError::not_found("API key"))?;
+    // Test keys manage test keys; live keys are a separate world.
+    check_mode(auth.caller.record.key.mode, target.mode, "revoke")?;
     let key = state.store.revoke_api_key(auth.scope(), id, now).await?.ok_or_else(|| ApiError::not_found("API key"))?;
     state.auth.invalidate();
     Ok(Json(ApiKeyView::new(key, now)))
+}
+
+fn check_mode(caller: paygate_domain::KeyMode, target: paygate_domain::KeyMode, action: &str) -> Result<(), ApiError> {
+    if caller == target {
+        return Ok(());
+    }
+    Err(ApiError::new(
+        StatusCode::FORBIDDEN,
+        "mode_mismatch",
+        "Mode mismatch",
+        format!("A {caller} key cannot {action} a {target} key."),
+    ))
+}
+
+/// A 201 with `Location` and the key text, shown this once.
+type Created = (StatusCode, [(axum::http::HeaderName, String); 1], axum::response::Json<CreatedApiKey>);
+
+fn created(key: ApiKeyView, text: &str) -> Created {
+    let location = format!("/v1/api-keys/{}", key.id);
+    let body = CreatedApiKey { key, secret: text.to_owned() };
+    (StatusCode::CREATED, [(axum::http::header::LOCATION, location)], axum::response::Json(body))
 }
 
 fn lifetime_exceeded(e: LifetimeExceedsPolicy) -> ApiError {
@@ -264,7 +293,7 @@ pub async fn rotate_api_key(
     State(state): State<AppState>,
     Path(id): Path<String>,
     OptionalJson(body): OptionalJson<RotateApiKey>,
-) -> Result<(StatusCode, axum::response::Json<CreatedApiKey>), ApiError> {
+) -> Result<Created, ApiError> {
     let id = ApiKeyId::parse(&id).map_err(|_| ApiError::not_found("API key"))?;
     let grace = body.grace_period_seconds.unwrap_or(DEFAULT_GRACE_SECONDS);
     if !(0..=MAX_GRACE_SECONDS).contains(&grace) {
@@ -286,14 +315,7 @@ pub async fn rotate_api_key(
             "A key can rotate only keys whose scopes it holds itself.",
         ));
     }
-    if old.mode != caller.mode {
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "mode_mismatch",
-            "Mode mismatch",
-            format!("A {} key cannot rotate a {} key.", caller.mode, old.mode),
-        ));
-    }
+    check_mode(caller.mode, old.mode, "rotate")?;
     // The successor keeps the old key's lifetime, within today's policy.
     let policy = state.store.get_company(auth.scope()).await?.key_policy;
     let requested = old.expires_at.map(|e| now + (e - old.created_at));
@@ -325,6 +347,5 @@ pub async fn rotate_api_key(
     };
     // The old key's expiry changed: this node drops cached copies at once.
     state.auth.invalidate();
-    let body = CreatedApiKey { key: ApiKeyView::new(new, now), secret: generated.text.to_string() };
-    Ok((StatusCode::CREATED, axum::response::Json(body)))
+    Ok(created(ApiKeyView::new(new, now), &generated.text))
 }

@@ -13,6 +13,7 @@ backend_tests!(
     missing_scope_is_403_naming_the_scope,
     every_v1_route_declares_a_scope,
     me_returns_the_calling_key_and_company,
+    a_route_without_a_scope_cannot_answer,
     concurrent_requests_from_two_companies_never_cross,
 );
 
@@ -86,6 +87,8 @@ async fn revoked_expired_and_suspended_keys_are_refused(app: TestApp) {
     problem(app.get("/v1/me", &expiring).send().await.unwrap(), StatusCode::UNAUTHORIZED, "api_key_expired").await;
 
     let live = app.key(acme.id, "keys:read").await;
+    // Cached before the suspension: only the revision signal can refuse it.
+    json(app.get("/v1/me", &live).send().await.unwrap(), StatusCode::OK).await;
     app.store.set_company_status(acme.id, CompanyStatus::Suspended).await.unwrap();
     tokio::time::sleep(std::time::Duration::from_millis(600)).await;
     let body =
@@ -120,6 +123,9 @@ async fn every_v1_route_declares_a_scope(app: TestApp) {
     let acme = app.company("Acme").await;
     let doc = paygate_api::openapi();
     let mut walked = 0;
+    // The only operations open to any valid key, whatever its scopes.
+    let open_to_any_key = ["GET /v1/me"];
+    let mut open = Vec::new();
     for (path, item) in doc.paths.paths.iter() {
         assert!(path.starts_with("/v1/"), "{path} is outside /v1");
         let concrete = path.replace("{id}", "key_0000000000000000000000");
@@ -142,6 +148,9 @@ async fn every_v1_route_declares_a_scope(app: TestApp) {
                 .map(|s| s.as_str().unwrap().to_owned())
                 .collect();
             assert!(scopes.len() <= 1, "{method} {path}: one scope per route");
+            if scopes.is_empty() {
+                open.push(format!("{method} {path}"));
+            }
 
             let anonymous = app.request(method.clone(), &concrete, None).send().await.unwrap();
             assert_eq!(anonymous.status(), StatusCode::UNAUTHORIZED, "{method} {path} without a key");
@@ -163,7 +172,8 @@ async fn every_v1_route_declares_a_scope(app: TestApp) {
             }
         }
     }
-    assert!(walked >= 5, "walked only {walked} operations");
+    assert!(walked >= 6, "walked only {walked} operations");
+    assert_eq!(open, open_to_any_key, "an operation declares no scope");
 }
 
 async fn me_returns_the_calling_key_and_company(app: TestApp) {
@@ -203,4 +213,28 @@ async fn concurrent_requests_from_two_companies_never_cross(app: TestApp) {
     for t in tasks {
         t.await.unwrap();
     }
+}
+
+/// The run-time half of deny by default: a handler served behind
+/// `paygate_api::protect` that never takes `Authorized<S>` cannot answer 2xx.
+async fn a_route_without_a_scope_cannot_answer(app: TestApp) {
+    let acme = app.company("Acme").await;
+    let key = app.key(acme.id, &Scope::ALL.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(",")).await;
+    let state = app.server.as_ref().unwrap().state.clone();
+    let forgetful = axum::Router::new().route("/v1/forgetful", axum::routing::get(|| async { "company data" }));
+    let guarded = axum::Router::new().route(
+        "/v1/guarded",
+        axum::routing::get(|_: paygate_api::auth::Authorized<paygate_api::auth::scope::KeysRead>| async { "ok" }),
+    );
+    let router = paygate_api::protect(forgetful.merge(guarded), state);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let service = router.into_make_service_with_connect_info::<std::net::SocketAddr>();
+    tokio::spawn(async move { axum::serve(listener, service).await.unwrap() });
+    let http = reqwest::Client::new();
+    let refused = http.get(format!("http://{addr}/v1/forgetful")).bearer_auth(&key).send().await.unwrap();
+    assert_eq!(refused.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    assert!(!refused.text().await.unwrap().contains("company data"));
+    let allowed = http.get(format!("http://{addr}/v1/guarded")).bearer_auth(&key).send().await.unwrap();
+    assert_eq!(allowed.status(), StatusCode::OK);
 }

@@ -46,8 +46,15 @@ macro_rules! backend_tests {
     };
 }
 
+/// The PostgreSQL server for tests. Unset: PostgreSQL cases are skipped, except
+/// under CI (`CI` set), where a missing URL fails the run instead of passing it
+/// without testing anything.
 pub fn postgres_url() -> Option<String> {
-    std::env::var("PAYGATE_TEST_POSTGRES_URL").ok().filter(|u| !u.is_empty())
+    let url = std::env::var("PAYGATE_TEST_POSTGRES_URL").ok().filter(|u| !u.is_empty());
+    if url.is_none() && std::env::var_os("CI").is_some() {
+        panic!("CI is set but PAYGATE_TEST_POSTGRES_URL is not: PostgreSQL cases would silently pass");
+    }
+    url
 }
 
 /// A running server on a fresh database, plus what a test needs to drive it.
@@ -61,7 +68,7 @@ pub struct TestApp {
     /// The configuration as environment variables, for CLI subprocesses.
     pub env: BTreeMap<String, String>,
     pub dir: TempDir,
-    server: Option<Server>,
+    pub server: Option<Server>,
     _pg: Option<TestDatabase>,
 }
 

@@ -23,7 +23,10 @@ async fn create_key_within_scope_and_use_it(app: TestApp) {
         .send()
         .await
         .unwrap();
+    assert_eq!(response.headers()["cache-control"], "no-store", "a response carrying a secret is never cached");
+    let location = response.headers()["location"].to_str().unwrap().to_owned();
     let created: Value = json(response, StatusCode::CREATED).await;
+    assert_eq!(location, format!("/v1/api-keys/{}", created["id"].as_str().unwrap()));
     let secret = created["secret"].as_str().unwrap().to_owned();
     assert!(secret.starts_with("pgk_test_key_"), "mode follows the caller");
     assert_eq!(created["mode"], "test");
@@ -74,6 +77,9 @@ async fn create_key_rejects_invalid_fields_with_pointers(app: TestApp) {
         (body!({"name": "n", "owner": "o", "scopes": ["keys:manage", "keys:admin"]}), "/scopes/1"),
         (body!({"name": "n", "owner": "o", "scopes": [], "expires_at": "tomorrow"}), "/expires_at"),
         (body!({"name": "n", "owner": "o", "scopes": [], "expires_at": "2001-01-01T00:00:00Z"}), "/expires_at"),
+        // Valid RFC 3339 whose UTC form is past year 9999: refused, never a panic.
+        (body!({"name": "n", "owner": "o", "scopes": [], "expires_at": "9999-12-31T23:59:59-23:59"}), "/expires_at"),
+        (body!({"name": "n", "owner": "alice\u{200B}", "scopes": []}), "/owner"),
         (body!({"name": "x".repeat(201), "owner": "o", "scopes": []}), "/name"),
         (body!({"name": 5, "owner": "o", "scopes": []}), "/name"),
         (body!({"name": "n", "owner": "o", "scopes": "keys:manage"}), "/scopes"),

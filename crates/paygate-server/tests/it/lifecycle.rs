@@ -109,7 +109,10 @@ async fn rotation_refuses_bad_states_escalation_and_foreign_keys(app: TestApp) {
     problem(rotate(broader, body!(60)).send().await.unwrap(), StatusCode::FORBIDDEN, "scope_escalation").await;
 
     let live = id_of(&app.key_with(acme.id, "keys:read", paygate_domain::KeyMode::Live, None).await);
-    problem(rotate(live, body!(60)).send().await.unwrap(), StatusCode::FORBIDDEN, "mode_mismatch").await;
+    problem(rotate(live.clone(), body!(60)).send().await.unwrap(), StatusCode::FORBIDDEN, "mode_mismatch").await;
+    // A test key cannot revoke a live key either: the modes are separate worlds.
+    let r = app.post(&format!("/v1/api-keys/{live}/revoke"), &admin).send().await.unwrap();
+    problem(r, StatusCode::FORBIDDEN, "mode_mismatch").await;
 
     let fine = id_of(&app.key(acme.id, "keys:read").await);
     for bad in [body!(-1), body!(604_801), body!("soon"), body!(1.5)] {

@@ -12,6 +12,9 @@ async fn ops_listener_serves_health_readiness_and_metrics(app: TestApp) {
     let key = app.key(acme.id, "keys:read").await;
     app.get("/v1/api-keys", &key).send().await.unwrap();
     app.request(reqwest::Method::GET, "/v1/me", None).send().await.unwrap();
+    // Client-chosen methods never become metric labels (bounded series, I10).
+    let odd = reqwest::Method::from_bytes(b"FROBNICATE").unwrap();
+    app.request(odd, "/v1/me", Some(&key)).send().await.unwrap();
     let health = app.http.get(format!("{}/healthz", app.ops)).send().await.unwrap();
     assert_eq!(health.status(), StatusCode::OK);
     let ready = app.http.get(format!("{}/readyz", app.ops)).send().await.unwrap();
@@ -22,6 +25,8 @@ async fn ops_listener_serves_health_readiness_and_metrics(app: TestApp) {
         "{metrics}"
     );
     assert!(metrics.contains("paygate_http_request_duration_seconds_bucket"));
+    assert!(!metrics.contains("FROBNICATE"));
+    assert!(metrics.contains("method=\"other\""));
     assert!(metrics.contains("paygate_auth_failures_total{reason=\"missing\"}"));
     // Metrics are not on the API listener.
     let on_api = app.request(reqwest::Method::GET, "/metrics", None).send().await.unwrap();

@@ -196,7 +196,15 @@ async fn malformed_keys_never_reach_the_store() {
 #[tokio::test]
 async fn demo_curl_line_returns_the_demo_company() {
     let dir = tempfile::tempdir().unwrap();
+    // A real tenant that happens to be called "Demo Co" is never the sandbox.
+    let out = Command::new(BIN)
+        .args(["admin", "company", "create", "--name", "Demo Co", "--json"])
+        .env("PAYGATE_DATABASE_URL", format!("sqlite://{}", dir.path().join("paygate.db").display()))
+        .output()
+        .unwrap();
+    let tenant: Value = serde_json::from_slice(&out.stdout).unwrap();
     let mut company_ids = Vec::new();
+    let mut first_keys: Option<String> = None;
     for _ in 0..2 {
         let server = start(dir.path(), &["serve", "--demo"], "info");
         let (initiator, approver, curl) = server.demo_keys();
@@ -212,9 +220,16 @@ async fn demo_curl_line_returns_the_demo_company() {
             reqwest::Client::new().get(&url).bearer_auth(&approver).send().await.unwrap().json().await.unwrap();
         assert_eq!(approver_me["key"]["scopes"], serde_json::json!(["payments:read", "payments:approve"]));
         company_ids.push(me["company"]["id"].as_str().unwrap().to_owned());
+        if let Some(previous) = &first_keys {
+            // Each start revokes the previous start's demo keys.
+            let r = reqwest::Client::new().get(&url).bearer_auth(previous).send().await.unwrap();
+            assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+        }
+        first_keys = Some(initiator.clone());
         assert!(server.terminate().0.success());
     }
     assert_eq!(company_ids[0], company_ids[1], "the demo company is created once");
+    assert_ne!(company_ids[0], tenant["id"].as_str().unwrap());
     // The embedded default generated a 0600 pepper file beside the database.
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(dir.path().join("paygate.db.pepper")).unwrap().permissions().mode();

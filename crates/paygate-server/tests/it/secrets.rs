@@ -46,6 +46,33 @@ async fn database_contents(app: &TestApp) -> String {
     }
 }
 
+/// Raw bytes (SQLite files; PostgreSQL `bytea` columns as stored bytes).
+async fn contents_bytes(app: &TestApp) -> Vec<u8> {
+    match app.backend {
+        Backend::Sqlite => database_contents(app).await.into_bytes().into_iter().chain(raw_sqlite_files(app)).collect(),
+        Backend::Postgres => {
+            use sqlx::Connection;
+            let mut conn = sqlx::PgConnection::connect(&app.env["PAYGATE_DATABASE_URL"]).await.unwrap();
+            let hashes: Vec<Vec<u8>> =
+                sqlx::query_scalar("SELECT secret_hash FROM api_keys").fetch_all(&mut conn).await.unwrap();
+            hashes.concat()
+        }
+    }
+}
+
+fn raw_sqlite_files(app: &TestApp) -> Vec<u8> {
+    let mut all = Vec::new();
+    for entry in std::fs::read_dir(app.dir.path()).unwrap() {
+        let path = entry.unwrap().path();
+        if path.file_name().unwrap().to_string_lossy().starts_with("paygate.db")
+            && !path.to_string_lossy().ends_with(".pepper")
+        {
+            all.extend(std::fs::read(&path).unwrap());
+        }
+    }
+    all
+}
+
 async fn secrets_are_stored_only_as_hmac(app: TestApp) {
     let acme = app.company("Plaintext Probe Co").await;
     let admin = app.key(acme.id, "keys:read,keys:manage").await;
@@ -66,7 +93,17 @@ async fn secrets_are_stored_only_as_hmac(app: TestApp) {
     // The scan sees stored text: the company name is there in clear.
     assert!(contents.contains("Plaintext Probe Co"), "the scan must be able to see stored text");
     for key in [&admin, &api_issued] {
-        assert!(!contents.contains(secret_of(key)), "a key secret is stored in clear");
+        let secret = secret_of(key);
+        assert!(!contents.contains(secret), "a key secret is stored in clear");
         assert!(!contents.contains(&key[key.len() - 20..]), "a fragment of a key is stored in clear");
+        // Neither is an unkeyed digest of it: what is stored is HMAC(pepper, secret).
+        use sha2::Digest;
+        let plain = sha2::Sha256::digest(secret.as_bytes());
+        let plain_hex: String = plain.iter().map(|b| format!("{b:02x}")).collect();
+        assert!(!contents.contains(&plain_hex));
+        assert!(!contents_bytes(&app).await.windows(32).any(|w| w == plain.as_slice()));
+        let parsed = paygate_domain::ApiKeyText::parse(key).unwrap();
+        let record = app.store.find_key_for_auth(parsed.id()).await.unwrap().unwrap();
+        assert_eq!(record.secret_hash, app.hasher.hash(secret.as_bytes()), "the stored hash is the peppered HMAC");
     }
 }
