@@ -1,0 +1,150 @@
+//! The in-process backend: sharded maps of arrival times with a hard bound on
+//! entries. An entry whose arrival time has passed carries no information (the
+//! limit is full again), so evicting it changes nothing; only when a shard is
+//! full of live entries does one go early (counted).
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, Hash, Hasher};
+use std::time::Instant;
+
+use async_trait::async_trait;
+use parking_lot::Mutex;
+
+use crate::{Decision, Limit, LimiterError, Mode, RateLimiter, evaluate};
+
+const SHARDS: usize = 64;
+
+pub struct MemoryLimiter {
+    shards: Vec<Mutex<HashMap<String, u64>>>,
+    per_shard: usize,
+    epoch: Instant,
+    hasher: std::collections::hash_map::RandomState,
+}
+
+impl MemoryLimiter {
+    /// At most `capacity` tracked limits in all (rounded up to the shard count).
+    pub fn new(capacity: usize) -> Self {
+        let per_shard = capacity.div_ceil(SHARDS).max(1);
+        Self {
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            per_shard,
+            epoch: Instant::now(),
+            hasher: Default::default(),
+        }
+    }
+
+    fn shard_of(&self, key: &str) -> usize {
+        let mut h = self.hasher.build_hasher();
+        key.hash(&mut h);
+        (h.finish() as usize) % SHARDS
+    }
+
+    fn now_us(&self) -> u64 {
+        self.epoch.elapsed().as_micros() as u64 + 1
+    }
+
+    /// Synchronous core, also used by the resilient fallback.
+    pub fn decide(&self, limits: &[Limit], mode: Mode) -> Decision {
+        let now = self.now_us();
+        // Lock every shard involved, in index order: concurrent multi-limit
+        // checks cannot deadlock and the decision is atomic across its limits.
+        let mut indexes: Vec<usize> = limits.iter().map(|l| self.shard_of(&l.key)).collect();
+        indexes.sort_unstable();
+        indexes.dedup();
+        let mut guards: Vec<(usize, parking_lot::MutexGuard<'_, HashMap<String, u64>>)> =
+            indexes.iter().map(|i| (*i, self.shards[*i].lock())).collect();
+        let mut outcomes = Vec::with_capacity(limits.len());
+        for limit in limits {
+            let shard = self.shard_of(&limit.key);
+            let map = &guards.iter().find(|(i, _)| *i == shard).expect("locked").1;
+            let tat = map.get(&limit.key).copied().unwrap_or(now).max(now);
+            outcomes.push(evaluate(limit.policy, limit.quota, tat - now));
+        }
+        let decision = Decision { outcomes };
+        if mode == Mode::Consume && decision.allowed() {
+            for (limit, outcome) in limits.iter().zip(&decision.outcomes) {
+                let shard = self.shard_of(&limit.key);
+                let map = &mut guards.iter_mut().find(|(i, _)| *i == shard).expect("locked").1;
+                let new_tat = now + outcome.reset_us;
+                if !map.contains_key(&limit.key) && map.len() >= self.per_shard {
+                    map.retain(|_, tat| *tat > now);
+                    if map.len() >= self.per_shard {
+                        if let Some(victim) = map.keys().next().cloned() {
+                            map.remove(&victim);
+                        }
+                        metrics::counter!("paygate_ratelimit_evictions_total").increment(1);
+                    }
+                }
+                map.insert(limit.key.clone(), new_tat);
+            }
+        }
+        decision
+    }
+
+    /// Tracked limits, for the memory bound test and the metric.
+    pub fn len(&self) -> usize {
+        self.shards.iter().map(|s| s.lock().len()).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.per_shard * SHARDS
+    }
+}
+
+#[async_trait]
+impl RateLimiter for MemoryLimiter {
+    async fn check(&self, limits: &[Limit], mode: Mode) -> Result<Decision, LimiterError> {
+        Ok(self.decide(limits, mode))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Quota;
+
+    fn limit(key: &str, rate: u32, burst: u32) -> Limit {
+        Limit { policy: "key", key: key.into(), quota: Quota::new(rate, burst) }
+    }
+
+    #[test]
+    fn all_or_nothing_across_limits() {
+        let l = MemoryLimiter::new(1000);
+        let tight = limit("company", 1, 1);
+        let loose = limit("key", 1000, 1000);
+        assert!(l.decide(&[loose.clone(), tight.clone()], Mode::Consume).allowed());
+        let refused = l.decide(&[loose.clone(), tight.clone()], Mode::Consume);
+        assert!(!refused.allowed());
+        assert_eq!(refused.tightest().unwrap().policy, "key");
+        // The refused request consumed nothing from the loose limit.
+        let after = l.decide(&[loose], Mode::Peek);
+        assert_eq!(after.outcomes[0].remaining, 998);
+    }
+
+    #[test]
+    fn peek_consumes_nothing() {
+        let l = MemoryLimiter::new(10);
+        let one = limit("x", 1, 1);
+        for _ in 0..5 {
+            assert!(l.decide(std::slice::from_ref(&one), Mode::Peek).allowed());
+        }
+        assert!(l.decide(std::slice::from_ref(&one), Mode::Consume).allowed());
+        assert!(!l.decide(&[one], Mode::Peek).allowed());
+    }
+
+    #[test]
+    fn memory_stays_bounded_under_a_million_distinct_keys() {
+        let l = MemoryLimiter::new(10_000);
+        for i in 0..1_000_000u32 {
+            let ip = std::net::Ipv4Addr::from(i.wrapping_mul(2_654_435_761));
+            let d = l.decide(&[Limit { policy: "client", key: format!("client:{ip}"), quota: Quota::new(1000, 2000) }], Mode::Consume);
+            assert!(d.allowed());
+        }
+        assert!(l.len() <= l.capacity(), "{} entries for capacity {}", l.len(), l.capacity());
+        assert!(l.capacity() <= 10_048);
+    }
+}

@@ -1,0 +1,118 @@
+//! The limiter the server holds. With Redis configured, every limit is shared
+//! by all nodes; when Redis fails, each node falls back to in-process limits
+//! at its share (quota ÷ configured node count), says so in logs and metrics,
+//! and returns to Redis by itself once a probe succeeds. It never fails open
+//! without a bound and never turns a Redis outage into a 5xx.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+
+use crate::{Decision, Limit, LimiterError, MemoryLimiter, Mode, RateLimiter, RedisLimiter};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Memory,
+    Redis,
+    /// Redis configured but failing: in-process at this node's share.
+    Degraded,
+}
+
+pub struct SharedLimiter {
+    redis: Option<RedisLimiter>,
+    memory: MemoryLimiter,
+    nodes: u32,
+    degraded: AtomicBool,
+    /// Microseconds since `epoch` before which Redis is not retried.
+    retry_at_us: AtomicU64,
+    epoch: Instant,
+    probe_every: Duration,
+}
+
+impl SharedLimiter {
+    pub fn in_process(capacity: usize) -> Arc<Self> {
+        Arc::new(Self::build(None, capacity, 1))
+    }
+
+    pub fn with_redis(redis: RedisLimiter, capacity: usize, nodes: u32) -> Arc<Self> {
+        Arc::new(Self::build(Some(redis), capacity, nodes))
+    }
+
+    fn build(redis: Option<RedisLimiter>, capacity: usize, nodes: u32) -> Self {
+        metrics::gauge!("paygate_ratelimit_degraded").set(0.0);
+        Self {
+            redis,
+            memory: MemoryLimiter::new(capacity),
+            nodes: nodes.max(1),
+            degraded: AtomicBool::new(false),
+            retry_at_us: AtomicU64::new(0),
+            epoch: Instant::now(),
+            probe_every: Duration::from_millis(500),
+        }
+    }
+
+    pub fn backend(&self) -> Backend {
+        match (&self.redis, self.degraded.load(Ordering::Acquire)) {
+            (None, _) => Backend::Memory,
+            (Some(_), false) => Backend::Redis,
+            (Some(_), true) => Backend::Degraded,
+        }
+    }
+
+    pub fn redis(&self) -> Option<&RedisLimiter> {
+        self.redis.as_ref()
+    }
+
+    fn now_us(&self) -> u64 {
+        self.epoch.elapsed().as_micros() as u64
+    }
+
+    fn fall_back(&self, limits: &[Limit], mode: Mode) -> Decision {
+        let shares: Vec<Limit> =
+            limits.iter().map(|l| Limit { quota: l.quota.divided(self.nodes), ..l.clone() }).collect();
+        let mut decision = self.memory.decide(&shares, mode);
+        // Report the configured quotas in headers; the node enforces its share.
+        for (outcome, limit) in decision.outcomes.iter_mut().zip(limits) {
+            outcome.quota = limit.quota;
+        }
+        decision
+    }
+
+    fn mark_degraded(&self, error: &LimiterError) {
+        self.retry_at_us.store(self.now_us() + self.probe_every.as_micros() as u64, Ordering::Release);
+        if !self.degraded.swap(true, Ordering::AcqRel) {
+            metrics::gauge!("paygate_ratelimit_degraded").set(1.0);
+            metrics::counter!("paygate_ratelimit_degradations_total").increment(1);
+            tracing::warn!(%error, nodes = self.nodes, "Redis rate limiting unavailable; enforcing this node's share in process");
+        }
+    }
+
+    fn mark_recovered(&self) {
+        if self.degraded.swap(false, Ordering::AcqRel) {
+            metrics::gauge!("paygate_ratelimit_degraded").set(0.0);
+            tracing::info!("Redis rate limiting recovered");
+        }
+    }
+}
+
+#[async_trait]
+impl RateLimiter for SharedLimiter {
+    async fn check(&self, limits: &[Limit], mode: Mode) -> Result<Decision, LimiterError> {
+        let Some(redis) = &self.redis else { return Ok(self.memory.decide(limits, mode)) };
+        if self.degraded.load(Ordering::Acquire) && self.now_us() < self.retry_at_us.load(Ordering::Acquire) {
+            return Ok(self.fall_back(limits, mode));
+        }
+        match redis.check(limits, mode).await {
+            Ok(decision) => {
+                self.mark_recovered();
+                Ok(decision)
+            }
+            Err(error) => {
+                self.mark_degraded(&error);
+                Ok(self.fall_back(limits, mode))
+            }
+        }
+    }
+}

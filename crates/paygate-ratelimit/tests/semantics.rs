@@ -1,0 +1,123 @@
+//! The same behaviour from the in-process and the Redis backend. The Redis
+//! cases run when `PAYGATE_TEST_REDIS_URL` is set (CI sets it).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use paygate_ratelimit::{Limit, MemoryLimiter, Mode, Quota, RateLimiter, RedisLimiter};
+
+fn unique(prefix: &str) -> String {
+    format!("{prefix}:{}:{}", std::process::id(), Instant::now().elapsed().as_nanos() ^ rand_ish())
+}
+
+fn rand_ish() -> u128 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
+}
+
+async fn backends() -> Vec<(&'static str, Arc<dyn RateLimiter>)> {
+    let mut out: Vec<(&'static str, Arc<dyn RateLimiter>)> = vec![("memory", Arc::new(MemoryLimiter::new(10_000)))];
+    match std::env::var("PAYGATE_TEST_REDIS_URL") {
+        Ok(url) => {
+            let prefix = format!("paygate:test:{}:", unique("rl"));
+            let redis = RedisLimiter::connect(&url, &prefix, Duration::from_millis(500)).await.expect("Redis reachable");
+            out.push(("redis", Arc::new(redis)));
+        }
+        Err(_) => assert!(std::env::var_os("CI").is_none(), "CI is set but PAYGATE_TEST_REDIS_URL is not"),
+    }
+    out
+}
+
+fn limit(policy: &'static str, key: &str, rate: u32, burst: u32) -> Limit {
+    Limit { policy, key: key.to_owned(), quota: Quota::new(rate, burst) }
+}
+
+#[tokio::test]
+async fn burst_is_exact_and_the_rate_refills() {
+    for (name, limiter) in backends().await {
+        let l = [limit("key", &unique("burst"), 20, 5)];
+        let mut admitted = 0;
+        for _ in 0..8 {
+            if limiter.check(&l, Mode::Consume).await.unwrap().allowed() {
+                admitted += 1;
+            }
+        }
+        assert_eq!(admitted, 5, "{name}: burst");
+        let refused = limiter.check(&l, Mode::Consume).await.unwrap();
+        let retry = refused.tightest().unwrap().retry_after_us;
+        assert!(retry > 0 && retry <= 50_000, "{name}: retry after {retry} µs");
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        assert!(limiter.check(&l, Mode::Consume).await.unwrap().allowed(), "{name}: refilled after one interval");
+    }
+}
+
+#[tokio::test]
+async fn steady_rate_is_accurate() {
+    for (name, limiter) in backends().await {
+        let l = [limit("key", &unique("steady"), 50, 1)];
+        let started = Instant::now();
+        let mut admitted = 0u32;
+        while started.elapsed() < Duration::from_millis(1000) {
+            if limiter.check(&l, Mode::Consume).await.unwrap().allowed() {
+                admitted += 1;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        // 50/s for 1 s, plus the first request at t=0.
+        assert!((45..=56).contains(&admitted), "{name}: admitted {admitted} in 1 s at 50/s");
+    }
+}
+
+#[tokio::test]
+async fn a_refusal_consumes_nothing_anywhere() {
+    for (name, limiter) in backends().await {
+        let company = unique("company");
+        let key_a = unique("a");
+        let key_b = unique("b");
+        // Two keys of one company: the company limit aggregates them.
+        let a = [limit("key", &key_a, 1000, 3), limit("company", &company, 1000, 4)];
+        let b = [limit("key", &key_b, 1000, 3), limit("company", &company, 1000, 4)];
+        for _ in 0..3 {
+            assert!(limiter.check(&a, Mode::Consume).await.unwrap().allowed(), "{name}");
+        }
+        assert!(limiter.check(&b, Mode::Consume).await.unwrap().allowed(), "{name}: company has one left");
+        let refused = limiter.check(&b, Mode::Consume).await.unwrap();
+        assert!(!refused.allowed());
+        assert_eq!(refused.tightest().unwrap().policy, "company", "{name}");
+        // Key b's own limit was not charged for the refused request.
+        let peek = limiter.check(&[limit("key", &key_b, 1000, 3)], Mode::Peek).await.unwrap();
+        assert_eq!(peek.outcomes[0].remaining, 1, "{name}: 3 - 1 used - 1 for the peek itself");
+    }
+}
+
+#[tokio::test]
+async fn peeking_never_consumes() {
+    for (name, limiter) in backends().await {
+        let l = [limit("auth_failures", &unique("peek"), 1, 2)];
+        for _ in 0..10 {
+            assert!(limiter.check(&l, Mode::Peek).await.unwrap().allowed(), "{name}");
+        }
+        assert!(limiter.check(&l, Mode::Consume).await.unwrap().allowed());
+        assert!(limiter.check(&l, Mode::Consume).await.unwrap().allowed());
+        assert!(!limiter.check(&l, Mode::Peek).await.unwrap().allowed(), "{name}");
+    }
+}
+
+#[tokio::test]
+async fn concurrent_checks_never_over_admit() {
+    for (name, limiter) in backends().await {
+        let key = unique("race");
+        let mut tasks = Vec::new();
+        for _ in 0..40 {
+            let limiter = limiter.clone();
+            let key = key.clone();
+            tasks.push(tokio::spawn(async move {
+                limiter.check(&[limit("key", &key, 1, 10)], Mode::Consume).await.unwrap().allowed()
+            }));
+        }
+        let mut admitted = 0;
+        for t in tasks {
+            admitted += t.await.unwrap() as u32;
+        }
+        assert_eq!(admitted, 10, "{name}");
+    }
+}
