@@ -10,9 +10,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::extract::{FromRequestParts, Request, State};
-use axum::http::HeaderValue;
 use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
+use axum::http::{HeaderValue, Method};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use paygate_domain::Scope;
@@ -46,6 +46,12 @@ pub async fn middleware(State(state): State<AppState>, request: Request, next: N
 
 async fn authenticate_then(state: AppState, mut request: Request, next: Next) -> Response {
     let client = request.extensions().get::<ClientAddr>().map(|c| c.0).unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+    // An address that failed too often is refused before any key is looked at,
+    // valid key or not: a success cannot launder earlier failures.
+    if let Some(refused) = state.limits.auth_throttled(client).await {
+        tracing::info!(reason = "auth_throttled", "authentication refused");
+        return refused;
+    }
     let now = paygate_domain::now();
     let outcome = match bearer(request.headers()) {
         None => Err(AuthError::Missing),
@@ -53,6 +59,20 @@ async fn authenticate_then(state: AppState, mut request: Request, next: Next) ->
     };
     match outcome {
         Ok(caller) => {
+            // Step 7: per-key and per-company limits, then write concurrency.
+            let limit = match state.limits.check_caller(&caller).await {
+                Ok(outcome) => outcome,
+                Err(refused) => return refused,
+            };
+            let is_write = !matches!(*request.method(), Method::GET | Method::HEAD | Method::OPTIONS);
+            let _slot = if is_write {
+                match state.limits.write_slot(&caller).await {
+                    Ok(slot) => Some(slot),
+                    Err(refused) => return refused,
+                }
+            } else {
+                None
+            };
             let span = tracing::Span::current();
             span.record("company_id", tracing::field::display(caller.scope.company_id()));
             span.record("key_id", tracing::field::display(caller.record.key.id));
@@ -73,9 +93,13 @@ async fn authenticate_then(state: AppState, mut request: Request, next: Next) ->
             {
                 response.headers_mut().insert(KEY_EXPIRES_HEADER, value);
             }
+            crate::ratelimit_headers::insert(response.headers_mut(), &limit);
             response
         }
         Err(error) => {
+            if !matches!(error, AuthError::Unavailable(_)) {
+                state.limits.note_auth_failure(client).await;
+            }
             metrics::counter!("paygate_auth_failures_total", "reason" => error.reason()).increment(1);
             tracing::info!(reason = error.reason(), "authentication failed");
             problem_for(error).into_response()

@@ -7,8 +7,10 @@
 pub mod auth;
 pub mod client;
 pub mod extract;
+pub mod limits;
 pub mod pagination;
 pub mod problem;
+pub mod ratelimit_headers;
 pub mod request_id;
 pub mod routes;
 pub mod views;
@@ -33,6 +35,7 @@ use crate::problem::ApiError;
 pub struct AppState {
     pub store: Arc<dyn Store>,
     pub auth: Arc<Authenticator>,
+    pub limits: Arc<limits::RateLimits>,
 }
 
 #[derive(Debug, Clone)]
@@ -102,6 +105,7 @@ pub fn openapi_json() -> String {
 pub fn router(state: AppState, config: &ApiConfig) -> Router {
     let (v1, _) = v1().split_for_parts();
     let doc_json = Arc::new(openapi_json());
+    let limits = state.limits.clone();
     let v1 = protect(v1, state);
     let timeout = config.request_timeout;
     Router::new()
@@ -118,7 +122,9 @@ pub fn router(state: AppState, config: &ApiConfig) -> Router {
         .layer(axum::extract::DefaultBodyLimit::max(config.max_body_bytes))
         .layer(tower_http::limit::RequestBodyLimitLayer::new(config.max_body_bytes))
         .layer(middleware::from_fn(move |req: Request, next: Next| with_timeout(timeout, req, next)))
+        .layer(middleware::from_fn_with_state(limits.clone(), limits::client_middleware))
         .layer(middleware::from_fn_with_state(Arc::new(config.trusted_proxies.clone()), client::middleware))
+        .layer(middleware::from_fn_with_state(limits, limits::overload_middleware))
         // A panic in a handler is a bug: answer 500 problem+json, keep serving.
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(|_: Box<dyn std::any::Any + Send>| {
             tracing::error!("request handler panicked");

@@ -56,6 +56,9 @@ pub struct Problem {
     /// The scope that was missing, for `insufficient_scope`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub scope: Option<String>,
+    /// The violated limit, for `rate_limited`, `auth_throttled`, `concurrency_limited`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub policy: Option<String>,
 }
 
 /// An error a handler or extractor returns.
@@ -67,12 +70,22 @@ pub struct ApiError {
     pub detail: String,
     pub errors: Vec<FieldError>,
     pub scope: Option<&'static str>,
+    pub policy: Option<&'static str>,
     pub www_authenticate: Option<Box<str>>,
 }
 
 impl ApiError {
     pub fn new(status: StatusCode, code: &'static str, title: &'static str, detail: impl Into<String>) -> Self {
-        Self { status, code, title, detail: detail.into(), errors: Vec::new(), scope: None, www_authenticate: None }
+        Self {
+            status,
+            code,
+            title,
+            detail: detail.into(),
+            errors: Vec::new(),
+            scope: None,
+            policy: None,
+            www_authenticate: None,
+        }
     }
 
     /// The one 401 for missing, malformed, bad-checksum, unknown and wrong keys:
@@ -212,6 +225,7 @@ impl ApiError {
             request_id: request_id.to_owned(),
             errors: self.errors,
             scope: self.scope.map(str::to_owned),
+            policy: self.policy.map(str::to_owned),
         }
     }
 }

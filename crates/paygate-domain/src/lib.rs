@@ -30,3 +30,22 @@ pub mod network;
 pub use network::{AllowedCidrs, CidrError};
 pub mod key_policy;
 pub use key_policy::{KeyPolicy, LifetimeExceedsPolicy};
+
+/// A rate limit override: `rate` requests per second sustained, `burst` at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+pub struct RateLimitOverride {
+    pub rate: u32,
+    pub burst: u32,
+}
+
+impl RateLimitOverride {
+    /// Both at least 1 and at most 1,000,000.
+    pub fn new(rate: u32, burst: u32) -> Option<Self> {
+        let ok = |v: u32| (1..=1_000_000).contains(&v);
+        (ok(rate) && ok(burst)).then_some(Self { rate, burst })
+    }
+
+    pub fn from_columns(rate: Option<i64>, burst: Option<i64>) -> Option<Self> {
+        Self::new(u32::try_from(rate?).ok()?, u32::try_from(burst?).ok()?)
+    }
+}

@@ -82,14 +82,21 @@ impl ConcurrencyLimiter {
     }
 
     /// `None` when Redis failed (the caller falls back to the local count).
-    async fn acquire_shared(&self, redis: &RedisLimiter, company: &str, limit: u32) -> Option<Option<ConcurrencyGuard>> {
+    async fn acquire_shared(
+        &self,
+        redis: &RedisLimiter,
+        company: &str,
+        limit: u32,
+    ) -> Option<Option<ConcurrencyGuard>> {
         let key = format!("{}conc:{company}", redis.prefix());
         let token = format!("{:x}", rand_token());
         let mut connection = redis.connection();
         let mut invocation = self.script.prepare_invoke();
         invocation.key(&key).arg(limit).arg(&token).arg(self.stale_after.as_millis() as u64);
-        let acquired: i64 =
-            tokio::time::timeout(Duration::from_millis(200), invocation.invoke_async(&mut connection)).await.ok()?.ok()?;
+        let acquired: i64 = tokio::time::timeout(Duration::from_millis(200), invocation.invoke_async(&mut connection))
+            .await
+            .ok()?
+            .ok()?;
         if acquired == 0 {
             return Some(None);
         }

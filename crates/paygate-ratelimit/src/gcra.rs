@@ -2,21 +2,29 @@
 //! store and report the backlog (theoretical arrival time minus now); the
 //! arithmetic that turns it into a decision lives here, once.
 
-/// `rate` requests per second sustained, `burst` at once.
+/// `limit` requests per `window_s` seconds sustained, `burst` at once.
+/// `limit` and `window_s` are what the `RateLimit-Policy` header advertises.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Quota {
-    pub rate: u32,
+    pub limit: u32,
+    pub window_s: u32,
     pub burst: u32,
 }
 
 impl Quota {
+    /// `rate` per second, `burst` at once.
     pub fn new(rate: u32, burst: u32) -> Self {
-        Self { rate: rate.max(1), burst: burst.max(1) }
+        Self { limit: rate.max(1), window_s: 1, burst: burst.max(1) }
+    }
+
+    /// `count` per `window_s` seconds, all of them at once if need be.
+    pub fn per_window(count: u32, window_s: u32) -> Self {
+        Self { limit: count.max(1), window_s: window_s.max(1), burst: count.max(1) }
     }
 
     /// Microseconds between two requests at the sustained rate.
     pub fn interval_us(&self) -> u64 {
-        (1_000_000 / self.rate as u64).max(1)
+        (self.window_s as u64 * 1_000_000 / self.limit as u64).max(1)
     }
 
     /// How far ahead of now the arrival time may run: `burst` intervals.
@@ -27,7 +35,7 @@ impl Quota {
     /// This quota shared among `nodes` nodes (each enforces its share).
     pub fn divided(&self, nodes: u32) -> Self {
         let nodes = nodes.max(1);
-        Self::new(self.rate.div_ceil(nodes), self.burst.div_ceil(nodes))
+        Self { limit: self.limit.div_ceil(nodes), window_s: self.window_s, burst: self.burst.div_ceil(nodes) }
     }
 }
 
@@ -89,5 +97,8 @@ mod tests {
     fn division_never_reaches_zero() {
         assert_eq!(Quota::new(100, 200).divided(3), Quota::new(34, 67));
         assert_eq!(Quota::new(1, 1).divided(8), Quota::new(1, 1));
+        let slow = Quota::per_window(20, 300);
+        assert_eq!(slow.interval_us(), 15_000_000);
+        assert_eq!(slow.burst, 20);
     }
 }

@@ -141,7 +141,10 @@ mod tests {
         let l = MemoryLimiter::new(10_000);
         for i in 0..1_000_000u32 {
             let ip = std::net::Ipv4Addr::from(i.wrapping_mul(2_654_435_761));
-            let d = l.decide(&[Limit { policy: "client", key: format!("client:{ip}"), quota: Quota::new(1000, 2000) }], Mode::Consume);
+            let d = l.decide(
+                &[Limit { policy: "client", key: format!("client:{ip}"), quota: Quota::new(1000, 2000) }],
+                Mode::Consume,
+            );
             assert!(d.allowed());
         }
         assert!(l.len() <= l.capacity(), "{} entries for capacity {}", l.len(), l.capacity());

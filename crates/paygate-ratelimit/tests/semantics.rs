@@ -19,7 +19,8 @@ async fn backends() -> Vec<(&'static str, Arc<dyn RateLimiter>)> {
     match std::env::var("PAYGATE_TEST_REDIS_URL") {
         Ok(url) => {
             let prefix = format!("paygate:test:{}:", unique("rl"));
-            let redis = RedisLimiter::connect(&url, &prefix, Duration::from_millis(500)).await.expect("Redis reachable");
+            let redis =
+                RedisLimiter::connect(&url, &prefix, Duration::from_millis(500)).await.expect("Redis reachable");
             out.push(("redis", Arc::new(redis)));
         }
         Err(_) => assert!(std::env::var_os("CI").is_none(), "CI is set but PAYGATE_TEST_REDIS_URL is not"),

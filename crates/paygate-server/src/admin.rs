@@ -7,13 +7,13 @@ use std::sync::Arc;
 use anyhow::{Context, anyhow, bail};
 use paygate_domain::duration::parse_duration;
 use paygate_domain::{
-    AllowedCidrs, ApiKeyId, CompanyId, CompanyStatus, KeyHasher, KeyMode, KeyPolicy, Label, ScopeSet,
+    AllowedCidrs, ApiKeyId, CompanyId, CompanyStatus, KeyHasher, KeyMode, KeyPolicy, Label, RateLimitOverride, ScopeSet,
 };
 use paygate_store::{ApiKey, Company, NewApiKey, NewCompany, OperatorStore, PageRequest, operator_scope};
 use serde_json::json;
 use time::format_description::well_known::Rfc3339;
 
-use crate::cli::{AdminKeyCommand, CompanyCommand, KeyCreateArgs, ModeArg};
+use crate::cli::{AdminKeyCommand, CompanyCommand, KeyCreateArgs, LimitArgs, ModeArg};
 
 fn rfc3339(t: time::OffsetDateTime) -> String {
     t.format(&Rfc3339).unwrap_or_default()
@@ -30,7 +30,20 @@ fn key_json(k: &ApiKey) -> serde_json::Value {
         "expires_at": k.expires_at.map(rfc3339), "revoked_at": k.revoked_at.map(rfc3339),
         "last_used_at": k.last_used_at.map(rfc3339), "last_used_ip": k.last_used_ip,
         "allowed_cidrs": k.allowed_cidrs, "replaces": k.replaces, "replaced_by": k.replaced_by,
+        "rate_limit": k.rate_limit,
     })
+}
+
+fn parse_limits(args: &LimitArgs) -> anyhow::Result<Option<RateLimitOverride>> {
+    if args.clear {
+        return Ok(None);
+    }
+    let (Some(rate), Some(burst)) = (args.rate, args.burst) else { bail!("give --rate and --burst, or --clear") };
+    RateLimitOverride::new(rate, burst).map(Some).ok_or_else(|| anyhow!("--rate and --burst must be from 1 to 1000000"))
+}
+
+fn show_limit(limit: Option<RateLimitOverride>) -> String {
+    limit.map(|l| format!("{}/s, burst {}", l.rate, l.burst)).unwrap_or_else(|| "configured default".into())
 }
 
 fn parse_company(id: &str) -> anyhow::Result<CompanyId> {
@@ -60,6 +73,12 @@ pub async fn company(store: Arc<dyn OperatorStore>, command: CompanyCommand) -> 
         }
         CompanyCommand::Suspend { id } => set_status(&*store, &id, CompanyStatus::Suspended).await?,
         CompanyCommand::Resume { id } => set_status(&*store, &id, CompanyStatus::Active).await?,
+        CompanyCommand::SetLimits { id, limits } => {
+            let id = parse_company(&id)?;
+            let limit = parse_limits(&limits)?;
+            store.set_company_rate_limit(id, limit).await?.ok_or_else(|| anyhow!("no such company {id}"))?;
+            println!("company {id} rate limit: {}", show_limit(limit));
+        }
         CompanyCommand::SetKeyPolicy { id, max_lifetime, default_lifetime } => {
             let id = parse_company(&id)?;
             let parse = |flag: &str, v: Option<String>| {
@@ -125,6 +144,7 @@ pub async fn create_key(
                 created_at: now,
                 expires_at: expires_in.map(|d| now + d),
                 allowed_cidrs,
+                rate_limit: None,
                 secret_hash: generated.hash,
                 pepper_version: generated.pepper_version,
             },
@@ -171,6 +191,12 @@ pub async fn key(
                     println!("{}\t{}\t{}\t{}\t{}\t{}", k.id, k.mode, state, k.scopes.to_storage(), k.owner, k.name);
                 }
             }
+        }
+        AdminKeyCommand::SetLimits { id, limits } => {
+            let id = ApiKeyId::parse(&id).map_err(|_| anyhow!("{id:?} is not a key id (key_…)"))?;
+            let limit = parse_limits(&limits)?;
+            store.set_key_rate_limit(id, limit).await?.ok_or_else(|| anyhow!("no such key {id}"))?;
+            println!("key {id} rate limit: {}", show_limit(limit));
         }
         AdminKeyCommand::RevokeAll { company } => {
             let company = parse_company(&company)?;

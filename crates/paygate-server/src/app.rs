@@ -5,8 +5,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::Context;
+use std::time::Duration;
+
+use paygate_api::limits::{LimitsConfig, RateLimits};
 use paygate_api::{ApiConfig, AppState};
 use paygate_domain::KeyHasher;
+use paygate_ratelimit::{ConcurrencyLimiter, Quota, RedisLimiter, SharedLimiter};
 use paygate_store::auth::{AuthConfig, Authenticator};
 use paygate_store::{OperatorStore, Store};
 use tokio::net::TcpListener;
@@ -30,6 +34,34 @@ pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn OperatorStore
         }
     };
     Ok(store)
+}
+
+async fn build_limits(config: &Config) -> anyhow::Result<RateLimits> {
+    let l = &config.limits;
+    let limits_config = LimitsConfig {
+        key: Quota::new(l.key.0, l.key.1),
+        company: Quota::new(l.company.0, l.company.1),
+        client: Quota::new(l.client.0, l.client.1),
+        auth_failures: Quota::per_window(l.auth_failures.0, l.auth_failures.1),
+        write_concurrency: l.write_concurrency,
+        max_in_flight: l.max_in_flight as usize,
+    };
+    let slot_lifetime = paygate_api::limits::slot_lifetime(config.request_timeout);
+    let (limiter, concurrency) = match &config.redis_url {
+        None => (SharedLimiter::in_process(l.capacity as usize), ConcurrencyLimiter::new(None, slot_lifetime)),
+        Some(url) => {
+            let prefix = format!("{}rl:", config.redis_prefix);
+            let redis = RedisLimiter::connect(url, &prefix, Duration::from_millis(250))
+                .await
+                .map_err(|e| anyhow::anyhow!("redis_url: cannot connect: {e}"))?;
+            tracing::info!(nodes = l.nodes, "rate limits shared through Redis");
+            (
+                SharedLimiter::with_redis(redis.clone(), l.capacity as usize, l.nodes),
+                ConcurrencyLimiter::new(Some(redis), slot_lifetime),
+            )
+        }
+    };
+    Ok(RateLimits::new(limiter, concurrency, limits_config))
 }
 
 /// A running server. Dropping it does not stop it; call [`Server::shutdown`].
@@ -80,7 +112,8 @@ pub async fn start(config: &Config, options: StartOptions) -> anyhow::Result<Ser
     let api_addr = api_listener.local_addr()?;
     let ops_addr = ops_listener.local_addr()?;
 
-    let state = AppState { store: api_store.clone(), auth: auth.clone() };
+    let limits = Arc::new(build_limits(config).await?);
+    let state = AppState { store: api_store.clone(), auth: auth.clone(), limits };
     let api_state = state.clone();
     let api_config = ApiConfig {
         max_body_bytes: config.max_body_bytes,

@@ -62,6 +62,12 @@ pub enum CompanyCommand {
     Suspend { id: String },
     /// Resume a suspended company.
     Resume { id: String },
+    /// Override the company's rate limit (all its keys together).
+    SetLimits {
+        id: String,
+        #[command(flatten)]
+        limits: LimitArgs,
+    },
     /// Set the lifetime of keys the company creates over the API.
     SetKeyPolicy {
         id: String,
@@ -117,6 +123,12 @@ pub enum AdminKeyCommand {
     },
     /// Revoke a key at once.
     Revoke { id: String },
+    /// Override one key's rate limit.
+    SetLimits {
+        id: String,
+        #[command(flatten)]
+        limits: LimitArgs,
+    },
     /// Emergency: revoke every key of a company at once.
     RevokeAll {
         #[arg(long)]
@@ -129,4 +141,17 @@ pub enum KeyCommand {
     /// Exit 0 if TEXT is a well-formed Paygate key (checksum included), 1 if not.
     /// Offline; never prints the key. Use `-` to read it from standard input.
     Check { text: String },
+}
+
+#[derive(Debug, Args)]
+pub struct LimitArgs {
+    /// Requests per second, sustained.
+    #[arg(long, required_unless_present = "clear")]
+    pub rate: Option<u32>,
+    /// Requests at once.
+    #[arg(long, required_unless_present = "clear")]
+    pub burst: Option<u32>,
+    /// Remove the override: the configured default applies again.
+    #[arg(long, conflicts_with_all = ["rate", "burst"])]
+    pub clear: bool,
 }

@@ -12,7 +12,8 @@ const SETTINGS: &[(&str, &str)] = &[
     ("database_url", "Database URL: sqlite://PATH (embedded) or postgres://… (scaled)."),
     ("listen", "API listener address."),
     ("ops_listen", "Operations listener (/metrics, /healthz, /readyz)."),
-    ("redis_url", "Redis URL for shared rate limits and signals (used by later features)."),
+    ("redis_url", "Redis URL: rate limits shared by every node."),
+    ("redis_prefix", "Prefix of every Redis key Paygate writes."),
     ("key_pepper", "Hex key pepper (≥ 32 bytes). Prefer key_pepper_file."),
     ("key_pepper_file", "File holding the hex key pepper."),
     ("key_pepper_version", "Version number of the current pepper."),
@@ -24,6 +25,14 @@ const SETTINGS: &[(&str, &str)] = &[
     ("key_cache_capacity", "Verified keys cached per node."),
     ("key_cache_ttl_secs", "Longest reuse of a cached verified key."),
     ("trusted_proxies", "Comma-separated CIDRs whose X-Forwarded-For is believed."),
+    ("key_rate_limit", "Per key: requests per second and burst, RATE/BURST."),
+    ("company_rate_limit", "Per company (all its keys): RATE/BURST."),
+    ("client_rate_limit", "Per client address before authentication: RATE/BURST."),
+    ("auth_failure_limit", "Failed authentications per client address: COUNT/WINDOW_SECONDS."),
+    ("write_concurrency", "In-flight write requests per company."),
+    ("max_in_flight", "In-flight requests per node before shedding with 503."),
+    ("rate_limit_nodes", "Nodes sharing the limits; each enforces its share when Redis is down."),
+    ("rate_limit_capacity", "Limits tracked in process (bounded memory)."),
 ];
 
 #[derive(Clone, PartialEq, Eq)]
@@ -84,6 +93,7 @@ pub struct Config {
     pub listen: SocketAddr,
     pub ops_listen: SocketAddr,
     pub redis_url: Option<String>,
+    pub redis_prefix: String,
     pub pepper: PepperSource,
     pub pepper_version: u16,
     pub log_format: LogFormat,
@@ -94,6 +104,20 @@ pub struct Config {
     pub key_cache_capacity: usize,
     pub key_cache_ttl: Duration,
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    pub limits: Limits,
+}
+
+/// Rate limits as configured: `(rate or count, burst or window seconds)`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    pub key: (u32, u32),
+    pub company: (u32, u32),
+    pub client: (u32, u32),
+    pub auth_failures: (u32, u32),
+    pub write_concurrency: u32,
+    pub max_in_flight: u32,
+    pub nodes: u32,
+    pub capacity: u32,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -163,6 +187,13 @@ impl Config {
                 Err("must start with redis:// or rediss://".into())
             }
         })?;
+        let redis_prefix = s.parse("redis_prefix", "paygate:".to_owned(), |t| {
+            if t.len() <= 64 && t.bytes().all(|b| b.is_ascii_graphic()) {
+                Ok(t.to_owned())
+            } else {
+                Err("must be at most 64 printable characters without spaces".into())
+            }
+        })?;
         let pepper_version = s.parse("key_pepper_version", 1u16, |t| {
             t.parse::<u16>().ok().filter(|v| *v >= 1).ok_or_else(|| "must be an integer from 1 to 65535".into())
         })?;
@@ -217,11 +248,30 @@ impl Config {
                 .map(|p| paygate_domain::network::parse_cidr(p).map_err(|e| e.to_string()))
                 .collect()
         })?;
+        let pair = |t: &str| {
+            let (a, b) = t.split_once('/').ok_or_else(|| format!("{t:?} is not N/M, e.g. 100/200"))?;
+            let n = |v: &str| v.trim().parse::<u32>().ok().filter(|v| (1..=1_000_000).contains(v));
+            match (n(a), n(b)) {
+                (Some(a), Some(b)) => Ok((a, b)),
+                _ => Err(format!("{t:?}: both numbers must be from 1 to 1000000")),
+            }
+        };
+        let limits = Limits {
+            key: s.parse("key_rate_limit", (100, 200), pair)?,
+            company: s.parse("company_rate_limit", (500, 1000), pair)?,
+            client: s.parse("client_rate_limit", (1000, 2000), pair)?,
+            auth_failures: s.parse("auth_failure_limit", (20, 300), pair)?,
+            write_concurrency: s.parse("write_concurrency", 20, positive(100_000))? as u32,
+            max_in_flight: s.parse("max_in_flight", 4096, positive(1_000_000))? as u32,
+            nodes: s.parse("rate_limit_nodes", 1, positive(1_000))? as u32,
+            capacity: s.parse("rate_limit_capacity", 100_000, positive(100_000_000))? as u32,
+        };
         Ok(Self {
             database,
             listen,
             ops_listen,
             redis_url,
+            redis_prefix,
             pepper,
             pepper_version,
             log_format,
@@ -232,6 +282,7 @@ impl Config {
             key_cache_capacity,
             key_cache_ttl,
             trusted_proxies,
+            limits,
         })
     }
 
@@ -303,6 +354,7 @@ mod tests {
         assert_eq!(c.pepper, PepperSource::BesideDatabase("./paygate.db.pepper".into()));
         assert_eq!(c.max_body_bytes, 65_536);
         assert!(c.trusted_proxies.is_empty());
+        assert_eq!((c.limits.key, c.limits.company, c.limits.auth_failures), ((100, 200), (500, 1000), (20, 300)));
         let c = load(&[("PAYGATE_TRUSTED_PROXIES", "10.0.0.0/8, 127.0.0.1")], None).unwrap();
         assert_eq!(c.trusted_proxies.len(), 2);
     }
@@ -335,6 +387,10 @@ mod tests {
         assert!(e.contains("max_body_bytes"), "{e}");
         let e = load(&[("PAYGATE_TRUSTED_PROXIES", "10.0.0.0/8, proxy.local")], None).unwrap_err().to_string();
         assert!(e.contains("trusted_proxies (PAYGATE_TRUSTED_PROXIES)"), "{e}");
+        let e = load(&[("PAYGATE_KEY_RATE_LIMIT", "100")], None).unwrap_err().to_string();
+        assert!(e.contains("key_rate_limit (PAYGATE_KEY_RATE_LIMIT)"), "{e}");
+        let e = load(&[("PAYGATE_KEY_RATE_LIMIT", "0/5")], None).unwrap_err().to_string();
+        assert!(e.contains("key_rate_limit"), "{e}");
         let e = load(&[("PAYGATE_DATABASE_URL", "sqlite::memory:")], None).unwrap_err().to_string();
         assert!(e.contains("in-memory"), "{e}");
     }

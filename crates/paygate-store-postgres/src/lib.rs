@@ -10,7 +10,9 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use paygate_domain::{AllowedCidrs, ApiKeyId, CompanyId, CompanyStatus, KeyMode, KeyPolicy, ScopeSet, SecretHash};
+use paygate_domain::{
+    AllowedCidrs, ApiKeyId, CompanyId, CompanyStatus, KeyMode, KeyPolicy, RateLimitOverride, ScopeSet, SecretHash,
+};
 use paygate_store::{
     ApiKey, Backend, Company, CompanyScope, KeyAuthRecord, KeyUsage, NewApiKey, NewCompany, OperatorStore, Page,
     PageRequest, Rotation, Store, StoreError, StoreResult,
@@ -83,8 +85,8 @@ fn corrupt(what: &str, e: impl std::fmt::Display) -> StoreError {
     StoreError::Internal(format!("stored {what} is invalid: {e}"))
 }
 
-const COMPANY_SELECT: &str =
-    "SELECT id, name, status, created_at, key_default_lifetime_secs, key_max_lifetime_secs, demo FROM companies";
+const COMPANY_SELECT: &str = "SELECT id, name, status, created_at, key_default_lifetime_secs, key_max_lifetime_secs, demo, \
+     rate_limit_rate, rate_limit_burst FROM companies";
 
 fn company_from_row(row: &PgRow) -> StoreResult<Company> {
     let status: String = get(row, "status")?;
@@ -100,6 +102,10 @@ fn company_from_row(row: &PgRow) -> StoreResult<Company> {
             max_lifetime: max.map(time::Duration::seconds),
         },
         demo: get(row, "demo")?,
+        rate_limit: RateLimitOverride::from_columns(
+            get::<Option<i32>>(row, "rate_limit_rate")?.map(i64::from),
+            get::<Option<i32>>(row, "rate_limit_burst")?.map(i64::from),
+        ),
     })
 }
 
@@ -125,6 +131,10 @@ fn key_from_row(row: &PgRow) -> StoreResult<ApiKey> {
         allowed_cidrs: AllowedCidrs::parse_list(&cidrs).map_err(|e| corrupt("allowed_cidrs", e))?,
         replaces: replaces.map(ApiKeyId::from_uuid),
         replaced_by: replaced_by.map(ApiKeyId::from_uuid),
+        rate_limit: RateLimitOverride::from_columns(
+            get::<Option<i32>>(row, "rate_limit_rate")?.map(i64::from),
+            get::<Option<i32>>(row, "rate_limit_burst")?.map(i64::from),
+        ),
     })
 }
 
@@ -136,7 +146,8 @@ macro_rules! key_select {
     ($extra:literal, $tail:literal) => {
         concat!(
             "SELECT k.id, k.company_id, k.name, k.owner, k.scopes, k.mode, k.created_at, k.expires_at, ",
-            "k.revoked_at, k.last_used_at, k.last_used_ip, k.allowed_cidrs, k.replaces, k.replaced_by",
+            "k.revoked_at, k.last_used_at, k.last_used_ip, k.allowed_cidrs, k.replaces, k.replaced_by, ",
+            "k.rate_limit_rate, k.rate_limit_burst",
             $extra,
             " FROM api_keys k ",
             $tail
@@ -160,7 +171,8 @@ async fn insert_key(
 ) -> StoreResult<()> {
     sqlx::query(
         "INSERT INTO api_keys (id, company_id, name, owner, scopes, mode, secret_hash, pepper_version, \
-         created_at, expires_at, allowed_cidrs, replaces) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+         created_at, expires_at, allowed_cidrs, replaces, rate_limit_rate, rate_limit_burst) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
     )
     .bind(new.id.as_uuid())
     .bind(company_id.as_uuid())
@@ -174,6 +186,8 @@ async fn insert_key(
     .bind(new.expires_at)
     .bind(new.allowed_cidrs.to_storage())
     .bind(replaces.map(|r| r.as_uuid()))
+    .bind(new.rate_limit.map(|l| l.rate as i32))
+    .bind(new.rate_limit.map(|l| l.burst as i32))
     .execute(conn)
     .await
     .map_err(map_err)?;
@@ -203,7 +217,8 @@ impl Store for PostgresStore {
 
     async fn find_key_for_auth(&self, id: ApiKeyId) -> StoreResult<Option<KeyAuthRecord>> {
         let row = sqlx::query(key_select!(
-            ", k.secret_hash, k.pepper_version, c.name AS company_name, c.status AS company_status",
+            ", k.secret_hash, k.pepper_version, c.name AS company_name, c.status AS company_status, \
+             c.rate_limit_rate AS company_rate, c.rate_limit_burst AS company_burst",
             "JOIN companies c ON c.id = k.company_id WHERE k.id = $1"
         ))
         .bind(id.as_uuid())
@@ -220,6 +235,10 @@ impl Store for PostgresStore {
             pepper_version: u16::try_from(pepper_version).map_err(|e| corrupt("pepper version", e))?,
             company_name: get(&row, "company_name")?,
             company_status: CompanyStatus::parse(&status).ok_or_else(|| corrupt("company status", &status))?,
+            company_rate_limit: RateLimitOverride::from_columns(
+                get::<Option<i32>>(&row, "company_rate")?.map(i64::from),
+                get::<Option<i32>>(&row, "company_burst")?.map(i64::from),
+            ),
         }))
     }
 
@@ -379,6 +398,7 @@ impl OperatorStore for PostgresStore {
             created_at: new.created_at,
             key_policy: KeyPolicy::default(),
             demo: new.demo,
+            rate_limit: None,
         };
         let mut tx = self.begin_write().await?;
         sqlx::query("INSERT INTO companies (id, name, status, created_at, demo) VALUES ($1, $2, $3, $4, $5)")
@@ -442,6 +462,47 @@ impl OperatorStore for PostgresStore {
         .rows_affected();
         tx.commit().await.map_err(map_err)?;
         if changed == 0 { Ok(None) } else { self.find_company(id).await }
+    }
+
+    async fn set_key_rate_limit(&self, id: ApiKeyId, limit: Option<RateLimitOverride>) -> StoreResult<Option<ApiKey>> {
+        let mut tx = self.begin_write().await?;
+        let changed = sqlx::query("UPDATE api_keys SET rate_limit_rate = $1, rate_limit_burst = $2 WHERE id = $3")
+            .bind(limit.map(|l| l.rate as i32))
+            .bind(limit.map(|l| l.burst as i32))
+            .bind(id.as_uuid())
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?
+            .rows_affected();
+        if changed == 0 {
+            return Ok(None);
+        }
+        bump_auth_revision(&mut tx).await?;
+        let key = scoped_key(&mut tx, None, id).await?;
+        tx.commit().await.map_err(map_err)?;
+        Ok(key)
+    }
+
+    async fn set_company_rate_limit(
+        &self,
+        id: CompanyId,
+        limit: Option<RateLimitOverride>,
+    ) -> StoreResult<Option<Company>> {
+        let mut tx = self.begin_write().await?;
+        let changed = sqlx::query("UPDATE companies SET rate_limit_rate = $1, rate_limit_burst = $2 WHERE id = $3")
+            .bind(limit.map(|l| l.rate as i32))
+            .bind(limit.map(|l| l.burst as i32))
+            .bind(id.as_uuid())
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?
+            .rows_affected();
+        if changed == 0 {
+            return Ok(None);
+        }
+        bump_auth_revision(&mut tx).await?;
+        tx.commit().await.map_err(map_err)?;
+        self.find_company(id).await
     }
 
     async fn revoke_api_key_by_id(&self, id: ApiKeyId, at: OffsetDateTime) -> StoreResult<Option<ApiKey>> {

@@ -106,6 +106,7 @@ async fn issue(
                 created_at: paygate_domain::now(),
                 expires_at,
                 allowed_cidrs: AllowedCidrs::default(),
+                rate_limit: None,
                 secret_hash: generated.hash,
                 pepper_version: generated.pepper_version,
             },
@@ -175,6 +176,7 @@ pub async fn api_key_for_a_missing_company_is_not_found(store: Arc<dyn OperatorS
                 created_at: paygate_domain::now(),
                 expires_at: None,
                 allowed_cidrs: AllowedCidrs::default(),
+                rate_limit: None,
                 secret_hash: generated.hash,
                 pepper_version: 1,
             },
@@ -484,6 +486,7 @@ fn new_key(mode: KeyMode, scopes: &str, cidrs: &str) -> (NewApiKey, String) {
         created_at: paygate_domain::now(),
         expires_at: None,
         allowed_cidrs: AllowedCidrs::parse_list(cidrs).unwrap(),
+        rate_limit: None,
         secret_hash: generated.hash,
         pepper_version: generated.pepper_version,
     };

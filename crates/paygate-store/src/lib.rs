@@ -15,7 +15,7 @@ mod rows;
 mod scope;
 
 use async_trait::async_trait;
-use paygate_domain::{ApiKeyId, CompanyId, CompanyStatus, KeyPolicy};
+use paygate_domain::{ApiKeyId, CompanyId, CompanyStatus, KeyPolicy, RateLimitOverride};
 use time::OffsetDateTime;
 
 pub use rows::*;
@@ -132,6 +132,17 @@ pub trait OperatorStore: Store {
 
     /// Sets the company's key policy. `None` if the company does not exist.
     async fn set_key_policy(&self, id: CompanyId, policy: KeyPolicy) -> StoreResult<Option<Company>>;
+
+    /// Sets or clears a key's rate limit override; bumps the auth revision so
+    /// every node picks it up. `None` if the key does not exist.
+    async fn set_key_rate_limit(&self, id: ApiKeyId, limit: Option<RateLimitOverride>) -> StoreResult<Option<ApiKey>>;
+
+    /// Sets or clears a company's rate limit override; bumps the auth revision.
+    async fn set_company_rate_limit(
+        &self,
+        id: CompanyId,
+        limit: Option<RateLimitOverride>,
+    ) -> StoreResult<Option<Company>>;
 
     /// Revokes a key by id alone, whichever company owns it (emergency
     /// revocation by an operator). Same semantics as [`Store::revoke_api_key`].

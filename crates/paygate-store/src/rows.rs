@@ -1,7 +1,8 @@
 use std::net::IpAddr;
 
 use paygate_domain::{
-    AllowedCidrs, ApiKeyId, CompanyId, CompanyStatus, KeyMode, KeyPolicy, Label, ScopeSet, SecretHash,
+    AllowedCidrs, ApiKeyId, CompanyId, CompanyStatus, KeyMode, KeyPolicy, Label, RateLimitOverride, ScopeSet,
+    SecretHash,
 };
 use time::OffsetDateTime;
 
@@ -14,6 +15,8 @@ pub struct Company {
     pub key_policy: KeyPolicy,
     /// The sandbox company of `serve --demo`.
     pub demo: bool,
+    /// Overrides the configured per-company limit.
+    pub rate_limit: Option<RateLimitOverride>,
 }
 
 #[derive(Debug, Clone)]
@@ -50,6 +53,8 @@ pub struct ApiKey {
     pub replaces: Option<ApiKeyId>,
     /// The key that replaced this one by rotation.
     pub replaced_by: Option<ApiKeyId>,
+    /// Overrides the configured per-key limit.
+    pub rate_limit: Option<RateLimitOverride>,
 }
 
 impl ApiKey {
@@ -69,6 +74,7 @@ pub struct NewApiKey {
     pub created_at: OffsetDateTime,
     pub expires_at: Option<OffsetDateTime>,
     pub allowed_cidrs: AllowedCidrs,
+    pub rate_limit: Option<RateLimitOverride>,
     pub secret_hash: SecretHash,
     pub pepper_version: u16,
 }
@@ -91,6 +97,7 @@ impl NewApiKey {
             allowed_cidrs: self.allowed_cidrs,
             replaces,
             replaced_by: None,
+            rate_limit: self.rate_limit,
         }
     }
 }
@@ -121,6 +128,7 @@ pub struct KeyAuthRecord {
     pub pepper_version: u16,
     pub company_name: String,
     pub company_status: CompanyStatus,
+    pub company_rate_limit: Option<RateLimitOverride>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -187,6 +187,7 @@ pub async fn create_api_key(
                 created_at: now,
                 expires_at,
                 allowed_cidrs,
+                rate_limit: None,
                 secret_hash: generated.hash,
                 pepper_version: generated.pepper_version,
             },
@@ -333,6 +334,7 @@ pub async fn rotate_api_key(
         created_at: now,
         expires_at,
         allowed_cidrs: old.allowed_cidrs.clone(),
+        rate_limit: old.rate_limit,
         secret_hash: generated.hash,
         pepper_version: generated.pepper_version,
     };

@@ -57,6 +57,20 @@ pub fn postgres_url() -> Option<String> {
     url
 }
 
+/// The Redis server for tests; as for PostgreSQL, required under CI.
+pub fn redis_url() -> Option<String> {
+    let url = std::env::var("PAYGATE_TEST_REDIS_URL").ok().filter(|u| !u.is_empty());
+    if url.is_none() && std::env::var_os("CI").is_some() {
+        panic!("CI is set but PAYGATE_TEST_REDIS_URL is not: Redis cases would silently pass");
+    }
+    url
+}
+
+/// A unique, key-safe token for namespacing a test's Redis keys.
+pub fn uuid_like() -> String {
+    paygate_domain::ApiKeyId::generate().to_string()
+}
+
 /// A running server on a fresh database, plus what a test needs to drive it.
 pub struct TestApp {
     pub backend: Backend,
@@ -98,6 +112,11 @@ impl TestApp {
                 std::fs::write(&pepper_file, paygate_domain::Pepper::generate_hex().as_bytes()).unwrap();
                 env.insert("PAYGATE_KEY_PEPPER_FILE".into(), pepper_file.display().to_string());
                 pg = Some(db);
+                // PostgreSQL runs with the Redis limiter, SQLite with the in-process one.
+                if let Some(redis) = redis_url() {
+                    env.insert("PAYGATE_REDIS_URL".into(), redis);
+                    env.insert("PAYGATE_REDIS_PREFIX".into(), format!("paygate:test:{}:", uuid_like()));
+                }
             }
         }
         env.insert("PAYGATE_LISTEN".into(), "127.0.0.1:0".into());

@@ -12,5 +12,6 @@ mod lifecycle;
 mod openapi;
 mod ops;
 mod process;
+mod ratelimit;
 mod secrets;
 mod tenancy;
