@@ -67,7 +67,7 @@ async fn authenticate_then(state: AppState, mut request: Request, next: Next) ->
             let is_write = !matches!(*request.method(), Method::GET | Method::HEAD | Method::OPTIONS);
             let _slot = if is_write {
                 match state.limits.write_slot(&caller).await {
-                    Ok(slot) => Some(slot),
+                    Ok(slot) => slot,
                     Err(refused) => return refused,
                 }
             } else {
@@ -93,7 +93,9 @@ async fn authenticate_then(state: AppState, mut request: Request, next: Next) ->
             {
                 response.headers_mut().insert(KEY_EXPIRES_HEADER, value);
             }
-            crate::ratelimit_headers::insert(response.headers_mut(), &limit);
+            if let Some(limit) = &limit {
+                crate::ratelimit_headers::insert(response.headers_mut(), limit);
+            }
             response
         }
         Err(error) => {

@@ -31,6 +31,10 @@ pub struct LimitsConfig {
     pub write_concurrency: u32,
     /// In-flight requests per node before new ones are shed with 503.
     pub max_in_flight: usize,
+    /// Benchmarks only: `false` skips the GCRA and concurrency stages so their
+    /// cost can be measured against the same pipeline without them. Not a
+    /// configuration setting: Paygate never runs without limits.
+    pub enabled: bool,
 }
 
 impl Default for LimitsConfig {
@@ -42,6 +46,7 @@ impl Default for LimitsConfig {
             auth_failures: Quota::per_window(20, 300),
             write_concurrency: 20,
             max_in_flight: 4096,
+            enabled: true,
         }
     }
 }
@@ -87,6 +92,9 @@ impl RateLimits {
 
     /// Refuses a client address that has used up its failed-authentication allowance.
     pub async fn auth_throttled(&self, addr: IpAddr) -> Option<Response> {
+        if !self.config.enabled {
+            return None;
+        }
         let decision = self.decide(&[self.failures_limit(addr)], Mode::Peek).await;
         if decision.allowed() {
             return None;
@@ -105,11 +113,17 @@ impl RateLimits {
 
     /// Counts one failed authentication from `addr`.
     pub async fn note_auth_failure(&self, addr: IpAddr) {
+        if !self.config.enabled {
+            return;
+        }
         self.decide(&[self.failures_limit(addr)], Mode::Consume).await;
     }
 
     /// Per-key and per-company limits of an authenticated caller.
-    pub async fn check_caller(&self, caller: &Authenticated) -> Result<Outcome, Response> {
+    pub async fn check_caller(&self, caller: &Authenticated) -> Result<Option<Outcome>, Response> {
+        if !self.config.enabled {
+            return Ok(None);
+        }
         let key = &caller.record.key;
         let quota =
             |o: Option<RateLimitOverride>, default: Quota| o.map(|o| Quota::new(o.rate, o.burst)).unwrap_or(default);
@@ -124,7 +138,7 @@ impl RateLimits {
         let decision = self.decide(&limits, Mode::Consume).await;
         let Some(outcome) = decision.tightest().copied() else { return Err(ApiError::internal().into_response()) };
         if decision.allowed() {
-            return Ok(outcome);
+            return Ok(Some(outcome));
         }
         Err(refusal(
             ApiError::new(
@@ -138,10 +152,16 @@ impl RateLimits {
     }
 
     /// A write slot for the company, held until the guard drops.
-    pub async fn write_slot(&self, caller: &Authenticated) -> Result<paygate_ratelimit::ConcurrencyGuard, Response> {
+    pub async fn write_slot(
+        &self,
+        caller: &Authenticated,
+    ) -> Result<Option<paygate_ratelimit::ConcurrencyGuard>, Response> {
+        if !self.config.enabled {
+            return Ok(None);
+        }
         let company = caller.record.key.company_id.to_string();
         match self.concurrency.acquire(&company, self.config.write_concurrency).await {
-            Some(guard) => Ok(guard),
+            Some(guard) => Ok(Some(guard)),
             None => {
                 metrics::counter!("paygate_rate_limited_total", "policy" => "write_concurrency").increment(1);
                 let mut error = ApiError::new(
@@ -174,7 +194,8 @@ fn refusal(mut error: ApiError, outcome: &Outcome) -> Response {
 
 /// Step 2: the per-client-address limit, before any key is looked at.
 pub async fn client_middleware(State(limits): State<Arc<RateLimits>>, request: Request, next: Next) -> Response {
-    let Some(ClientAddr(addr)) = request.extensions().get::<ClientAddr>().copied() else {
+    let Some(ClientAddr(addr)) = request.extensions().get::<ClientAddr>().copied().filter(|_| limits.config.enabled)
+    else {
         return next.run(request).await;
     };
     let limit = Limit { policy: "client", key: RateLimits::client_bucket(addr), quota: limits.config.client };

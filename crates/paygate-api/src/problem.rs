@@ -61,9 +61,26 @@ pub struct Problem {
     pub policy: Option<String>,
 }
 
-/// An error a handler or extractor returns.
+/// An error a handler or extractor returns. Boxed: errors travel through
+/// `Result`s on hot paths, and the fields are read through `Deref`.
 #[derive(Debug, Clone)]
-pub struct ApiError {
+pub struct ApiError(Box<ApiErrorFields>);
+
+impl std::ops::Deref for ApiError {
+    type Target = ApiErrorFields;
+    fn deref(&self) -> &ApiErrorFields {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for ApiError {
+    fn deref_mut(&mut self) -> &mut ApiErrorFields {
+        &mut self.0
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ApiErrorFields {
     pub status: StatusCode,
     pub code: &'static str,
     pub title: &'static str,
@@ -76,7 +93,7 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(status: StatusCode, code: &'static str, title: &'static str, detail: impl Into<String>) -> Self {
-        Self {
+        Self(Box::new(ApiErrorFields {
             status,
             code,
             title,
@@ -85,7 +102,7 @@ impl ApiError {
             scope: None,
             policy: None,
             www_authenticate: None,
-        }
+        }))
     }
 
     /// The one 401 for missing, malformed, bad-checksum, unknown and wrong keys:
@@ -216,16 +233,17 @@ impl ApiError {
     }
 
     pub fn into_problem(self, request_id: &str) -> Problem {
+        let this = *self.0;
         Problem {
-            type_: format!("urn:paygate:problem:{}", self.code),
-            title: self.title.to_owned(),
-            status: self.status.as_u16(),
-            detail: self.detail,
-            code: self.code.to_owned(),
+            type_: format!("urn:paygate:problem:{}", this.code),
+            title: this.title.to_owned(),
+            status: this.status.as_u16(),
+            detail: this.detail,
+            code: this.code.to_owned(),
             request_id: request_id.to_owned(),
-            errors: self.errors,
-            scope: self.scope.map(str::to_owned),
-            policy: self.policy.map(str::to_owned),
+            errors: this.errors,
+            scope: this.scope.map(str::to_owned),
+            policy: this.policy.map(str::to_owned),
         }
     }
 }

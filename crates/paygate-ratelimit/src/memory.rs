@@ -4,7 +4,7 @@
 //! full of live entries does one go early (counted).
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::hash::BuildHasher;
 use std::time::Instant;
 
 use async_trait::async_trait;
@@ -34,9 +34,7 @@ impl MemoryLimiter {
     }
 
     fn shard_of(&self, key: &str) -> usize {
-        let mut h = self.hasher.build_hasher();
-        key.hash(&mut h);
-        (h.finish() as usize) % SHARDS
+        (self.hasher.hash_one(key) as usize) % SHARDS
     }
 
     fn now_us(&self) -> u64 {

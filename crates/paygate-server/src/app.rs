@@ -36,7 +36,7 @@ pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn OperatorStore
     Ok(store)
 }
 
-async fn build_limits(config: &Config) -> anyhow::Result<RateLimits> {
+pub async fn build_limits(config: &Config) -> anyhow::Result<RateLimits> {
     let l = &config.limits;
     let limits_config = LimitsConfig {
         key: Quota::new(l.key.0, l.key.1),
@@ -45,6 +45,7 @@ async fn build_limits(config: &Config) -> anyhow::Result<RateLimits> {
         auth_failures: Quota::per_window(l.auth_failures.0, l.auth_failures.1),
         write_concurrency: l.write_concurrency,
         max_in_flight: l.max_in_flight as usize,
+        enabled: true,
     };
     let slot_lifetime = paygate_api::limits::slot_lifetime(config.request_timeout);
     let (limiter, concurrency) = match &config.redis_url {

@@ -14,4 +14,5 @@ mod ops;
 mod process;
 mod ratelimit;
 mod secrets;
+mod shared_limits;
 mod tenancy;
