@@ -121,6 +121,10 @@ impl TestApp {
         }
         env.insert("PAYGATE_LISTEN".into(), "127.0.0.1:0".into());
         env.insert("PAYGATE_OPS_LISTEN".into(), "127.0.0.1:0".into());
+        // Many cases poll until a key is refused; each refusal is a failed
+        // authentication from 127.0.0.1. The throttle has its own cases
+        // (`ratelimit::…`), which set their own allowance.
+        env.insert("PAYGATE_AUTH_FAILURE_LIMIT".into(), "100000/1".into());
         for (k, v) in settings {
             env.insert(k.to_string(), v.to_string());
         }

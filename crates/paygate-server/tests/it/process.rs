@@ -264,7 +264,12 @@ async fn two_nodes_refuse_revoked_and_suspended_keys_within_1s() {
     let pepper = dir.path().join("pepper");
     std::fs::write(&pepper, paygate_domain::Pepper::generate_hex().as_bytes()).unwrap();
     let pepper = pepper.display().to_string();
-    let env = [("PAYGATE_DATABASE_URL", db.url.as_str()), ("PAYGATE_KEY_PEPPER_FILE", pepper.as_str())];
+    // The test polls until keys are refused: relax the failed-auth throttle.
+    let env = [
+        ("PAYGATE_DATABASE_URL", db.url.as_str()),
+        ("PAYGATE_KEY_PEPPER_FILE", pepper.as_str()),
+        ("PAYGATE_AUTH_FAILURE_LIMIT", "100000/1"),
+    ];
     let a = start_with(&["serve"], "warn,paygate_server=info", &env);
     let b = start_with(&["serve"], "warn,paygate_server=info", &env);
     let cli = |args: &[&str]| {
