@@ -20,6 +20,7 @@ use paygate_store::CompanyScope;
 use paygate_store::auth::{AuthError, Authenticated};
 
 use crate::AppState;
+use crate::audit::AuditActor;
 use crate::client::ClientAddr;
 use crate::problem::ApiError;
 
@@ -59,16 +60,21 @@ async fn authenticate_then(state: AppState, mut request: Request, next: Next) ->
     };
     match outcome {
         Ok(caller) => {
+            let actor = AuditActor::of(&caller);
+            let with_actor = |mut response: Response| {
+                response.extensions_mut().insert(actor.clone());
+                response
+            };
             // Step 7: per-key and per-company limits, then write concurrency.
             let limit = match state.limits.check_caller(&caller).await {
                 Ok(outcome) => outcome,
-                Err(refused) => return refused,
+                Err(refused) => return with_actor(refused),
             };
             let is_write = !matches!(*request.method(), Method::GET | Method::HEAD | Method::OPTIONS);
             let _slot = if is_write {
                 match state.limits.write_slot(&caller).await {
                     Ok(slot) => slot,
-                    Err(refused) => return refused,
+                    Err(refused) => return with_actor(refused),
                 }
             } else {
                 None
@@ -85,8 +91,9 @@ async fn authenticate_then(state: AppState, mut request: Request, next: Next) ->
             // passing through `Authorized<S>` never gets its answer out.
             if response.status().as_u16() < 400 && !checked.0.load(Ordering::Acquire) {
                 tracing::error!("route answered without declaring a scope; refused");
-                return ApiError::internal().into_response();
+                return with_actor(ApiError::internal().into_response());
             }
+            response.extensions_mut().insert(actor.clone());
             if let Some(expires_at) = expires_at.filter(|e| *e - now <= EXPIRY_WARNING)
                 && let Ok(text) = expires_at.format(&time::format_description::well_known::Rfc3339)
                 && let Ok(value) = HeaderValue::from_str(&text)
@@ -156,6 +163,7 @@ pub mod scope {
         AnyValidKey => None,
         KeysRead => Some(Scope::KeysRead),
         KeysManage => Some(Scope::KeysManage),
+        AuditRead => Some(Scope::AuditRead),
     }
 }
 

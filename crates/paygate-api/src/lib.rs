@@ -4,6 +4,7 @@
 //! `/openapi.json` outside it, and the layers every response passes through
 //! (request id, problem rendering, metrics, body limit, timeout).
 
+pub mod audit;
 pub mod auth;
 pub mod client;
 pub mod extract;
@@ -36,6 +37,9 @@ pub struct AppState {
     pub store: Arc<dyn Store>,
     pub auth: Arc<Authenticator>,
     pub limits: Arc<limits::RateLimits>,
+    pub audit: audit::AuditWriter,
+    /// The Ed25519 public key that verifies this deployment's checkpoints.
+    pub audit_public_key: [u8; 32],
 }
 
 #[derive(Debug, Clone)]
@@ -64,6 +68,7 @@ impl Default for ApiConfig {
     tags(
         (name = "identity", description = "The calling key"),
         (name = "api-keys", description = "The company's API keys"),
+        (name = "audit", description = "The company's tamper-evident audit log"),
     )
 )]
 struct ApiDoc;
@@ -87,6 +92,10 @@ fn v1() -> OpenApiRouter<AppState> {
         .routes(routes!(routes::api_keys::list_api_keys, routes::api_keys::create_api_key))
         .routes(routes!(routes::api_keys::revoke_api_key))
         .routes(routes!(routes::api_keys::rotate_api_key))
+        .routes(routes!(routes::audit::list_audit_events))
+        .routes(routes!(routes::audit::export_audit_events))
+        .routes(routes!(routes::audit::get_audit_event))
+        .routes(routes!(routes::audit::get_audit_chain))
         .routes(routes!(routes::api_keys::get_api_key))
 }
 
@@ -106,6 +115,7 @@ pub fn router(state: AppState, config: &ApiConfig) -> Router {
     let (v1, _) = v1().split_for_parts();
     let doc_json = Arc::new(openapi_json());
     let limits = state.limits.clone();
+    let audit_writer = state.audit.clone();
     let v1 = protect(v1, state);
     let timeout = config.request_timeout;
     Router::new()
@@ -123,8 +133,9 @@ pub fn router(state: AppState, config: &ApiConfig) -> Router {
         .layer(tower_http::limit::RequestBodyLimitLayer::new(config.max_body_bytes))
         .layer(middleware::from_fn(move |req: Request, next: Next| with_timeout(timeout, req, next)))
         .layer(middleware::from_fn_with_state(limits.clone(), limits::client_middleware))
-        .layer(middleware::from_fn_with_state(Arc::new(config.trusted_proxies.clone()), client::middleware))
         .layer(middleware::from_fn_with_state(limits, limits::overload_middleware))
+        .layer(middleware::from_fn_with_state(audit_writer, audit::middleware))
+        .layer(middleware::from_fn_with_state(Arc::new(config.trusted_proxies.clone()), client::middleware))
         // A panic in a handler is a bug: answer 500 problem+json, keep serving.
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(|_: Box<dyn std::any::Any + Send>| {
             tracing::error!("request handler panicked");

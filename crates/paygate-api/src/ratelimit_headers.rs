@@ -8,9 +8,12 @@ use paygate_ratelimit::Outcome;
 pub const POLICY: &str = "ratelimit-policy";
 pub const STATE: &str = "ratelimit";
 
-/// `"key";q=100;w=1`
+/// `"key";q=200;w=2`. GCRA admits at most `burst` requests in any window of
+/// `burst × interval`, so that is the quota advertised: `r` (what is left now)
+/// is then always a part of `q`, as the draft means it.
 pub fn policy_value(outcome: &Outcome) -> String {
-    format!("\"{}\";q={};w={}", outcome.policy, outcome.quota.limit, outcome.quota.window_s)
+    let window_us = outcome.quota.tolerance_us();
+    format!("\"{}\";q={};w={}", outcome.policy, outcome.quota.burst, window_us.div_ceil(1_000_000).max(1))
 }
 
 /// `"key";r=42;t=1`: `r` requests left now, `t` seconds until the limit is full again.
@@ -44,10 +47,12 @@ mod tests {
     #[test]
     fn structured_field_syntax() {
         let o = evaluate("key", Quota::new(100, 200), 0);
-        assert_eq!(policy_value(&o), "\"key\";q=100;w=1");
+        assert_eq!(policy_value(&o), "\"key\";q=200;w=2");
         assert_eq!(state_value(&o), "\"key\";r=199;t=1");
         let refused = evaluate("auth_failures", Quota::per_window(20, 300), 20 * 15_000_000);
         assert_eq!(policy_value(&refused), "\"auth_failures\";q=20;w=300");
+        let r = evaluate("company", Quota::new(500, 1000), 0);
+        assert_eq!(policy_value(&r), "\"company\";q=1000;w=2");
         assert_eq!(retry_after_seconds(&refused), 15);
     }
 }

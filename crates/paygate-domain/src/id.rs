@@ -104,6 +104,12 @@ public_id!(
     "company"
 );
 public_id!(
+    /// An audit record.
+    AuditEventId,
+    "aud_",
+    "audit event"
+);
+public_id!(
     /// An API key's public id; it is also embedded in the key text.
     ApiKeyId,
     "key_",

@@ -49,3 +49,5 @@ impl RateLimitOverride {
         Self::new(u32::try_from(rate?).ok()?, u32::try_from(burst?).ok()?)
     }
 }
+pub mod audit;
+pub use id::AuditEventId;

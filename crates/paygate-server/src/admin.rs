@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use anyhow::{Context, anyhow, bail};
+use paygate_domain::audit::{ActorKind, AuditEntry, Outcome};
 use paygate_domain::duration::parse_duration;
 use paygate_domain::{
     AllowedCidrs, ApiKeyId, CompanyId, CompanyStatus, KeyHasher, KeyMode, KeyPolicy, Label, RateLimitOverride, ScopeSet,
@@ -34,6 +35,41 @@ fn key_json(k: &ApiKey) -> serde_json::Value {
     })
 }
 
+/// The operator running the CLI: `PAYGATE_OPERATOR`, else the OS user.
+pub fn operator_name() -> String {
+    ["PAYGATE_OPERATOR", "SUDO_USER", "USER", "LOGNAME"]
+        .iter()
+        .find_map(|v| std::env::var(v).ok().filter(|s| !s.is_empty()))
+        .map(|s| AuditEntry::clean_user_agent(&s))
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// The record of an operator change, written in the change's transaction.
+pub fn operator_entry(
+    action: &'static str,
+    company: CompanyId,
+    resource: (&str, String),
+    details: serde_json::Value,
+) -> AuditEntry {
+    AuditEntry {
+        id: paygate_domain::AuditEventId::generate(),
+        chain: company.to_string(),
+        occurred_at: paygate_domain::now(),
+        actor_kind: ActorKind::Operator,
+        actor_id: None,
+        actor_name: Some(operator_name()),
+        action,
+        resource_type: Some(resource.0.to_owned()),
+        resource_id: Some(resource.1),
+        outcome: Outcome::Success,
+        status: 200,
+        request_id: None,
+        client_ip: None,
+        user_agent: Some("paygate-cli".into()),
+        details: AuditEntry::details_from(&details),
+    }
+}
+
 fn parse_limits(args: &LimitArgs) -> anyhow::Result<Option<RateLimitOverride>> {
     if args.clear {
         return Ok(None);
@@ -54,7 +90,9 @@ pub async fn company(store: Arc<dyn OperatorStore>, command: CompanyCommand) -> 
     match command {
         CompanyCommand::Create { name, json } => {
             let name = Label::parse(&name).map_err(|e| anyhow!("--name {e}"))?;
-            let company = store.create_company(NewCompany::new(name)).await?;
+            let new = NewCompany::new(name);
+            let record = operator_entry("company.create", new.id, ("company", new.id.to_string()), json!({}));
+            let company = store.create_company(new, &record).await?;
             if json {
                 println!("{}", company_json(&company));
             } else {
@@ -76,7 +114,8 @@ pub async fn company(store: Arc<dyn OperatorStore>, command: CompanyCommand) -> 
         CompanyCommand::SetLimits { id, limits } => {
             let id = parse_company(&id)?;
             let limit = parse_limits(&limits)?;
-            store.set_company_rate_limit(id, limit).await?.ok_or_else(|| anyhow!("no such company {id}"))?;
+            let record = operator_entry("company.set_limits", id, ("company", id.to_string()), json!({"limit": limit}));
+            store.set_company_rate_limit(id, limit, &record).await?.ok_or_else(|| anyhow!("no such company {id}"))?;
             println!("company {id} rate limit: {}", show_limit(limit));
         }
         CompanyCommand::SetKeyPolicy { id, max_lifetime, default_lifetime } => {
@@ -87,7 +126,17 @@ pub async fn company(store: Arc<dyn OperatorStore>, command: CompanyCommand) -> 
             let policy =
                 KeyPolicy::new(parse("default-lifetime", default_lifetime)?, parse("max-lifetime", max_lifetime)?)
                     .map_err(|e| anyhow!("{e}"))?;
-            let company = store.set_key_policy(id, policy).await?.ok_or_else(|| anyhow!("no such company {id}"))?;
+            let record = operator_entry(
+                "company.set_key_policy",
+                id,
+                ("company", id.to_string()),
+                json!({
+                    "default_lifetime_seconds": policy.default_lifetime.map(|d| d.whole_seconds()),
+                    "max_lifetime_seconds": policy.max_lifetime.map(|d| d.whole_seconds()),
+                }),
+            );
+            let company =
+                store.set_key_policy(id, policy, &record).await?.ok_or_else(|| anyhow!("no such company {id}"))?;
             let show =
                 |d: Option<time::Duration>| d.map(|d| format!("{}s", d.whole_seconds())).unwrap_or("none".into());
             println!(
@@ -103,7 +152,10 @@ pub async fn company(store: Arc<dyn OperatorStore>, command: CompanyCommand) -> 
 
 async fn set_status(store: &dyn OperatorStore, id: &str, status: CompanyStatus) -> anyhow::Result<()> {
     let id = parse_company(id)?;
-    let company = store.set_company_status(id, status).await?.ok_or_else(|| anyhow!("no such company {id}"))?;
+    let action = if status == CompanyStatus::Suspended { "company.suspend" } else { "company.resume" };
+    let record = operator_entry(action, id, ("company", id.to_string()), json!({"status": status.as_str()}));
+    let company =
+        store.set_company_status(id, status, &record).await?.ok_or_else(|| anyhow!("no such company {id}"))?;
     println!("company {} is now {}", company.id, company.status.as_str());
     Ok(())
 }
@@ -132,6 +184,12 @@ pub async fn create_key(
     let generated = hasher.generate(mode);
     let now = paygate_domain::now();
     let scope = operator_scope(store, company);
+    let record = operator_entry(
+        "api_key.create",
+        company,
+        ("api_key", generated.id.to_string()),
+        json!({"scopes": scopes, "mode": mode, "owner": owner.as_str()}),
+    );
     let key = store
         .create_api_key(
             &scope,
@@ -148,6 +206,7 @@ pub async fn create_key(
                 secret_hash: generated.hash,
                 pepper_version: generated.pepper_version,
             },
+            &record,
         )
         .await
         .map_err(|e| match e {
@@ -195,7 +254,9 @@ pub async fn key(
         AdminKeyCommand::SetLimits { id, limits } => {
             let id = ApiKeyId::parse(&id).map_err(|_| anyhow!("{id:?} is not a key id (key_…)"))?;
             let limit = parse_limits(&limits)?;
-            store.set_key_rate_limit(id, limit).await?.ok_or_else(|| anyhow!("no such key {id}"))?;
+            let owner = store.find_key_for_auth(id).await?.ok_or_else(|| anyhow!("no such key {id}"))?.key.company_id;
+            let record = operator_entry("api_key.set_limits", owner, ("api_key", id.to_string()), json!({"limit": limit}));
+            store.set_key_rate_limit(id, limit, &record).await?.ok_or_else(|| anyhow!("no such key {id}"))?;
             println!("key {id} rate limit: {}", show_limit(limit));
         }
         AdminKeyCommand::RevokeAll { company } => {
@@ -203,13 +264,17 @@ pub async fn key(
             if store.find_company(company).await?.is_none() {
                 bail!("no such company {company}");
             }
-            let revoked = store.revoke_all_api_keys(&operator_scope(&*store, company), paygate_domain::now()).await?;
+            let record = operator_entry("api_key.revoke_all", company, ("company", company.to_string()), json!({}));
+            let revoked =
+                store.revoke_all_api_keys(&operator_scope(&*store, company), paygate_domain::now(), &record).await?;
             println!("revoked {revoked} key(s) of company {company}");
         }
         AdminKeyCommand::Revoke { id } => {
             let id = ApiKeyId::parse(&id).map_err(|_| anyhow!("{id:?} is not a key id (key_…)"))?;
+            let owner = store.find_key_for_auth(id).await?.ok_or_else(|| anyhow!("no such key {id}"))?.key.company_id;
+            let record = operator_entry("api_key.revoke", owner, ("api_key", id.to_string()), json!({}));
             let key = store
-                .revoke_api_key_by_id(id, paygate_domain::now())
+                .revoke_api_key_by_id(id, paygate_domain::now(), &record)
                 .await?
                 .ok_or_else(|| anyhow!("no such key {id}"))?;
             println!("key {} revoked at {}", key.id, key.revoked_at.map(rfc3339).unwrap_or_default());

@@ -7,7 +7,10 @@ use std::sync::Arc;
 use anyhow::Context;
 use std::time::Duration;
 
+use paygate_api::audit::{AuditConfig, AuditWriter};
 use paygate_api::limits::{LimitsConfig, RateLimits};
+use paygate_domain::audit::AuditSigner;
+use paygate_store::Checkpoint;
 use paygate_api::{ApiConfig, AppState};
 use paygate_domain::KeyHasher;
 use paygate_ratelimit::{ConcurrencyLimiter, Quota, RedisLimiter, SharedLimiter};
@@ -65,6 +68,39 @@ pub async fn build_limits(config: &Config) -> anyhow::Result<RateLimits> {
     Ok(RateLimits::new(limiter, concurrency, limits_config))
 }
 
+/// Signs the head of every chain that moved since its last checkpoint.
+pub async fn checkpoint(store: &dyn OperatorStore, signer: &AuditSigner) -> anyhow::Result<usize> {
+    let mut signed = 0;
+    for (chain, seq, hash) in store.audit_heads().await? {
+        let last = store.audit_checkpoints(&chain).await?.last().map(|c| c.seq).unwrap_or(0);
+        if last >= seq {
+            continue;
+        }
+        let checkpoint = Checkpoint {
+            signature: signer.sign(&chain, seq, &hash).to_vec(),
+            chain,
+            seq,
+            hash,
+            signed_at: paygate_domain::now(),
+            key_id: signer.key_id(),
+        };
+        store.add_checkpoint(&checkpoint).await?;
+        signed += 1;
+    }
+    Ok(signed)
+}
+
+async fn checkpoint_every(store: Arc<dyn OperatorStore>, signer: Arc<AuditSigner>, period: Duration) {
+    let mut ticker = tokio::time::interval(period);
+    ticker.tick().await;
+    loop {
+        ticker.tick().await;
+        if let Err(error) = checkpoint(&*store, &signer).await {
+            tracing::warn!(%error, "audit checkpoint failed");
+        }
+    }
+}
+
 /// A running server. Dropping it does not stop it; call [`Server::shutdown`].
 pub struct Server {
     pub api_addr: SocketAddr,
@@ -74,6 +110,8 @@ pub struct Server {
     pub store: Arc<dyn OperatorStore>,
     pub hasher: KeyHasher,
     auth: Arc<Authenticator>,
+    audit: AuditWriter,
+    signer: Arc<AuditSigner>,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
     workers: Vec<JoinHandle<()>>,
@@ -114,7 +152,15 @@ pub async fn start(config: &Config, options: StartOptions) -> anyhow::Result<Ser
     let ops_addr = ops_listener.local_addr()?;
 
     let limits = Arc::new(build_limits(config).await?);
-    let state = AppState { store: api_store.clone(), auth: auth.clone(), limits };
+    let signer = Arc::new(pepper::load_audit_signer(config)?);
+    let (audit, audit_tasks) = AuditWriter::start(api_store.clone(), AuditConfig::default());
+    let state = AppState {
+        store: api_store.clone(),
+        auth: auth.clone(),
+        limits,
+        audit: audit.clone(),
+        audit_public_key: signer.public_key(),
+    };
     let api_state = state.clone();
     let api_config = ApiConfig {
         max_body_bytes: config.max_body_bytes,
@@ -148,6 +194,9 @@ pub async fn start(config: &Config, options: StartOptions) -> anyhow::Result<Ser
     });
     let watcher = tokio::spawn(auth.clone().watch_revisions());
     let usage = tokio::spawn(auth.clone().record_usage());
+    let checkpoints = tokio::spawn(checkpoint_every(store.clone(), signer.clone(), config.audit_checkpoint));
+    let mut workers = vec![watcher, usage, checkpoints];
+    workers.extend(audit_tasks);
     tracing::info!(api = %api_addr, ops = %ops_addr, database = %config.database.redacted(), backend = store.backend().as_str(), "paygate listening");
     Ok(Server {
         state: api_state,
@@ -156,9 +205,11 @@ pub async fn start(config: &Config, options: StartOptions) -> anyhow::Result<Ser
         store,
         hasher,
         auth,
+        audit,
+        signer,
         stop,
         tasks: vec![api_task, ops_task],
-        workers: vec![watcher, usage],
+        workers,
     })
 }
 
@@ -169,11 +220,16 @@ impl Server {
         for task in self.tasks {
             let _ = task.await;
         }
+        // Aggregated failure counts still open, then the workers.
+        self.audit.flush_aggregated().await;
         for worker in self.workers {
             worker.abort();
         }
-        // Key usage noted by the last requests.
+        // Key usage noted by the last requests, and a final signed checkpoint.
         self.auth.flush_usage().await;
+        if let Err(error) = checkpoint(&*self.store, &self.signer).await {
+            tracing::warn!(%error, "final audit checkpoint failed");
+        }
         tracing::info!("paygate stopped");
     }
 }

@@ -34,6 +34,21 @@ pub enum Command {
     /// Offline key tools.
     #[command(subcommand)]
     Key(KeyCommand),
+    /// The tamper-evident audit log.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Recompute every chain and check every signed checkpoint; exit 1 on any problem.
+    Verify {
+        /// Only this company's chain.
+        #[arg(long)]
+        company: Option<String>,
+    },
+    /// Sign a checkpoint of every chain that moved, now.
+    Checkpoint,
 }
 
 #[derive(Debug, Subcommand)]

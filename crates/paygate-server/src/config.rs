@@ -17,6 +17,8 @@ const SETTINGS: &[(&str, &str)] = &[
     ("key_pepper", "Hex key pepper (≥ 32 bytes). Prefer key_pepper_file."),
     ("key_pepper_file", "File holding the hex key pepper."),
     ("key_pepper_version", "Version number of the current pepper."),
+    ("audit_signing_key_file", "File with the hex Ed25519 seed that signs audit checkpoints."),
+    ("audit_checkpoint_secs", "Seconds between signed audit checkpoints."),
     ("log_format", "text or json."),
     ("log_level", "tracing filter, e.g. info or paygate=debug."),
     ("max_body_bytes", "Largest accepted request body."),
@@ -105,6 +107,8 @@ pub struct Config {
     pub key_cache_ttl: Duration,
     pub trusted_proxies: Vec<ipnet::IpNet>,
     pub limits: Limits,
+    pub audit_signing_key_file: Option<PathBuf>,
+    pub audit_checkpoint: Duration,
 }
 
 /// Rate limits as configured: `(rate or count, burst or window seconds)`.
@@ -266,7 +270,11 @@ impl Config {
             nodes: s.parse("rate_limit_nodes", 1, positive(1_000))? as u32,
             capacity: s.parse("rate_limit_capacity", 100_000, positive(100_000_000))? as u32,
         };
+        let audit_signing_key_file = s.get("audit_signing_key_file").map(PathBuf::from);
+        let audit_checkpoint = Duration::from_secs(s.parse("audit_checkpoint_secs", 60, positive(86_400))?);
         Ok(Self {
+            audit_signing_key_file,
+            audit_checkpoint,
             database,
             listen,
             ops_listen,

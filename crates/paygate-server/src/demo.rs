@@ -6,7 +6,9 @@ use std::net::SocketAddr;
 use paygate_domain::{KeyHasher, KeyMode, Label, Scope, ScopeSet};
 use paygate_store::{NewCompany, OperatorStore, operator_scope};
 
-use crate::admin::{KeyRequest, create_key};
+use serde_json::json;
+
+use crate::admin::{KeyRequest, create_key, operator_entry};
 
 pub const DEMO_COMPANY: &str = "Demo Co";
 
@@ -23,11 +25,13 @@ pub async fn prepare(store: &dyn OperatorStore, hasher: &KeyHasher, api_addr: So
         None => {
             let mut new = NewCompany::new(Label::parse(DEMO_COMPANY)?);
             new.demo = true;
-            store.create_company(new).await?
+            let record = operator_entry("company.create", new.id, ("company", new.id.to_string()), json!({"demo": true}));
+            store.create_company(new, &record).await?
         }
     };
     // Each start shows two fresh keys; the previous start's keys stop working.
-    let revoked = store.revoke_all_api_keys(&operator_scope(store, company.id), paygate_domain::now()).await?;
+    let record = operator_entry("api_key.revoke_all", company.id, ("company", company.id.to_string()), json!({"demo": true}));
+    let revoked = store.revoke_all_api_keys(&operator_scope(store, company.id), paygate_domain::now(), &record).await?;
     if revoked > 0 {
         tracing::info!(revoked, "revoked the previous demo keys");
     }

@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod audit_verify;
 pub mod cli;
 pub mod config;
 pub mod demo;

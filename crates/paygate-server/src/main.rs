@@ -4,9 +4,9 @@ use std::sync::Arc;
 
 use clap::Parser;
 use paygate_domain::{ApiKeyText, KeyHasher};
-use paygate_server::cli::{AdminCommand, Cli, Command, KeyCommand};
+use paygate_server::cli::{AdminCommand, AuditCommand, Cli, Command, KeyCommand};
 use paygate_server::config::Config;
-use paygate_server::{admin, app, demo, pepper, telemetry};
+use paygate_server::{admin, app, audit_verify, demo, pepper, telemetry};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -56,6 +56,38 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
                 AdminCommand::Key(k) => {
                     let hasher = KeyHasher::new(&pepper::load(&config)?);
                     admin::key(store, Some(&hasher), k).await
+                }
+            }
+        }
+        Command::Audit(command) => {
+            let store = app::open_store(&config).await?;
+            let signer = pepper::load_audit_signer(&config)?;
+            match command {
+                AuditCommand::Checkpoint => {
+                    let signed = app::checkpoint(&*store, &signer).await?;
+                    println!("signed {signed} checkpoint(s)");
+                    Ok(())
+                }
+                AuditCommand::Verify { company } => {
+                    let chain = company
+                        .map(|c| paygate_domain::CompanyId::parse(&c).map(|id| id.to_string()))
+                        .transpose()
+                        .map_err(|_| anyhow::anyhow!("--company is not a company id (cmp_…)"))?;
+                    let reports = audit_verify::verify(&*store, &signer.public_key(), chain).await?;
+                    let mut failed = false;
+                    for r in &reports {
+                        match &r.problem {
+                            None => println!("ok    {}: {} records, {} checkpoints", r.chain, r.records, r.checkpoints),
+                            Some((seq, reason)) => {
+                                failed = true;
+                                println!("FAIL  {}: first bad record at seq {seq}: {reason}", r.chain);
+                            }
+                        }
+                    }
+                    if failed {
+                        anyhow::bail!("audit verification failed");
+                    }
+                    Ok(())
                 }
             }
         }

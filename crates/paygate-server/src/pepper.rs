@@ -17,7 +17,7 @@ pub fn load(config: &Config) -> anyhow::Result<Pepper> {
         PepperSource::File(path) => read(path, version),
         PepperSource::BesideDatabase(path) => {
             if !path.exists() {
-                create(path)?;
+                create_secret_file(path, &Pepper::generate_hex(), "key pepper")?;
             }
             read(path, version)
         }
@@ -39,7 +39,9 @@ fn read(path: &Path, version: u16) -> anyhow::Result<Pepper> {
     Pepper::from_hex(version, &text).map_err(|e| anyhow::anyhow!("key_pepper_file {}: {e}", path.display()))
 }
 
-fn create(path: &Path) -> anyhow::Result<()> {
+/// Creates `path` with mode 0600 holding `hex`, unless another process created
+/// it first (then theirs is used).
+pub fn create_secret_file(path: &Path, hex: &str, what: &str) -> anyhow::Result<()> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
@@ -52,18 +54,40 @@ fn create(path: &Path) -> anyhow::Result<()> {
     }
     match options.open(path) {
         Ok(mut file) => {
-            let hex = Pepper::generate_hex();
             file.write_all(hex.as_bytes())?;
             file.write_all(b"\n")?;
             file.sync_all()?;
-            tracing::warn!(
-                path = %path.display(),
-                "generated a new key pepper (mode 0600); back it up with the database: without it no API key can be verified"
-            );
+            tracing::warn!(path = %path.display(), "generated a new {what} (mode 0600); back it up with the database");
             Ok(())
         }
         // Another process (the server, or a CLI call) created it first: use theirs.
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
-        Err(e) => bail!("cannot create key pepper file {}: {e}", path.display()),
+        Err(e) => bail!("cannot create {what} file {}: {e}", path.display()),
     }
+}
+
+/// The audit checkpoint signing key (Ed25519 seed, hex), held outside the database.
+pub fn load_audit_signer(config: &Config) -> anyhow::Result<paygate_domain::audit::AuditSigner> {
+    let path = match (&config.audit_signing_key_file, &config.database) {
+        (Some(path), _) => path.clone(),
+        (None, crate::config::Database::Sqlite { path, .. }) => {
+            let mut name = path.file_name().unwrap_or_default().to_os_string();
+            name.push(".audit-key");
+            let beside = path.with_file_name(name);
+            if !beside.exists() {
+                create_secret_file(&beside, &paygate_domain::audit::AuditSigner::generate_hex(), "audit signing key")?;
+            }
+            beside
+        }
+        (None, crate::config::Database::Postgres { .. }) => {
+            bail!("audit_signing_key_file (PAYGATE_AUDIT_SIGNING_KEY_FILE) is required with PostgreSQL")
+        }
+    };
+    let text = zeroize::Zeroizing::new(
+        std::fs::read_to_string(&path).with_context(|| format!("audit_signing_key_file: cannot read {}", path.display()))?,
+    );
+    let mut seed = zeroize::Zeroizing::new([0u8; 32]);
+    hex::decode_to_slice(text.trim(), &mut seed[..])
+        .map_err(|_| anyhow::anyhow!("audit_signing_key_file {}: must hold 64 hex characters", path.display()))?;
+    Ok(paygate_domain::audit::AuditSigner::from_bytes(&seed))
 }

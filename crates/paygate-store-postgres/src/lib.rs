@@ -13,9 +13,11 @@ use async_trait::async_trait;
 use paygate_domain::{
     AllowedCidrs, ApiKeyId, CompanyId, CompanyStatus, KeyMode, KeyPolicy, RateLimitOverride, ScopeSet, SecretHash,
 };
+use paygate_domain::AuditEventId;
+use paygate_domain::audit::{ActorKind, AuditEntry, AuditRecord, Outcome as AuditOutcome};
 use paygate_store::{
-    ApiKey, Backend, Company, CompanyScope, KeyAuthRecord, KeyUsage, NewApiKey, NewCompany, OperatorStore, Page,
-    PageRequest, Rotation, Store, StoreError, StoreResult,
+    ApiKey, AuditFilter, Backend, Checkpoint, Company, CompanyScope, KeyAuthRecord, KeyUsage, NewApiKey, NewCompany,
+    OperatorStore, Page, PageRequest, Rotation, Store, StoreError, StoreResult,
 };
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
 use sqlx::{PgConnection, PgPool, Row};
@@ -204,6 +206,174 @@ async fn scoped_key(conn: &mut PgConnection, company: Option<CompanyId>, id: Api
     row.as_ref().map(key_from_row).transpose()
 }
 
+// ---------------------------------------------------------------------------
+// Audit log
+
+const AUDIT_COLUMNS: &str = "chain, seq, id, occurred_at, actor_kind, actor_id, actor_name, action, resource_type, \
+     resource_id, outcome, status, request_id, client_ip, user_agent, details, prev_hash, hash";
+
+fn audit_from_row(row: &PgRow) -> StoreResult<AuditRecord> {
+    let action: String = get(row, "action")?;
+    let action = paygate_domain::audit::ACTIONS
+        .iter()
+        .find(|a| **a == action)
+        .copied()
+        .ok_or_else(|| corrupt("audit action", &action))?;
+    let kind: String = get(row, "actor_kind")?;
+    let outcome: String = get(row, "outcome")?;
+    let hash32 = |col: &str| -> StoreResult<[u8; 32]> {
+        let bytes: Vec<u8> = get(row, col)?;
+        bytes.try_into().map_err(|_| corrupt(col, "length"))
+    };
+    let seq: i64 = get(row, "seq")?;
+    let status: i32 = get(row, "status")?;
+    Ok(AuditRecord {
+        entry: AuditEntry {
+            id: AuditEventId::from_uuid(get(row, "id")?),
+            chain: get(row, "chain")?,
+            occurred_at: get(row, "occurred_at")?,
+            actor_kind: ActorKind::parse(&kind).ok_or_else(|| corrupt("actor kind", &kind))?,
+            actor_id: get(row, "actor_id")?,
+            actor_name: get(row, "actor_name")?,
+            action,
+            resource_type: get(row, "resource_type")?,
+            resource_id: get(row, "resource_id")?,
+            outcome: AuditOutcome::parse(&outcome).ok_or_else(|| corrupt("outcome", &outcome))?,
+            status: status as u16,
+            request_id: get(row, "request_id")?,
+            client_ip: get(row, "client_ip")?,
+            user_agent: get(row, "user_agent")?,
+            details: get(row, "details")?,
+        },
+        seq: seq as u64,
+        prev_hash: hash32("prev_hash")?,
+        hash: hash32("hash")?,
+    })
+}
+
+/// Appends `entries` to their chains inside the caller's transaction. Heads are
+/// locked in chain order, so concurrent appenders (other nodes, change
+/// transactions) queue behind each other instead of forking a chain.
+async fn append_in(conn: &mut PgConnection, entries: &[AuditEntry]) -> StoreResult<Vec<AuditRecord>> {
+    let mut chains: Vec<&str> = entries.iter().map(|e| e.chain.as_str()).collect();
+    chains.sort_unstable();
+    chains.dedup();
+    let mut heads = std::collections::HashMap::new();
+    for chain in chains {
+        sqlx::query("INSERT INTO audit_heads (chain, seq, hash) VALUES ($1, 0, $2) ON CONFLICT (chain) DO NOTHING")
+            .bind(chain)
+            .bind(&[0u8; 32][..])
+            .execute(&mut *conn)
+            .await
+            .map_err(map_err)?;
+        let row = sqlx::query("SELECT seq, hash FROM audit_heads WHERE chain = $1 FOR UPDATE")
+            .bind(chain)
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(map_err)?;
+        let seq: i64 = get(&row, "seq")?;
+        let hash: Vec<u8> = get(&row, "hash")?;
+        let hash: [u8; 32] = hash.try_into().map_err(|_| corrupt("audit head", "length"))?;
+        heads.insert(chain.to_owned(), (seq as u64, hash));
+    }
+    let mut records = Vec::with_capacity(entries.len());
+    for entry in entries {
+        let (seq, hash) = heads[&entry.chain];
+        let record = AuditRecord::append(entry.clone(), seq, hash);
+        let e = &record.entry;
+        sqlx::query(
+            "INSERT INTO audit_events (chain, seq, id, occurred_at, actor_kind, actor_id, actor_name, action, \
+             resource_type, resource_id, outcome, status, request_id, client_ip, user_agent, details, prev_hash, hash) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)",
+        )
+        .bind(&e.chain)
+        .bind(record.seq as i64)
+        .bind(e.id.as_uuid())
+        .bind(e.occurred_at)
+        .bind(e.actor_kind.as_str())
+        .bind(&e.actor_id)
+        .bind(&e.actor_name)
+        .bind(e.action)
+        .bind(&e.resource_type)
+        .bind(&e.resource_id)
+        .bind(e.outcome.as_str())
+        .bind(e.status as i32)
+        .bind(&e.request_id)
+        .bind(&e.client_ip)
+        .bind(&e.user_agent)
+        .bind(&e.details)
+        .bind(&record.prev_hash[..])
+        .bind(&record.hash[..])
+        .execute(&mut *conn)
+        .await
+        .map_err(map_err)?;
+        heads.insert(entry.chain.clone(), (record.seq, record.hash));
+        records.push(record);
+    }
+    for (chain, (seq, hash)) in heads {
+        sqlx::query("UPDATE audit_heads SET seq = $1, hash = $2 WHERE chain = $3")
+            .bind(seq as i64)
+            .bind(&hash[..])
+            .bind(chain)
+            .execute(&mut *conn)
+            .await
+            .map_err(map_err)?;
+    }
+    metrics::counter!("paygate_audit_records_total").increment(records.len() as u64);
+    Ok(records)
+}
+
+fn checkpoint_from_row(row: &PgRow) -> StoreResult<Checkpoint> {
+    let hash: Vec<u8> = get(row, "hash")?;
+    let seq: i64 = get(row, "seq")?;
+    Ok(Checkpoint {
+        chain: get(row, "chain")?,
+        seq: seq as u64,
+        hash: hash.try_into().map_err(|_| corrupt("checkpoint hash", "length"))?,
+        signed_at: get(row, "signed_at")?,
+        key_id: get(row, "key_id")?,
+        signature: get(row, "signature")?,
+    })
+}
+
+impl PostgresStore {
+    async fn audit_query(
+        &self,
+        chain: &str,
+        filter: &AuditFilter,
+        after_seq: Option<u64>,
+        before_seq: Option<u64>,
+        newest_first: bool,
+        limit: u32,
+    ) -> StoreResult<Vec<AuditRecord>> {
+        let sql = format!(
+            "SELECT {AUDIT_COLUMNS} FROM audit_events WHERE chain = $1 \
+             AND ($2 IS NULL OR action = $2) AND ($3 IS NULL OR actor_id = $3) \
+             AND ($4 IS NULL OR resource_type = $4) AND ($5 IS NULL OR resource_id = $5) \
+             AND ($6 IS NULL OR outcome = $6) AND ($7::timestamptz IS NULL OR occurred_at >= $7) \
+             AND ($8::timestamptz IS NULL OR occurred_at < $8) AND seq > $9 AND seq < $10 \
+             ORDER BY seq {} LIMIT $11",
+            if newest_first { "DESC" } else { "ASC" }
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(chain)
+            .bind(&filter.action)
+            .bind(&filter.actor_key_id)
+            .bind(&filter.resource_type)
+            .bind(&filter.resource_id)
+            .bind(filter.outcome.map(|o| o.as_str()))
+            .bind(filter.from)
+            .bind(filter.to)
+            .bind(after_seq.unwrap_or(0) as i64)
+            .bind(before_seq.map(|b| b as i64).unwrap_or(i64::MAX))
+            .bind(limit as i64)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_err)?;
+        rows.iter().map(audit_from_row).collect()
+    }
+}
+
 #[async_trait]
 impl Store for PostgresStore {
     fn backend(&self) -> Backend {
@@ -272,7 +442,7 @@ impl Store for PostgresStore {
         scoped_key(&mut conn, Some(scope.company_id()), id).await
     }
 
-    async fn create_api_key(&self, scope: &CompanyScope, new: NewApiKey) -> StoreResult<ApiKey> {
+    async fn create_api_key(&self, scope: &CompanyScope, new: NewApiKey, audit: &AuditEntry) -> StoreResult<ApiKey> {
         let company_id = scope.company_id();
         let mut tx = self.begin_write().await?;
         let exists: Option<i32> = sqlx::query_scalar("SELECT 1 FROM companies WHERE id = $1 FOR SHARE")
@@ -284,6 +454,7 @@ impl Store for PostgresStore {
             return Err(StoreError::NotFound("company"));
         }
         insert_key(&mut tx, company_id, &new, None).await?;
+        append_in(&mut tx, std::slice::from_ref(audit)).await?;
         tx.commit().await.map_err(map_err)?;
         Ok(new.into_key(company_id, None))
     }
@@ -293,11 +464,17 @@ impl Store for PostgresStore {
         scope: &CompanyScope,
         id: ApiKeyId,
         at: OffsetDateTime,
+        audit: &AuditEntry,
     ) -> StoreResult<Option<ApiKey>> {
-        self.revoke(Some(scope.company_id()), id, at).await
+        self.revoke(Some(scope.company_id()), id, at, audit).await
     }
 
-    async fn revoke_all_api_keys(&self, scope: &CompanyScope, at: OffsetDateTime) -> StoreResult<u64> {
+    async fn revoke_all_api_keys(
+        &self,
+        scope: &CompanyScope,
+        at: OffsetDateTime,
+        audit: &AuditEntry,
+    ) -> StoreResult<u64> {
         let mut tx = self.begin_write().await?;
         let revoked = sqlx::query("UPDATE api_keys SET revoked_at = $1 WHERE company_id = $2 AND revoked_at IS NULL")
             .bind(at)
@@ -307,6 +484,7 @@ impl Store for PostgresStore {
             .map_err(map_err)?
             .rows_affected();
         bump_auth_revision(&mut tx).await?;
+        append_in(&mut tx, std::slice::from_ref(audit)).await?;
         tx.commit().await.map_err(map_err)?;
         Ok(revoked)
     }
@@ -318,6 +496,7 @@ impl Store for PostgresStore {
         new: NewApiKey,
         old_expires_at: OffsetDateTime,
         now: OffsetDateTime,
+        audit: &AuditEntry,
     ) -> StoreResult<Rotation> {
         let company_id = scope.company_id();
         let mut tx = self.begin_write().await?;
@@ -355,6 +534,7 @@ impl Store for PostgresStore {
         .map_err(map_err)?;
         bump_auth_revision(&mut tx).await?;
         let old = scoped_key(&mut tx, Some(company_id), id).await?.ok_or(StoreError::NotFound("API key"))?;
+        append_in(&mut tx, std::slice::from_ref(audit)).await?;
         tx.commit().await.map_err(map_err)?;
         Ok(Rotation::Rotated { old: Box::new(old), new: Box::new(new.into_key(company_id, Some(id))) })
     }
@@ -381,6 +561,75 @@ impl Store for PostgresStore {
         }
         tx.commit().await.map_err(map_err)
     }
+
+    async fn append_audit(&self, entries: &[AuditEntry]) -> StoreResult<Vec<AuditRecord>> {
+        if entries.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut tx = self.begin_write().await?;
+        let records = append_in(&mut tx, entries).await?;
+        tx.commit().await.map_err(map_err)?;
+        Ok(records)
+    }
+
+    async fn list_audit(
+        &self,
+        scope: &CompanyScope,
+        filter: &AuditFilter,
+        page: PageRequest<u64>,
+    ) -> StoreResult<Page<AuditRecord>> {
+        let chain = scope.company_id().to_string();
+        let rows = self.audit_query(&chain, filter, None, page.after, true, page.limit + 1).await?;
+        Ok(Page::from_overfetch(rows, page.limit))
+    }
+
+    async fn get_audit(&self, scope: &CompanyScope, id: AuditEventId) -> StoreResult<Option<AuditRecord>> {
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {AUDIT_COLUMNS} FROM audit_events WHERE id = $1 AND chain = $2"
+        )))
+        .bind(id.as_uuid())
+        .bind(scope.company_id().to_string())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(map_err)?;
+        row.as_ref().map(audit_from_row).transpose()
+    }
+
+    async fn export_audit(
+        &self,
+        scope: &CompanyScope,
+        from: Option<OffsetDateTime>,
+        to: Option<OffsetDateTime>,
+        after_seq: u64,
+        limit: u32,
+    ) -> StoreResult<Vec<AuditRecord>> {
+        let filter = AuditFilter { from, to, ..AuditFilter::default() };
+        self.audit_query(&scope.company_id().to_string(), &filter, Some(after_seq), None, false, limit).await
+    }
+
+    async fn audit_head(&self, scope: &CompanyScope) -> StoreResult<Option<(u64, [u8; 32])>> {
+        let row = sqlx::query("SELECT seq, hash FROM audit_heads WHERE chain = $1 AND seq > 0")
+            .bind(scope.company_id().to_string())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(map_err)?;
+        let Some(row) = row else { return Ok(None) };
+        let seq: i64 = get(&row, "seq")?;
+        let hash: Vec<u8> = get(&row, "hash")?;
+        Ok(Some((seq as u64, hash.try_into().map_err(|_| corrupt("audit head", "length"))?)))
+    }
+
+    async fn latest_checkpoint(&self, scope: &CompanyScope) -> StoreResult<Option<Checkpoint>> {
+        let row = sqlx::query(
+            "SELECT chain, seq, hash, signed_at, key_id, signature FROM audit_checkpoints WHERE chain = $1 \
+             ORDER BY seq DESC, signed_at DESC LIMIT 1",
+        )
+        .bind(scope.company_id().to_string())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(map_err)?;
+        row.as_ref().map(checkpoint_from_row).transpose()
+    }
 }
 
 #[async_trait]
@@ -390,7 +639,7 @@ impl OperatorStore for PostgresStore {
         MIGRATOR.run(&self.pool).await.map_err(|e| StoreError::Internal(format!("migration failed: {e}")))
     }
 
-    async fn create_company(&self, new: NewCompany) -> StoreResult<Company> {
+    async fn create_company(&self, new: NewCompany, audit: &AuditEntry) -> StoreResult<Company> {
         let company = Company {
             id: new.id,
             name: new.name.into_string(),
@@ -410,6 +659,7 @@ impl OperatorStore for PostgresStore {
             .execute(&mut *tx)
             .await
             .map_err(map_err)?;
+        append_in(&mut tx, std::slice::from_ref(audit)).await?;
         tx.commit().await.map_err(map_err)?;
         Ok(company)
     }
@@ -431,7 +681,12 @@ impl OperatorStore for PostgresStore {
         row.as_ref().map(company_from_row).transpose()
     }
 
-    async fn set_company_status(&self, id: CompanyId, status: CompanyStatus) -> StoreResult<Option<Company>> {
+    async fn set_company_status(
+        &self,
+        id: CompanyId,
+        status: CompanyStatus,
+        audit: &AuditEntry,
+    ) -> StoreResult<Option<Company>> {
         let mut tx = self.begin_write().await?;
         let changed = sqlx::query("UPDATE companies SET status = $1 WHERE id = $2")
             .bind(status.as_str())
@@ -444,11 +699,17 @@ impl OperatorStore for PostgresStore {
             return Ok(None);
         }
         bump_auth_revision(&mut tx).await?;
+        append_in(&mut tx, std::slice::from_ref(audit)).await?;
         tx.commit().await.map_err(map_err)?;
         self.find_company(id).await
     }
 
-    async fn set_key_policy(&self, id: CompanyId, policy: KeyPolicy) -> StoreResult<Option<Company>> {
+    async fn set_key_policy(
+        &self,
+        id: CompanyId,
+        policy: KeyPolicy,
+        audit: &AuditEntry,
+    ) -> StoreResult<Option<Company>> {
         let mut tx = self.begin_write().await?;
         let changed = sqlx::query(
             "UPDATE companies SET key_default_lifetime_secs = $1, key_max_lifetime_secs = $2 WHERE id = $3",
@@ -460,11 +721,20 @@ impl OperatorStore for PostgresStore {
         .await
         .map_err(map_err)?
         .rows_affected();
+        if changed == 0 {
+            return Ok(None);
+        }
+        append_in(&mut tx, std::slice::from_ref(audit)).await?;
         tx.commit().await.map_err(map_err)?;
-        if changed == 0 { Ok(None) } else { self.find_company(id).await }
+        self.find_company(id).await
     }
 
-    async fn set_key_rate_limit(&self, id: ApiKeyId, limit: Option<RateLimitOverride>) -> StoreResult<Option<ApiKey>> {
+    async fn set_key_rate_limit(
+        &self,
+        id: ApiKeyId,
+        limit: Option<RateLimitOverride>,
+        audit: &AuditEntry,
+    ) -> StoreResult<Option<ApiKey>> {
         let mut tx = self.begin_write().await?;
         let changed = sqlx::query("UPDATE api_keys SET rate_limit_rate = $1, rate_limit_burst = $2 WHERE id = $3")
             .bind(limit.map(|l| l.rate as i32))
@@ -479,6 +749,7 @@ impl OperatorStore for PostgresStore {
         }
         bump_auth_revision(&mut tx).await?;
         let key = scoped_key(&mut tx, None, id).await?;
+        append_in(&mut tx, std::slice::from_ref(audit)).await?;
         tx.commit().await.map_err(map_err)?;
         Ok(key)
     }
@@ -487,6 +758,7 @@ impl OperatorStore for PostgresStore {
         &self,
         id: CompanyId,
         limit: Option<RateLimitOverride>,
+        audit: &AuditEntry,
     ) -> StoreResult<Option<Company>> {
         let mut tx = self.begin_write().await?;
         let changed = sqlx::query("UPDATE companies SET rate_limit_rate = $1, rate_limit_burst = $2 WHERE id = $3")
@@ -501,12 +773,80 @@ impl OperatorStore for PostgresStore {
             return Ok(None);
         }
         bump_auth_revision(&mut tx).await?;
+        append_in(&mut tx, std::slice::from_ref(audit)).await?;
         tx.commit().await.map_err(map_err)?;
         self.find_company(id).await
     }
 
-    async fn revoke_api_key_by_id(&self, id: ApiKeyId, at: OffsetDateTime) -> StoreResult<Option<ApiKey>> {
-        self.revoke(None, id, at).await
+    async fn revoke_api_key_by_id(
+        &self,
+        id: ApiKeyId,
+        at: OffsetDateTime,
+        audit: &AuditEntry,
+    ) -> StoreResult<Option<ApiKey>> {
+        self.revoke(None, id, at, audit).await
+    }
+
+    async fn audit_chains(&self) -> StoreResult<Vec<String>> {
+        sqlx::query_scalar("SELECT chain FROM audit_heads WHERE seq > 0 ORDER BY chain")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_err)
+    }
+
+    async fn audit_records(&self, chain: &str, after_seq: u64, limit: u32) -> StoreResult<Vec<AuditRecord>> {
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {AUDIT_COLUMNS} FROM audit_events WHERE chain = $1 AND seq > $2 ORDER BY seq LIMIT $3"
+        )))
+        .bind(chain)
+        .bind(after_seq as i64)
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_err)?;
+        rows.iter().map(audit_from_row).collect()
+    }
+
+    async fn audit_checkpoints(&self, chain: &str) -> StoreResult<Vec<Checkpoint>> {
+        let rows = sqlx::query(
+            "SELECT chain, seq, hash, signed_at, key_id, signature FROM audit_checkpoints WHERE chain = $1 ORDER BY seq",
+        )
+        .bind(chain)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_err)?;
+        rows.iter().map(checkpoint_from_row).collect()
+    }
+
+    async fn add_checkpoint(&self, checkpoint: &Checkpoint) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO audit_checkpoints (chain, seq, hash, signed_at, key_id, signature) \
+             VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(&checkpoint.chain)
+        .bind(checkpoint.seq as i64)
+        .bind(&checkpoint.hash[..])
+        .bind(checkpoint.signed_at)
+        .bind(&checkpoint.key_id)
+        .bind(&checkpoint.signature)
+        .execute(&self.pool)
+        .await
+        .map_err(map_err)?;
+        Ok(())
+    }
+
+    async fn audit_heads(&self) -> StoreResult<Vec<(String, u64, [u8; 32])>> {
+        let rows = sqlx::query("SELECT chain, seq, hash FROM audit_heads WHERE seq > 0 ORDER BY chain")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_err)?;
+        rows.iter()
+            .map(|row| {
+                let seq: i64 = get(row, "seq")?;
+                let hash: Vec<u8> = get(row, "hash")?;
+                Ok((get(row, "chain")?, seq as u64, hash.try_into().map_err(|_| corrupt("audit head", "length"))?))
+            })
+            .collect()
     }
 }
 
@@ -516,6 +856,7 @@ impl PostgresStore {
         company: Option<CompanyId>,
         id: ApiKeyId,
         at: OffsetDateTime,
+        audit: &AuditEntry,
     ) -> StoreResult<Option<ApiKey>> {
         let mut tx = self.begin_write().await?;
         let changed = sqlx::query(
@@ -532,6 +873,10 @@ impl PostgresStore {
             bump_auth_revision(&mut tx).await?;
         }
         let key = scoped_key(&mut tx, company, id).await?;
+        if key.is_none() {
+            return Ok(None);
+        }
+        append_in(&mut tx, std::slice::from_ref(audit)).await?;
         tx.commit().await.map_err(map_err)?;
         Ok(key)
     }

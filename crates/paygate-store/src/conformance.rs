@@ -13,9 +13,11 @@ use time::{Duration, OffsetDateTime};
 
 use crate::auth::{AuthConfig, AuthError, Authenticator};
 use crate::{
-    ApiKey, Backend, Company, CompanyScope, KeyAuthRecord, KeyUsage, NewApiKey, NewCompany, OperatorStore, Page,
-    PageRequest, Rotation, Store, StoreError, StoreResult, operator_scope,
+    ApiKey, AuditFilter, Backend, Checkpoint, Company, CompanyScope, KeyAuthRecord, KeyUsage, NewApiKey, NewCompany,
+    OperatorStore, Page, PageRequest, Rotation, Store, StoreError, StoreResult, operator_scope,
 };
+use paygate_domain::AuditEventId;
+use paygate_domain::audit::{ActorKind, AuditEntry, AuditRecord, Outcome};
 
 /// A store on a database that exists for one test; the guard removes it.
 pub struct TestStore {
@@ -57,6 +59,10 @@ macro_rules! conformance_tests {
             key_usage_is_recorded_and_never_moves_backwards,
             key_policy_round_trip,
             authenticator_bypasses_the_cache_when_revision_polls_fail,
+            audit_chains_link_filter_and_stay_in_their_company,
+            a_change_and_its_record_commit_together,
+            concurrent_appends_never_fork_a_chain,
+            checkpoints_round_trip,
         );
     };
     (@cases $factory:path; $($case:ident),* $(,)?) => {
@@ -70,6 +76,27 @@ macro_rules! conformance_tests {
     };
 }
 
+/// An operator's record of a change, for the store's change methods.
+fn noted(action: &'static str) -> AuditEntry {
+    AuditEntry {
+        id: AuditEventId::generate(),
+        chain: paygate_domain::audit::PLATFORM_CHAIN.into(),
+        occurred_at: paygate_domain::now(),
+        actor_kind: ActorKind::Operator,
+        actor_id: None,
+        actor_name: Some("conformance".into()),
+        action,
+        resource_type: None,
+        resource_id: None,
+        outcome: Outcome::Success,
+        status: 200,
+        request_id: None,
+        client_ip: None,
+        user_agent: None,
+        details: "{}".into(),
+    }
+}
+
 fn label(s: &str) -> Label {
     Label::parse(s).unwrap()
 }
@@ -79,7 +106,7 @@ fn hasher() -> KeyHasher {
 }
 
 async fn company(store: &dyn OperatorStore, name: &str) -> Company {
-    store.create_company(NewCompany::new(label(name))).await.unwrap()
+    store.create_company(NewCompany::new(label(name)), &noted("company.create")).await.unwrap()
 }
 
 struct Issued {
@@ -109,8 +136,7 @@ async fn issue(
                 rate_limit: None,
                 secret_hash: generated.hash,
                 pepper_version: generated.pepper_version,
-            },
-        )
+            }, &noted("api_key.create"))
         .await
         .unwrap();
     Issued { key, text: generated.text.to_string() }
@@ -139,14 +165,14 @@ pub async fn companies_round_trip(store: Arc<dyn OperatorStore>) {
 pub async fn company_status_changes_bump_the_auth_revision(store: Arc<dyn OperatorStore>) {
     let a = company(&*store, "Acme").await;
     let r0 = store.auth_revision().await.unwrap();
-    let suspended = store.set_company_status(a.id, CompanyStatus::Suspended).await.unwrap().unwrap();
+    let suspended = store.set_company_status(a.id, CompanyStatus::Suspended, &noted("company.suspend")).await.unwrap().unwrap();
     assert_eq!(suspended.status, CompanyStatus::Suspended);
     let r1 = store.auth_revision().await.unwrap();
     assert!(r1 > r0);
-    let resumed = store.set_company_status(a.id, CompanyStatus::Active).await.unwrap().unwrap();
+    let resumed = store.set_company_status(a.id, CompanyStatus::Active, &noted("company.suspend")).await.unwrap().unwrap();
     assert_eq!(resumed.status, CompanyStatus::Active);
     assert!(store.auth_revision().await.unwrap() > r1);
-    assert_eq!(store.set_company_status(CompanyId::generate(), CompanyStatus::Suspended).await.unwrap(), None);
+    assert_eq!(store.set_company_status(CompanyId::generate(), CompanyStatus::Suspended, &noted("company.suspend")).await.unwrap(), None);
 }
 
 pub async fn api_key_round_trip(store: Arc<dyn OperatorStore>) {
@@ -179,8 +205,7 @@ pub async fn api_key_for_a_missing_company_is_not_found(store: Arc<dyn OperatorS
                 rate_limit: None,
                 secret_hash: generated.hash,
                 pepper_version: 1,
-            },
-        )
+            }, &noted("api_key.create"))
         .await
         .unwrap_err();
     assert!(matches!(err, StoreError::NotFound("company")), "{err:?}");
@@ -232,12 +257,12 @@ pub async fn revocation_is_idempotent_and_bumps_the_revision(store: Arc<dyn Oper
     let key = issue(&*store, a.id, "keys:read", None).await.key;
     let r0 = store.auth_revision().await.unwrap();
     let t1 = paygate_domain::now();
-    let revoked = store.revoke_api_key_by_id(key.id, t1).await.unwrap().unwrap();
+    let revoked = store.revoke_api_key_by_id(key.id, t1, &noted("api_key.revoke")).await.unwrap().unwrap();
     assert_eq!(revoked.revoked_at, Some(t1));
     assert!(store.auth_revision().await.unwrap() > r0);
-    let again = store.revoke_api_key_by_id(key.id, t1 + Duration::seconds(5)).await.unwrap().unwrap();
+    let again = store.revoke_api_key_by_id(key.id, t1 + Duration::seconds(5), &noted("api_key.revoke")).await.unwrap().unwrap();
     assert_eq!(again.revoked_at, Some(t1), "the first revocation time stands");
-    assert_eq!(store.revoke_api_key_by_id(ApiKeyId::generate(), t1).await.unwrap(), None);
+    assert_eq!(store.revoke_api_key_by_id(ApiKeyId::generate(), t1, &noted("api_key.revoke")).await.unwrap(), None);
 }
 
 pub async fn scoped_revocation_cannot_reach_another_company(store: Arc<dyn OperatorStore>) {
@@ -246,11 +271,11 @@ pub async fn scoped_revocation_cannot_reach_another_company(store: Arc<dyn Opera
     let key_a = issue(&*store, a.id, "keys:read", None).await.key;
     let r0 = store.auth_revision().await.unwrap();
     let now = paygate_domain::now();
-    assert_eq!(store.revoke_api_key(&scope(&*store, b.id), key_a.id, now).await.unwrap(), None);
+    assert_eq!(store.revoke_api_key(&scope(&*store, b.id), key_a.id, now, &noted("api_key.revoke")).await.unwrap(), None);
     assert_eq!(store.auth_revision().await.unwrap(), r0, "nothing changed, nothing signalled");
     let still = store.get_api_key(&scope(&*store, a.id), key_a.id).await.unwrap().unwrap();
     assert_eq!(still.revoked_at, None);
-    let revoked = store.revoke_api_key(&scope(&*store, a.id), key_a.id, now).await.unwrap().unwrap();
+    let revoked = store.revoke_api_key(&scope(&*store, a.id), key_a.id, now, &noted("api_key.revoke")).await.unwrap().unwrap();
     assert_eq!(revoked.revoked_at, Some(now));
 }
 
@@ -264,7 +289,7 @@ pub async fn key_auth_record_carries_company_status(store: Arc<dyn OperatorStore
     assert_eq!(record.pepper_version, 1);
     let secret = issued.text.rsplit('_').next().unwrap();
     assert!(hasher().verify(&secret.as_bytes()[..43], &record.secret_hash, 1));
-    store.set_company_status(a.id, CompanyStatus::Suspended).await.unwrap();
+    store.set_company_status(a.id, CompanyStatus::Suspended, &noted("company.suspend")).await.unwrap();
     let record = store.find_key_for_auth(issued.key.id).await.unwrap().unwrap();
     assert_eq!(record.company_status, CompanyStatus::Suspended);
     assert!(store.find_key_for_auth(ApiKeyId::generate()).await.unwrap().is_none());
@@ -308,13 +333,13 @@ pub async fn authenticator_refuses_each_bad_state(store: Arc<dyn OperatorStore>)
     assert!(matches!(auth.verify_key(&expiring.text, now + Duration::seconds(60)).await, Err(AuthError::Expired)));
 
     assert!(auth.verify_key(&issued.text, now).await.is_ok());
-    store.revoke_api_key_by_id(issued.key.id, now).await.unwrap();
+    store.revoke_api_key_by_id(issued.key.id, now, &noted("api_key.revoke")).await.unwrap();
     assert!(auth.poll_revision().await.unwrap());
     assert!(matches!(auth.verify_key(&issued.text, now).await, Err(AuthError::Revoked)));
 
     let live = issue(&*store, a.id, "keys:read", None).await;
     assert!(auth.verify_key(&live.text, now).await.is_ok());
-    store.set_company_status(a.id, CompanyStatus::Suspended).await.unwrap();
+    store.set_company_status(a.id, CompanyStatus::Suspended, &noted("company.suspend")).await.unwrap();
     assert!(auth.poll_revision().await.unwrap());
     assert!(matches!(auth.verify_key(&live.text, now).await, Err(AuthError::CompanySuspended)));
 }
@@ -365,22 +390,23 @@ impl Store for CountingStore {
         self.calls.fetch_add(1, Ordering::SeqCst);
         self.inner.get_api_key(scope, id).await
     }
-    async fn create_api_key(&self, scope: &CompanyScope, new: NewApiKey) -> StoreResult<ApiKey> {
+    async fn create_api_key(&self, scope: &CompanyScope, new: NewApiKey, audit: &AuditEntry) -> StoreResult<ApiKey> {
         self.calls.fetch_add(1, Ordering::SeqCst);
-        self.inner.create_api_key(scope, new).await
+        self.inner.create_api_key(scope, new, audit).await
     }
     async fn revoke_api_key(
         &self,
         scope: &CompanyScope,
         id: ApiKeyId,
         at: OffsetDateTime,
+        audit: &AuditEntry,
     ) -> StoreResult<Option<ApiKey>> {
         self.calls.fetch_add(1, Ordering::SeqCst);
-        self.inner.revoke_api_key(scope, id, at).await
+        self.inner.revoke_api_key(scope, id, at, audit).await
     }
-    async fn revoke_all_api_keys(&self, scope: &CompanyScope, at: OffsetDateTime) -> StoreResult<u64> {
+    async fn revoke_all_api_keys(&self, scope: &CompanyScope, at: OffsetDateTime, audit: &AuditEntry) -> StoreResult<u64> {
         self.calls.fetch_add(1, Ordering::SeqCst);
-        self.inner.revoke_all_api_keys(scope, at).await
+        self.inner.revoke_all_api_keys(scope, at, audit).await
     }
     async fn rotate_api_key(
         &self,
@@ -389,9 +415,46 @@ impl Store for CountingStore {
         new: NewApiKey,
         old_expires_at: OffsetDateTime,
         now: OffsetDateTime,
+        audit: &AuditEntry,
     ) -> StoreResult<Rotation> {
         self.calls.fetch_add(1, Ordering::SeqCst);
-        self.inner.rotate_api_key(scope, id, new, old_expires_at, now).await
+        self.inner.rotate_api_key(scope, id, new, old_expires_at, now, audit).await
+    }
+    async fn append_audit(&self, entries: &[AuditEntry]) -> StoreResult<Vec<AuditRecord>> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        self.inner.append_audit(entries).await
+    }
+    async fn list_audit(
+        &self,
+        scope: &CompanyScope,
+        filter: &AuditFilter,
+        page: PageRequest<u64>,
+    ) -> StoreResult<Page<AuditRecord>> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        self.inner.list_audit(scope, filter, page).await
+    }
+    async fn get_audit(&self, scope: &CompanyScope, id: AuditEventId) -> StoreResult<Option<AuditRecord>> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        self.inner.get_audit(scope, id).await
+    }
+    async fn export_audit(
+        &self,
+        scope: &CompanyScope,
+        from: Option<OffsetDateTime>,
+        to: Option<OffsetDateTime>,
+        after_seq: u64,
+        limit: u32,
+    ) -> StoreResult<Vec<AuditRecord>> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        self.inner.export_audit(scope, from, to, after_seq, limit).await
+    }
+    async fn audit_head(&self, scope: &CompanyScope) -> StoreResult<Option<(u64, [u8; 32])>> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        self.inner.audit_head(scope).await
+    }
+    async fn latest_checkpoint(&self, scope: &CompanyScope) -> StoreResult<Option<Checkpoint>> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        self.inner.latest_checkpoint(scope).await
     }
     async fn record_key_usage(&self, usage: &[KeyUsage]) -> StoreResult<()> {
         self.calls.fetch_add(1, Ordering::SeqCst);
@@ -432,7 +495,7 @@ pub async fn authenticator_cache_drops_on_revocation(store: Arc<dyn OperatorStor
     auth.verify_key(&issued.text, paygate_domain::now()).await.unwrap();
     assert_eq!(counting.calls.load(Ordering::SeqCst), before, "second call is served from the cache");
 
-    store.revoke_api_key_by_id(issued.key.id, paygate_domain::now()).await.unwrap();
+    store.revoke_api_key_by_id(issued.key.id, paygate_domain::now(), &noted("api_key.revoke")).await.unwrap();
     assert!(auth.poll_revision().await.unwrap(), "the revision moved");
     assert!(matches!(auth.verify_key(&issued.text, paygate_domain::now()).await, Err(AuthError::Revoked)));
 }
@@ -456,7 +519,7 @@ pub async fn concurrent_key_creation_and_revocation(store: Arc<dyn OperatorStore
             let store = store.clone();
             let id = key.id;
             tasks.push(tokio::spawn(
-                async move { store.revoke_api_key_by_id(id, now + Duration::seconds(offset)).await },
+                async move { store.revoke_api_key_by_id(id, now + Duration::seconds(offset), &noted("api_key.revoke")).await },
             ));
         }
     }
@@ -497,14 +560,14 @@ pub async fn rotation_links_keys_and_shortens_the_old_expiry(store: Arc<dyn Oper
     let a = company(&*store, "Acme").await;
     let sa = scope(&*store, a.id);
     let (first, _) = new_key(KeyMode::Test, "keys:read", "203.0.113.0/24");
-    let old = store.create_api_key(&sa, first).await.unwrap();
+    let old = store.create_api_key(&sa, first, &noted("api_key.create")).await.unwrap();
     assert_eq!(old.allowed_cidrs.to_storage(), "203.0.113.0/24");
     let r0 = store.auth_revision().await.unwrap();
     let now = paygate_domain::now();
     let grace = now + Duration::hours(24);
     let (second, _) = new_key(KeyMode::Test, "keys:read", "203.0.113.0/24");
     let second_id = second.id;
-    let Rotation::Rotated { old: rotated, new } = store.rotate_api_key(&sa, old.id, second, grace, now).await.unwrap()
+    let Rotation::Rotated { old: rotated, new } = store.rotate_api_key(&sa, old.id, second, grace, now, &noted("api_key.rotate")).await.unwrap()
     else {
         panic!("rotation refused")
     };
@@ -518,7 +581,7 @@ pub async fn rotation_links_keys_and_shortens_the_old_expiry(store: Arc<dyn Oper
     let soon = now + Duration::minutes(5);
     let expiring = issue(&*store, a.id, "keys:read", Some(soon)).await.key;
     let (third, _) = new_key(KeyMode::Test, "keys:read", "");
-    let Rotation::Rotated { old, .. } = store.rotate_api_key(&sa, expiring.id, third, grace, now).await.unwrap() else {
+    let Rotation::Rotated { old, .. } = store.rotate_api_key(&sa, expiring.id, third, grace, now, &noted("api_key.rotate")).await.unwrap() else {
         panic!("rotation refused")
     };
     assert_eq!(old.expires_at, Some(soon));
@@ -531,30 +594,30 @@ pub async fn rotation_refuses_revoked_expired_rotated_and_foreign_keys(store: Ar
     let now = paygate_domain::now();
     let later = now + Duration::hours(1);
     let revoked = issue(&*store, a.id, "keys:read", None).await.key;
-    store.revoke_api_key(&sa, revoked.id, now).await.unwrap();
+    store.revoke_api_key(&sa, revoked.id, now, &noted("api_key.revoke")).await.unwrap();
     assert_eq!(
-        store.rotate_api_key(&sa, revoked.id, new_key(KeyMode::Test, "", "").0, later, now).await.unwrap(),
+        store.rotate_api_key(&sa, revoked.id, new_key(KeyMode::Test, "", "").0, later, now, &noted("api_key.rotate")).await.unwrap(),
         Rotation::Revoked
     );
     let expired = issue(&*store, a.id, "keys:read", Some(now)).await.key;
     assert_eq!(
-        store.rotate_api_key(&sa, expired.id, new_key(KeyMode::Test, "", "").0, later, now).await.unwrap(),
+        store.rotate_api_key(&sa, expired.id, new_key(KeyMode::Test, "", "").0, later, now, &noted("api_key.rotate")).await.unwrap(),
         Rotation::Expired
     );
     let live = issue(&*store, a.id, "keys:read", None).await.key;
     assert_eq!(
         store
-            .rotate_api_key(&scope(&*store, b.id), live.id, new_key(KeyMode::Test, "", "").0, later, now)
+            .rotate_api_key(&scope(&*store, b.id), live.id, new_key(KeyMode::Test, "", "").0, later, now, &noted("api_key.rotate"))
             .await
             .unwrap(),
         Rotation::NotFound
     );
     assert!(matches!(
-        store.rotate_api_key(&sa, live.id, new_key(KeyMode::Test, "", "").0, later, now).await.unwrap(),
+        store.rotate_api_key(&sa, live.id, new_key(KeyMode::Test, "", "").0, later, now, &noted("api_key.rotate")).await.unwrap(),
         Rotation::Rotated { .. }
     ));
     assert_eq!(
-        store.rotate_api_key(&sa, live.id, new_key(KeyMode::Test, "", "").0, later, now).await.unwrap(),
+        store.rotate_api_key(&sa, live.id, new_key(KeyMode::Test, "", "").0, later, now, &noted("api_key.rotate")).await.unwrap(),
         Rotation::AlreadyRotated
     );
     let page = store.list_api_keys(&sa, PageRequest { limit: 100, after: None }).await.unwrap();
@@ -571,7 +634,7 @@ pub async fn concurrent_rotations_produce_one_successor(store: Arc<dyn OperatorS
         let sa = scope(&*store, a.id);
         tasks.push(tokio::spawn(async move {
             store
-                .rotate_api_key(&sa, key.id, new_key(KeyMode::Test, "keys:read", "").0, now + Duration::hours(1), now)
+                .rotate_api_key(&sa, key.id, new_key(KeyMode::Test, "keys:read", "").0, now + Duration::hours(1), now, &noted("api_key.rotate"))
                 .await
         }));
     }
@@ -596,10 +659,10 @@ pub async fn revoke_all_touches_only_the_company(store: Arc<dyn OperatorStore>) 
         issue(&*store, a.id, "keys:read", None).await;
     }
     let already = issue(&*store, a.id, "keys:read", None).await.key;
-    store.revoke_api_key_by_id(already.id, now - Duration::hours(1)).await.unwrap();
+    store.revoke_api_key_by_id(already.id, now - Duration::hours(1), &noted("api_key.revoke")).await.unwrap();
     let other = issue(&*store, b.id, "keys:read", None).await.key;
     let r0 = store.auth_revision().await.unwrap();
-    assert_eq!(store.revoke_all_api_keys(&scope(&*store, a.id), now).await.unwrap(), 3);
+    assert_eq!(store.revoke_all_api_keys(&scope(&*store, a.id), now, &noted("api_key.revoke_all")).await.unwrap(), 3);
     assert!(store.auth_revision().await.unwrap() > r0);
     let page = store.list_api_keys(&scope(&*store, a.id), PageRequest { limit: 100, after: None }).await.unwrap();
     assert!(page.items.iter().all(|k| k.revoked_at.is_some()));
@@ -632,11 +695,11 @@ pub async fn key_policy_round_trip(store: Arc<dyn OperatorStore>) {
     let a = company(&*store, "Acme").await;
     assert_eq!(a.key_policy, KeyPolicy::default());
     let policy = KeyPolicy::new(Some(Duration::days(30)), Some(Duration::days(90))).unwrap();
-    let updated = store.set_key_policy(a.id, policy).await.unwrap().unwrap();
+    let updated = store.set_key_policy(a.id, policy, &noted("company.set_key_policy")).await.unwrap().unwrap();
     assert_eq!(updated.key_policy, policy);
     assert_eq!(store.get_company(&scope(&*store, a.id)).await.unwrap().key_policy, policy);
-    assert_eq!(store.set_key_policy(CompanyId::generate(), policy).await.unwrap(), None);
-    store.set_key_policy(a.id, KeyPolicy::default()).await.unwrap();
+    assert_eq!(store.set_key_policy(CompanyId::generate(), policy, &noted("company.set_key_policy")).await.unwrap(), None);
+    store.set_key_policy(a.id, KeyPolicy::default(), &noted("company.set_key_policy")).await.unwrap();
     assert_eq!(store.find_company(a.id).await.unwrap().unwrap().key_policy, KeyPolicy::default());
 }
 
@@ -650,8 +713,137 @@ pub async fn authenticator_bypasses_the_cache_when_revision_polls_fail(store: Ar
     auth.poll_revision().await.unwrap();
     auth.verify_key(&issued.text, paygate_domain::now()).await.unwrap();
     counting.fail_revision.store(true, Ordering::SeqCst);
-    store.revoke_api_key_by_id(issued.key.id, paygate_domain::now()).await.unwrap();
+    store.revoke_api_key_by_id(issued.key.id, paygate_domain::now(), &noted("api_key.revoke")).await.unwrap();
     assert!(auth.poll_revision().await.is_err());
     tokio::time::sleep(AuthConfig::default().max_staleness + std::time::Duration::from_millis(50)).await;
     assert!(matches!(auth.verify_key(&issued.text, paygate_domain::now()).await, Err(AuthError::Revoked)));
+}
+
+fn entry_for(company: CompanyId, action: &'static str, outcome: Outcome) -> AuditEntry {
+    AuditEntry { chain: company.to_string(), action, outcome, ..noted(action) }
+}
+
+/// Recomputes a chain from the stored fields, as `paygate audit verify` does.
+async fn assert_chain_intact(store: &dyn OperatorStore, chain: &str) -> u64 {
+    let records = store.audit_records(chain, 0, 100_000).await.unwrap();
+    let mut prev = [0u8; 32];
+    for (i, r) in records.iter().enumerate() {
+        assert_eq!(r.seq, i as u64 + 1, "no gap");
+        assert_eq!(r.prev_hash, prev, "linked");
+        assert_eq!(r.recomputed_hash(), r.hash, "unmodified");
+        prev = r.hash;
+    }
+    records.len() as u64
+}
+
+pub async fn audit_chains_link_filter_and_stay_in_their_company(store: Arc<dyn OperatorStore>) {
+    let a = company(&*store, "Acme").await;
+    let b = company(&*store, "Globex").await;
+    let batch = vec![
+        entry_for(a.id, "api_key.list", Outcome::Success),
+        entry_for(b.id, "api_key.read", Outcome::Success),
+        entry_for(a.id, "api_key.read", Outcome::Denied),
+        entry_for(a.id, "identity.read", Outcome::Success),
+    ];
+    let written = store.append_audit(&batch).await.unwrap();
+    assert_eq!(written.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![1, 1, 2, 3]);
+    assert_eq!(written[2].prev_hash, written[0].hash);
+    assert_eq!(assert_chain_intact(&*store, &a.id.to_string()).await, 3);
+    assert_eq!(assert_chain_intact(&*store, &b.id.to_string()).await, 1);
+
+    let sa = scope(&*store, a.id);
+    let sb = scope(&*store, b.id);
+    let all = store.list_audit(&sa, &AuditFilter::default(), PageRequest { limit: 2, after: None }).await.unwrap();
+    assert_eq!(all.items.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![3, 2], "newest first");
+    assert!(all.has_more);
+    let rest = store.list_audit(&sa, &AuditFilter::default(), PageRequest { limit: 2, after: Some(2) }).await.unwrap();
+    assert_eq!(rest.items.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![1]);
+    let denied = AuditFilter { outcome: Some(Outcome::Denied), ..AuditFilter::default() };
+    let page = store.list_audit(&sa, &denied, PageRequest { limit: 10, after: None }).await.unwrap();
+    assert_eq!(page.items.len(), 1);
+    assert_eq!(page.items[0].entry.action, "api_key.read");
+    let reads = AuditFilter { action: Some("api_key.read".into()), ..AuditFilter::default() };
+    assert_eq!(store.list_audit(&sb, &reads, PageRequest { limit: 10, after: None }).await.unwrap().items.len(), 1);
+
+    // Another company's record is invisible.
+    assert!(store.get_audit(&sa, written[0].entry.id).await.unwrap().is_some());
+    assert!(store.get_audit(&sb, written[0].entry.id).await.unwrap().is_none());
+    let exported = store.export_audit(&sa, None, None, 0, 100).await.unwrap();
+    assert_eq!(exported.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![1, 2, 3]);
+    assert_eq!(store.export_audit(&sa, None, None, 2, 100).await.unwrap().len(), 1);
+    assert_eq!(store.audit_head(&sa).await.unwrap(), Some((3, written[3].hash)));
+    let future = AuditFilter { from: Some(paygate_domain::now() + Duration::hours(1)), ..AuditFilter::default() };
+    assert!(store.list_audit(&sa, &future, PageRequest { limit: 10, after: None }).await.unwrap().items.is_empty());
+}
+
+pub async fn a_change_and_its_record_commit_together(store: Arc<dyn OperatorStore>) {
+    let a = company(&*store, "Acme").await;
+    let sa = scope(&*store, a.id);
+    let key = issue(&*store, a.id, "keys:read", None).await.key;
+    let before = store.audit_records(&a.id.to_string(), 0, 1000).await.unwrap().len();
+    let record = entry_for(a.id, "api_key.revoke", Outcome::Success);
+    store.revoke_api_key(&sa, key.id, paygate_domain::now(), &record).await.unwrap().unwrap();
+    let after = store.audit_records(&a.id.to_string(), 0, 1000).await.unwrap();
+    assert_eq!(after.len(), before + 1);
+    assert_eq!(after.last().unwrap().entry.id, record.id);
+    // A change that does not happen leaves no record of having happened.
+    let missing = entry_for(a.id, "api_key.revoke", Outcome::Success);
+    assert!(store.revoke_api_key(&sa, ApiKeyId::generate(), paygate_domain::now(), &missing).await.unwrap().is_none());
+    let refused = entry_for(a.id, "api_key.rotate", Outcome::Success);
+    let now = paygate_domain::now();
+    let outcome = store.rotate_api_key(&sa, key.id, new_key(KeyMode::Test, "", "").0, now, now, &refused).await.unwrap();
+    assert_eq!(outcome, Rotation::Revoked);
+    assert_eq!(store.audit_records(&a.id.to_string(), 0, 1000).await.unwrap().len(), before + 1);
+    assert!(store.get_audit(&sa, missing.id).await.unwrap().is_none());
+    assert_chain_intact(&*store, &a.id.to_string()).await;
+}
+
+pub async fn concurrent_appends_never_fork_a_chain(store: Arc<dyn OperatorStore>) {
+    let a = company(&*store, "Acme").await;
+    let mut tasks = Vec::new();
+    for t in 0..8 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..10 {
+                if (t + i) % 3 == 0 {
+                    // Interleave change transactions with batch appends.
+                    let key = issue(&*store, a.id, "keys:read", None).await.key;
+                    let sa = scope(&*store, a.id);
+                    let record = entry_for(a.id, "api_key.revoke", Outcome::Success);
+                    store.revoke_api_key(&sa, key.id, paygate_domain::now(), &record).await.unwrap();
+                } else {
+                    let batch = vec![entry_for(a.id, "api_key.list", Outcome::Success); 3];
+                    let batch: Vec<_> = batch.into_iter().map(|e| AuditEntry { id: AuditEventId::generate(), ..e }).collect();
+                    store.append_audit(&batch).await.unwrap();
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let n = assert_chain_intact(&*store, &a.id.to_string()).await;
+    assert!(n >= 80, "{n} records");
+    let heads = store.audit_heads().await.unwrap();
+    let head = heads.iter().find(|(c, _, _)| *c == a.id.to_string()).unwrap();
+    assert_eq!(head.1, n);
+}
+
+pub async fn checkpoints_round_trip(store: Arc<dyn OperatorStore>) {
+    let a = company(&*store, "Acme").await;
+    let written = store.append_audit(&[entry_for(a.id, "identity.read", Outcome::Success)]).await.unwrap();
+    let signer = paygate_domain::audit::AuditSigner::from_bytes(&[3; 32]);
+    let chain = a.id.to_string();
+    let checkpoint = Checkpoint {
+        chain: chain.clone(),
+        seq: 1,
+        hash: written[0].hash,
+        signed_at: paygate_domain::now(),
+        key_id: signer.key_id(),
+        signature: signer.sign(&chain, 1, &written[0].hash).to_vec(),
+    };
+    store.add_checkpoint(&checkpoint).await.unwrap();
+    assert_eq!(store.audit_checkpoints(&chain).await.unwrap(), vec![checkpoint.clone()]);
+    assert_eq!(store.latest_checkpoint(&scope(&*store, a.id)).await.unwrap(), Some(checkpoint));
+    assert!(store.audit_chains().await.unwrap().contains(&chain));
 }

@@ -15,7 +15,8 @@ mod rows;
 mod scope;
 
 use async_trait::async_trait;
-use paygate_domain::{ApiKeyId, CompanyId, CompanyStatus, KeyPolicy, RateLimitOverride};
+use paygate_domain::audit::{AuditEntry, AuditRecord};
+use paygate_domain::{ApiKeyId, AuditEventId, CompanyId, CompanyStatus, KeyPolicy, RateLimitOverride};
 use time::OffsetDateTime;
 
 pub use rows::*;
@@ -82,7 +83,7 @@ pub trait Store: Send + Sync + 'static {
 
     /// Inserts a key for the scope's company. Fails with `NotFound("company")` if
     /// the company does not exist (possible only for an operator scope).
-    async fn create_api_key(&self, scope: &CompanyScope, new: NewApiKey) -> StoreResult<ApiKey>;
+    async fn create_api_key(&self, scope: &CompanyScope, new: NewApiKey, audit: &AuditEntry) -> StoreResult<ApiKey>;
 
     /// Sets `revoked_at` if not yet set (the first revocation time stands) and
     /// bumps the auth revision in the same transaction. `None` when the key does
@@ -92,11 +93,13 @@ pub trait Store: Send + Sync + 'static {
         scope: &CompanyScope,
         id: ApiKeyId,
         at: OffsetDateTime,
+        audit: &AuditEntry,
     ) -> StoreResult<Option<ApiKey>>;
 
     /// Revokes every unrevoked key of the company in one transaction (emergency
     /// revocation) and bumps the auth revision. Returns how many were revoked.
-    async fn revoke_all_api_keys(&self, scope: &CompanyScope, at: OffsetDateTime) -> StoreResult<u64>;
+    async fn revoke_all_api_keys(&self, scope: &CompanyScope, at: OffsetDateTime, audit: &AuditEntry)
+    -> StoreResult<u64>;
 
     /// In one transaction: checks that key `id` of the scope's company is
     /// neither revoked, expired at `now`, nor already rotated; inserts `new`
@@ -110,11 +113,42 @@ pub trait Store: Send + Sync + 'static {
         new: NewApiKey,
         old_expires_at: OffsetDateTime,
         now: OffsetDateTime,
+        audit: &AuditEntry,
     ) -> StoreResult<Rotation>;
 
     /// Records key usage (`last_used_at`, `last_used_ip`); a time never moves
     /// backwards. Called in batches by the usage recorder, not per request.
     async fn record_key_usage(&self, usage: &[KeyUsage]) -> StoreResult<()>;
+
+    /// Appends records to their chains in one transaction (the group writer's
+    /// batch). A change's own record is written by the change's method instead,
+    /// in the change's transaction.
+    async fn append_audit(&self, entries: &[AuditEntry]) -> StoreResult<Vec<AuditRecord>>;
+
+    /// The company's records, newest first; `page.after` is a sequence number.
+    async fn list_audit(
+        &self,
+        scope: &CompanyScope,
+        filter: &AuditFilter,
+        page: PageRequest<u64>,
+    ) -> StoreResult<Page<AuditRecord>>;
+
+    async fn get_audit(&self, scope: &CompanyScope, id: AuditEventId) -> StoreResult<Option<AuditRecord>>;
+
+    /// The company's records in chain order after `after_seq`, within the time range.
+    async fn export_audit(
+        &self,
+        scope: &CompanyScope,
+        from: Option<OffsetDateTime>,
+        to: Option<OffsetDateTime>,
+        after_seq: u64,
+        limit: u32,
+    ) -> StoreResult<Vec<AuditRecord>>;
+
+    /// The company chain's head (seq, hash), if it has any record.
+    async fn audit_head(&self, scope: &CompanyScope) -> StoreResult<Option<(u64, [u8; 32])>>;
+
+    async fn latest_checkpoint(&self, scope: &CompanyScope) -> StoreResult<Option<Checkpoint>>;
 }
 
 /// Platform-wide operations for operators (the CLI). Never handed to the HTTP API.
@@ -123,28 +157,49 @@ pub trait OperatorStore: Store {
     /// Applies the embedded migrations of this backend.
     async fn migrate(&self) -> StoreResult<()>;
 
-    async fn create_company(&self, new: NewCompany) -> StoreResult<Company>;
+    async fn create_company(&self, new: NewCompany, audit: &AuditEntry) -> StoreResult<Company>;
     async fn list_companies(&self) -> StoreResult<Vec<Company>>;
     async fn find_company(&self, id: CompanyId) -> StoreResult<Option<Company>>;
     /// Sets the status and bumps the auth revision in one transaction.
     /// `None` if the company does not exist.
-    async fn set_company_status(&self, id: CompanyId, status: CompanyStatus) -> StoreResult<Option<Company>>;
+    async fn set_company_status(
+        &self,
+        id: CompanyId,
+        status: CompanyStatus,
+        audit: &AuditEntry,
+    ) -> StoreResult<Option<Company>>;
 
     /// Sets the company's key policy. `None` if the company does not exist.
-    async fn set_key_policy(&self, id: CompanyId, policy: KeyPolicy) -> StoreResult<Option<Company>>;
+    async fn set_key_policy(&self, id: CompanyId, policy: KeyPolicy, audit: &AuditEntry) -> StoreResult<Option<Company>>;
 
     /// Sets or clears a key's rate limit override; bumps the auth revision so
     /// every node picks it up. `None` if the key does not exist.
-    async fn set_key_rate_limit(&self, id: ApiKeyId, limit: Option<RateLimitOverride>) -> StoreResult<Option<ApiKey>>;
+    async fn set_key_rate_limit(
+        &self,
+        id: ApiKeyId,
+        limit: Option<RateLimitOverride>,
+        audit: &AuditEntry,
+    ) -> StoreResult<Option<ApiKey>>;
 
     /// Sets or clears a company's rate limit override; bumps the auth revision.
     async fn set_company_rate_limit(
         &self,
         id: CompanyId,
         limit: Option<RateLimitOverride>,
+        audit: &AuditEntry,
     ) -> StoreResult<Option<Company>>;
 
     /// Revokes a key by id alone, whichever company owns it (emergency
     /// revocation by an operator). Same semantics as [`Store::revoke_api_key`].
-    async fn revoke_api_key_by_id(&self, id: ApiKeyId, at: OffsetDateTime) -> StoreResult<Option<ApiKey>>;
+    async fn revoke_api_key_by_id(&self, id: ApiKeyId, at: OffsetDateTime, audit: &AuditEntry)
+    -> StoreResult<Option<ApiKey>>;
+
+    /// Every chain with at least one record.
+    async fn audit_chains(&self) -> StoreResult<Vec<String>>;
+    /// A chain's records in order after `after_seq`, unfiltered (verification).
+    async fn audit_records(&self, chain: &str, after_seq: u64, limit: u32) -> StoreResult<Vec<AuditRecord>>;
+    async fn audit_checkpoints(&self, chain: &str) -> StoreResult<Vec<Checkpoint>>;
+    async fn add_checkpoint(&self, checkpoint: &Checkpoint) -> StoreResult<()>;
+    /// Every chain's head (chain, seq, hash).
+    async fn audit_heads(&self) -> StoreResult<Vec<(String, u64, [u8; 32])>>;
 }

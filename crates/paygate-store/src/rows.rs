@@ -152,3 +152,26 @@ impl<T> Page<T> {
         Self { items: rows, has_more }
     }
 }
+
+/// A signed checkpoint of one audit chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checkpoint {
+    pub chain: String,
+    pub seq: u64,
+    pub hash: [u8; 32],
+    pub signed_at: OffsetDateTime,
+    pub key_id: String,
+    pub signature: Vec<u8>,
+}
+
+/// Filters of `GET /v1/audit-events`; every field narrows.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AuditFilter {
+    pub action: Option<String>,
+    pub actor_key_id: Option<String>,
+    pub resource_type: Option<String>,
+    pub resource_id: Option<String>,
+    pub outcome: Option<paygate_domain::audit::Outcome>,
+    pub from: Option<OffsetDateTime>,
+    pub to: Option<OffsetDateTime>,
+}

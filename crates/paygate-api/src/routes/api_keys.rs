@@ -7,6 +7,7 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
 use crate::AppState;
+use crate::audit::{AuditContext, AuditWritten};
 use crate::auth::{Authorized, scope};
 use crate::extract::{Json as JsonBody, OptionalJson, Query};
 use crate::pagination::{List, ListParams};
@@ -118,6 +119,7 @@ pub struct CreatedApiKey {
 pub async fn create_api_key(
     auth: Authorized<scope::KeysManage>,
     State(state): State<AppState>,
+    audit: AuditContext,
     JsonBody(body): JsonBody<CreateApiKey>,
 ) -> Result<Created, ApiError> {
     let now = paygate_domain::now();
@@ -174,6 +176,12 @@ pub async fn create_api_key(
     let policy = state.store.get_company(auth.scope()).await?.key_policy;
     let expires_at = policy.expiry_for(now, expires_at).map_err(lifetime_exceeded)?;
     let generated = state.auth.hasher().generate(caller.mode);
+    let record = audit.entry(
+        "api_key.create",
+        Some(("api_key", generated.id.to_string())),
+        StatusCode::CREATED,
+        serde_json::json!({"scopes": scopes, "mode": caller.mode, "expires_at": expires_at.map(rfc3339)}),
+    );
     let key = state
         .store
         .create_api_key(
@@ -191,6 +199,7 @@ pub async fn create_api_key(
                 secret_hash: generated.hash,
                 pepper_version: generated.pepper_version,
             },
+            &record,
         )
         .await?;
     Ok(created(ApiKeyView::new(key, now), &generated.text))
@@ -214,16 +223,24 @@ pub async fn create_api_key(
 pub async fn revoke_api_key(
     auth: Authorized<scope::KeysManage>,
     State(state): State<AppState>,
+    audit: AuditContext,
     Path(id): Path<String>,
-) -> Result<Json<ApiKeyView>, ApiError> {
+) -> Result<(AuditWritten, Json<ApiKeyView>), ApiError> {
     let id = ApiKeyId::parse(&id).map_err(|_| ApiError::not_found("API key"))?;
     let now = paygate_domain::now();
     let target = state.store.get_api_key(auth.scope(), id).await?.ok_or_else(|| ApiError::not_found("API key"))?;
     // Test keys manage test keys; live keys are a separate world.
     check_mode(auth.caller.record.key.mode, target.mode, "revoke")?;
-    let key = state.store.revoke_api_key(auth.scope(), id, now).await?.ok_or_else(|| ApiError::not_found("API key"))?;
+    let record = audit.entry(
+        "api_key.revoke",
+        Some(("api_key", id.to_string())),
+        StatusCode::OK,
+        serde_json::json!({"already_revoked": target.revoked_at.is_some()}),
+    );
+    let key =
+        state.store.revoke_api_key(auth.scope(), id, now, &record).await?.ok_or_else(|| ApiError::not_found("API key"))?;
     state.auth.invalidate();
-    Ok(Json(ApiKeyView::new(key, now)))
+    Ok((AuditWritten, Json(ApiKeyView::new(key, now))))
 }
 
 fn check_mode(caller: paygate_domain::KeyMode, target: paygate_domain::KeyMode, action: &str) -> Result<(), ApiError> {
@@ -239,12 +256,16 @@ fn check_mode(caller: paygate_domain::KeyMode, target: paygate_domain::KeyMode, 
 }
 
 /// A 201 with `Location` and the key text, shown this once.
-type Created = (StatusCode, [(axum::http::HeaderName, String); 1], axum::response::Json<CreatedApiKey>);
+type Created = (StatusCode, AuditWritten, [(axum::http::HeaderName, String); 1], axum::response::Json<CreatedApiKey>);
 
 fn created(key: ApiKeyView, text: &str) -> Created {
     let location = format!("/v1/api-keys/{}", key.id);
     let body = CreatedApiKey { key, secret: text.to_owned() };
-    (StatusCode::CREATED, [(axum::http::header::LOCATION, location)], axum::response::Json(body))
+    (StatusCode::CREATED, AuditWritten, [(axum::http::header::LOCATION, location)], axum::response::Json(body))
+}
+
+fn rfc3339(t: OffsetDateTime) -> String {
+    t.format(&Rfc3339).unwrap_or_default()
 }
 
 fn lifetime_exceeded(e: LifetimeExceedsPolicy) -> ApiError {
@@ -292,6 +313,7 @@ pub const MAX_GRACE_SECONDS: i64 = 604_800;
 pub async fn rotate_api_key(
     auth: Authorized<scope::KeysManage>,
     State(state): State<AppState>,
+    audit: AuditContext,
     Path(id): Path<String>,
     OptionalJson(body): OptionalJson<RotateApiKey>,
 ) -> Result<Created, ApiError> {
@@ -340,7 +362,13 @@ pub async fn rotate_api_key(
     };
     let grace_until = now + time::Duration::seconds(grace);
     let invalid = |detail: &str| ApiError::new(StatusCode::CONFLICT, "invalid_state", "Invalid state", detail);
-    let new = match state.store.rotate_api_key(auth.scope(), id, new, grace_until, now).await? {
+    let record = audit.entry(
+        "api_key.rotate",
+        Some(("api_key", id.to_string())),
+        StatusCode::CREATED,
+        serde_json::json!({"replaced_by": new.id, "old_key_expires_at": rfc3339(grace_until)}),
+    );
+    let new = match state.store.rotate_api_key(auth.scope(), id, new, grace_until, now, &record).await? {
         Rotation::Rotated { new, .. } => *new,
         Rotation::NotFound => return Err(ApiError::not_found("API key")),
         Rotation::Revoked => return Err(invalid("The key is revoked.")),

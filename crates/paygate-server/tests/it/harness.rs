@@ -111,6 +111,9 @@ impl TestApp {
                 let pepper_file = dir.path().join("pepper");
                 std::fs::write(&pepper_file, paygate_domain::Pepper::generate_hex().as_bytes()).unwrap();
                 env.insert("PAYGATE_KEY_PEPPER_FILE".into(), pepper_file.display().to_string());
+                let audit_key = dir.path().join("audit-key");
+                std::fs::write(&audit_key, paygate_domain::audit::AuditSigner::generate_hex().as_bytes()).unwrap();
+                env.insert("PAYGATE_AUDIT_SIGNING_KEY_FILE".into(), audit_key.display().to_string());
                 pg = Some(db);
                 // PostgreSQL runs with the Redis limiter, SQLite with the in-process one.
                 if let Some(redis) = redis_url() {
@@ -151,7 +154,9 @@ impl TestApp {
     }
 
     pub async fn company(&self, name: &str) -> Company {
-        self.store.create_company(NewCompany::new(Label::parse(name).unwrap())).await.unwrap()
+        let new = NewCompany::new(Label::parse(name).unwrap());
+        let record = op("company.create", new.id);
+        self.store.create_company(new, &record).await.unwrap()
     }
 
     /// Issues a key and returns its text.
@@ -211,6 +216,11 @@ impl TestApp {
             .await
             .unwrap()
     }
+}
+
+/// An operator's record of a change made directly through the store.
+pub fn op(action: &'static str, company: CompanyId) -> paygate_domain::audit::AuditEntry {
+    paygate_server::admin::operator_entry(action, company, ("company", company.to_string()), serde_json::json!({}))
 }
 
 /// Asserts a problem+json response and returns its body.

@@ -263,12 +263,16 @@ async fn two_nodes_refuse_revoked_and_suspended_keys_within_1s() {
     let dir = tempfile::tempdir().unwrap();
     let pepper = dir.path().join("pepper");
     std::fs::write(&pepper, paygate_domain::Pepper::generate_hex().as_bytes()).unwrap();
+    let audit_key = dir.path().join("audit-key");
+    std::fs::write(&audit_key, paygate_domain::audit::AuditSigner::generate_hex().as_bytes()).unwrap();
+    let audit_key = audit_key.display().to_string();
     let pepper = pepper.display().to_string();
     // The test polls until keys are refused: relax the failed-auth throttle.
     let env = [
         ("PAYGATE_DATABASE_URL", db.url.as_str()),
         ("PAYGATE_KEY_PEPPER_FILE", pepper.as_str()),
         ("PAYGATE_AUTH_FAILURE_LIMIT", "100000/1"),
+        ("PAYGATE_AUDIT_SIGNING_KEY_FILE", audit_key.as_str()),
     ];
     let a = start_with(&["serve"], "warn,paygate_server=info", &env);
     let b = start_with(&["serve"], "warn,paygate_server=info", &env);

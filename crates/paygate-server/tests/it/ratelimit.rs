@@ -53,11 +53,12 @@ async fn every_authenticated_response_names_its_tightest_policy(app: TestApp) {
         let (policy_name, policy) = structured(r.headers()["ratelimit-policy"].to_str().unwrap());
         let (state_name, state) = structured(r.headers()["ratelimit"].to_str().unwrap());
         assert_eq!(policy_name, state_name);
-        // Defaults: key 100/s burst 200, company 500/s burst 1000; the key is tighter.
+        // Defaults: key 100/s burst 200, company 500/s burst 1000; the key is
+        // tighter. At most q=200 requests in any w=2 seconds.
         assert_eq!(policy_name, "key");
-        assert_eq!((param(&policy, "q"), param(&policy, "w")), (100, 1));
+        assert_eq!((param(&policy, "q"), param(&policy, "w")), (200, 2));
         let remaining = param(&state, "r");
-        assert!(remaining < last_remaining && remaining <= 199);
+        assert!(remaining <= last_remaining && remaining < param(&policy, "q"));
         assert!(param(&state, "t") >= 1);
         last_remaining = remaining;
     }
@@ -85,7 +86,7 @@ async fn key_limit_refuses_with_retry_after(app: TestApp) {
     let retry_after: u64 = refused.headers()["retry-after"].to_str().unwrap().parse().unwrap();
     assert!((1..=1).contains(&retry_after), "{retry_after}");
     let (name, policy) = structured(refused.headers()["ratelimit-policy"].to_str().unwrap());
-    assert_eq!((name.as_str(), param(&policy, "q")), ("key", 1));
+    assert_eq!((name.as_str(), param(&policy, "q"), param(&policy, "w")), ("key", 3, 3));
     let body = problem(refused, StatusCode::TOO_MANY_REQUESTS, "rate_limited").await;
     assert_eq!(body["policy"], "key");
     // Another key of the same company is not affected.

@@ -115,10 +115,14 @@ async fn two_nodes_share_one_limit_through_redis() {
     let dir = tempfile::tempdir().unwrap();
     let pepper = dir.path().join("pepper");
     std::fs::write(&pepper, paygate_domain::Pepper::generate_hex().as_bytes()).unwrap();
+    let audit_key = dir.path().join("audit-key");
+    std::fs::write(&audit_key, paygate_domain::audit::AuditSigner::generate_hex().as_bytes()).unwrap();
+    let audit_key = audit_key.display().to_string();
     let prefix = format!("paygate:test:{}:", crate::harness::uuid_like());
     let env: Vec<(String, String)> = vec![
         ("PAYGATE_DATABASE_URL".into(), db.url.clone()),
         ("PAYGATE_KEY_PEPPER_FILE".into(), pepper.display().to_string()),
+        ("PAYGATE_AUDIT_SIGNING_KEY_FILE".into(), audit_key.clone()),
         ("PAYGATE_REDIS_URL".into(), redis),
         ("PAYGATE_REDIS_PREFIX".into(), prefix),
         ("PAYGATE_RATE_LIMIT_NODES".into(), "2".into()),

@@ -1,0 +1,356 @@
+//! Step 9 of the pipeline: every `/v1` request leaves an audit record before
+//! its response goes out (invariant I4).
+//!
+//! - A change writes its record in the change's own transaction (the handler
+//!   passes an [`AuditContext::entry`] to the store and marks the response
+//!   [`AuditWritten`]).
+//! - Every other request (reads, denials, failures) is recorded by
+//!   [`middleware`] through the group-commit [`AuditWriter`]: one writer task
+//!   batches records from all requests into one transaction, and each response
+//!   waits until its record is durable. If the record cannot be written, the
+//!   response becomes 503 `audit_unavailable`.
+//! - Floods of failed authentication from one address are aggregated: the
+//!   first failure of an address in each interval is recorded like any other
+//!   (the response waits for it); later ones in the interval are counted and
+//!   written as one record per address when the interval closes.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{FromRequestParts, MatchedPath, Request, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, Method, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use parking_lot::Mutex;
+use paygate_domain::AuditEventId;
+use paygate_domain::audit::{ActorKind, AuditEntry, Outcome, PLATFORM_CHAIN};
+use paygate_store::Store;
+use paygate_store::auth::Authenticated;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::client::ClientAddr;
+use crate::problem::ApiError;
+use crate::request_id::RequestId;
+
+/// Response marker: the handler's change wrote this request's record in its transaction.
+#[derive(Debug, Clone, Copy)]
+pub struct AuditWritten;
+
+impl axum::response::IntoResponseParts for AuditWritten {
+    type Error = std::convert::Infallible;
+
+    fn into_response_parts(
+        self,
+        mut res: axum::response::ResponseParts,
+    ) -> Result<axum::response::ResponseParts, Self::Error> {
+        res.extensions_mut().insert(self);
+        Ok(res)
+    }
+}
+
+/// Response extension: who made the request (set by authentication).
+#[derive(Debug, Clone)]
+pub struct AuditActor {
+    pub chain: String,
+    pub key_id: String,
+    pub owner: String,
+}
+
+impl AuditActor {
+    pub fn of(caller: &Authenticated) -> Self {
+        Self {
+            chain: caller.scope.company_id().to_string(),
+            key_id: caller.record.key.id.to_string(),
+            owner: caller.record.key.owner.clone(),
+        }
+    }
+}
+
+/// The action, resource type and where the resource id sits, for each route.
+/// One table so every route's audit action is visible in one place; a test
+/// checks every OpenAPI operation appears here.
+pub const ROUTE_ACTIONS: &[(&str, &str, &str, Option<&str>)] = &[
+    ("GET", "/v1/me", "identity.read", None),
+    ("GET", "/v1/api-keys", "api_key.list", None),
+    ("POST", "/v1/api-keys", "api_key.create", Some("api_key")),
+    ("GET", "/v1/api-keys/{id}", "api_key.read", Some("api_key")),
+    ("POST", "/v1/api-keys/{id}/revoke", "api_key.revoke", Some("api_key")),
+    ("POST", "/v1/api-keys/{id}/rotate", "api_key.rotate", Some("api_key")),
+    ("GET", "/v1/audit-events", "audit.list", None),
+    ("GET", "/v1/audit-events/export", "audit.export", None),
+    ("GET", "/v1/audit-events/{id}", "audit.read", Some("audit_event")),
+    ("GET", "/v1/audit-chain", "audit.chain_read", None),
+];
+
+fn route_action(method: &Method, route: &str) -> Option<(&'static str, Option<&'static str>)> {
+    ROUTE_ACTIONS.iter().find(|(m, r, _, _)| *m == method.as_str() && *r == route).map(|(_, _, a, t)| (*a, *t))
+}
+
+/// The `{id}` segment of `path` under `template`.
+fn path_id(template: &str, path: &str) -> Option<String> {
+    template.split('/').zip(path.split('/')).find(|(t, _)| *t == "{id}").map(|(_, p)| p.chars().take(64).collect())
+}
+
+/// Request facts every record carries, as an extractor for handlers that
+/// write their change's record themselves.
+#[derive(Debug, Clone)]
+pub struct AuditContext {
+    request_id: Option<String>,
+    client_ip: Option<String>,
+    user_agent: Option<String>,
+    actor: Option<AuditActor>,
+}
+
+impl AuditContext {
+    fn from_parts(extensions: &axum::http::Extensions, headers: &HeaderMap) -> Self {
+        Self {
+            request_id: extensions.get::<RequestId>().map(|r| r.0.clone()),
+            client_ip: extensions.get::<ClientAddr>().map(|c| c.0.to_string()),
+            user_agent: headers.get("user-agent").map(|v| AuditEntry::clean_user_agent(&String::from_utf8_lossy(v.as_bytes()))),
+            actor: extensions.get::<Authenticated>().map(AuditActor::of),
+        }
+    }
+
+    /// A record of this request.
+    pub fn entry(
+        &self,
+        action: &'static str,
+        resource: Option<(&str, String)>,
+        status: StatusCode,
+        details: serde_json::Value,
+    ) -> AuditEntry {
+        let (chain, kind, id, name) = match &self.actor {
+            Some(a) => (a.chain.clone(), ActorKind::ApiKey, Some(a.key_id.clone()), Some(a.owner.clone())),
+            None => (PLATFORM_CHAIN.to_owned(), ActorKind::Anonymous, None, None),
+        };
+        AuditEntry {
+            id: AuditEventId::generate(),
+            chain,
+            occurred_at: paygate_domain::now(),
+            actor_kind: kind,
+            actor_id: id,
+            actor_name: name,
+            action,
+            resource_type: resource.as_ref().map(|(t, _)| (*t).to_owned()),
+            resource_id: resource.map(|(_, id)| id),
+            outcome: Outcome::for_status(status.as_u16()),
+            status: status.as_u16(),
+            request_id: self.request_id.clone(),
+            client_ip: self.client_ip.clone(),
+            user_agent: self.user_agent.clone(),
+            details: AuditEntry::details_from(&details),
+        }
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for AuditContext {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        Ok(Self::from_parts(&parts.extensions, &parts.headers))
+    }
+}
+
+struct Job {
+    entry: AuditEntry,
+    done: Option<oneshot::Sender<bool>>,
+}
+
+/// The group-commit writer: a bounded queue and one task that writes batches.
+#[derive(Clone)]
+pub struct AuditWriter {
+    queue: mpsc::Sender<Job>,
+    aggregator: Arc<Aggregator>,
+    enqueue_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct AuditConfig {
+    /// Records waiting for the writer; when full, requests wait up to
+    /// `enqueue_timeout`, then get 503 `audit_unavailable`.
+    pub queue_capacity: usize,
+    pub max_batch: usize,
+    pub enqueue_timeout: Duration,
+    /// Failed authentications from one address are aggregated per interval.
+    pub aggregation_interval: Duration,
+    /// Addresses tracked by the aggregator; beyond it, failures are recorded one by one.
+    pub aggregation_capacity: usize,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        Self {
+            queue_capacity: 10_000,
+            max_batch: 1_000,
+            enqueue_timeout: Duration::from_secs(2),
+            aggregation_interval: Duration::from_secs(10),
+            aggregation_capacity: 10_000,
+        }
+    }
+}
+
+impl AuditWriter {
+    /// Starts the writer task and the aggregation flusher.
+    pub fn start(store: Arc<dyn Store>, config: AuditConfig) -> (Self, Vec<tokio::task::JoinHandle<()>>) {
+        let (queue, rx) = mpsc::channel(config.queue_capacity.max(1));
+        let aggregator = Arc::new(Aggregator::new(config.aggregation_capacity));
+        let writer = Self { queue, aggregator: aggregator.clone(), enqueue_timeout: config.enqueue_timeout };
+        let task = tokio::spawn(write_batches(store, rx, config.max_batch.max(1)));
+        let flusher = tokio::spawn({
+            let writer = writer.clone();
+            async move {
+                let mut ticker = tokio::time::interval(config.aggregation_interval);
+                ticker.tick().await;
+                loop {
+                    ticker.tick().await;
+                    writer.flush_aggregated().await;
+                }
+            }
+        });
+        (writer, vec![task, flusher])
+    }
+
+    /// Queues `entry` and waits until it is durable. `false`: not recorded.
+    pub async fn record(&self, entry: AuditEntry) -> bool {
+        let (done, wait) = oneshot::channel();
+        let job = Job { entry, done: Some(done) };
+        metrics::gauge!("paygate_audit_queue_depth").set((self.queue.max_capacity() - self.queue.capacity()) as f64);
+        match tokio::time::timeout(self.enqueue_timeout, self.queue.send(job)).await {
+            Ok(Ok(())) => wait.await.unwrap_or(false),
+            _ => {
+                metrics::counter!("paygate_audit_unavailable_total", "reason" => "queue").increment(1);
+                false
+            }
+        }
+    }
+
+    /// Writes the aggregated failure counts of the closing interval.
+    pub async fn flush_aggregated(&self) {
+        for entry in self.aggregator.drain() {
+            self.record(entry).await;
+        }
+    }
+}
+
+async fn write_batches(store: Arc<dyn Store>, mut rx: mpsc::Receiver<Job>, max_batch: usize) {
+    let mut batch = Vec::with_capacity(max_batch);
+    while rx.recv_many(&mut batch, max_batch).await > 0 {
+        let entries: Vec<AuditEntry> = batch.iter().map(|j| j.entry.clone()).collect();
+        metrics::histogram!("paygate_audit_batch_size").record(entries.len() as f64);
+        let ok = match store.append_audit(&entries).await {
+            Ok(_) => true,
+            Err(error) => {
+                metrics::counter!("paygate_audit_unavailable_total", "reason" => "store").increment(entries.len() as u64);
+                tracing::error!(%error, records = entries.len(), "audit records could not be written");
+                false
+            }
+        };
+        for job in batch.drain(..) {
+            if let Some(done) = job.done {
+                let _ = done.send(ok);
+            }
+        }
+    }
+}
+
+/// Counts failed authentications per (address, action) per interval.
+struct Aggregator {
+    capacity: usize,
+    open: Mutex<HashMap<(String, &'static str), (u64, AuditEntry)>>,
+}
+
+impl Aggregator {
+    fn new(capacity: usize) -> Self {
+        Self { capacity, open: Mutex::new(HashMap::new()) }
+    }
+
+    /// `true` if this failure opens its interval (record it now); `false` if
+    /// it was counted into the open aggregate.
+    fn admit(&self, entry: &AuditEntry) -> bool {
+        let Some(ip) = entry.client_ip.clone() else { return true };
+        let mut open = self.open.lock();
+        if let Some((count, _)) = open.get_mut(&(ip.clone(), entry.action)) {
+            *count += 1;
+            return false;
+        }
+        if open.len() < self.capacity {
+            open.insert((ip, entry.action), (0, entry.clone()));
+        }
+        true
+    }
+
+    fn drain(&self) -> Vec<AuditEntry> {
+        let open = std::mem::take(&mut *self.open.lock());
+        open.into_values()
+            .filter(|(count, _)| *count > 0)
+            .map(|(count, first)| AuditEntry {
+                id: AuditEventId::generate(),
+                occurred_at: paygate_domain::now(),
+                request_id: None,
+                details: AuditEntry::details_from(&serde_json::json!({
+                    "aggregated": true,
+                    "count": count,
+                    "first_request_id": first.request_id,
+                })),
+                ..first
+            })
+            .collect()
+    }
+}
+
+fn aggregated_action(action: &str) -> bool {
+    matches!(action, "auth.failed" | "auth.throttled" | "rate_limit.exceeded")
+}
+
+/// Records the request unless its change already did, and refuses to answer
+/// without a durable record.
+pub async fn middleware(State(writer): State<AuditWriter>, request: Request, next: Next) -> Response {
+    let mut context = AuditContext::from_parts(request.extensions(), request.headers());
+    let method = request.method().clone();
+    let path = request.uri().path().to_owned();
+    let route = request.extensions().get::<MatchedPath>().map(|p| p.as_str().to_owned());
+    let response = next.run(request).await;
+    if response.extensions().get::<AuditWritten>().is_some() || !path.starts_with("/v1") {
+        return response;
+    }
+    context.actor = response.extensions().get::<AuditActor>().cloned();
+    let status = response.status();
+    let code = response.extensions().get::<ApiError>().map(|e| e.code);
+    let (action, resource_type) = match (code, route.as_deref().and_then(|r| route_action(&method, r))) {
+        (Some("unauthenticated" | "api_key_revoked" | "api_key_expired" | "company_suspended" | "ip_not_allowed"), _)
+            if context.actor.is_none() =>
+        {
+            ("auth.failed", None)
+        }
+        (Some("auth_throttled"), _) => ("auth.throttled", None),
+        (Some("rate_limited" | "concurrency_limited"), _) => ("rate_limit.exceeded", None),
+        (Some("timeout"), _) => ("request.timeout", None),
+        (Some("overloaded"), _) => ("request.overloaded", None),
+        (_, Some(found)) => found,
+        _ => ("request.unrouted", None),
+    };
+    let resource = resource_type.zip(route.as_deref().and_then(|r| path_id(r, &path)));
+    let mut details = serde_json::json!({"method": method.as_str(), "route": route.as_deref().unwrap_or("unmatched")});
+    if let Some(code) = code {
+        details["code"] = serde_json::Value::from(code);
+    }
+    let entry = context.entry(action, resource, status, details);
+    if aggregated_action(action) && !writer.aggregator.admit(&entry) {
+        return response;
+    }
+    if writer.record(entry).await {
+        response
+    } else {
+        let mut refused = ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "audit_unavailable",
+            "Audit unavailable",
+            "The request could not be recorded, so it was not answered; retry shortly.",
+        )
+        .into_response();
+        refused.headers_mut().insert(axum::http::header::RETRY_AFTER, axum::http::HeaderValue::from_static("1"));
+        refused
+    }
+}
