@@ -108,7 +108,9 @@ impl AuditContext {
         Self {
             request_id: extensions.get::<RequestId>().map(|r| r.0.clone()),
             client_ip: extensions.get::<ClientAddr>().map(|c| c.0.to_string()),
-            user_agent: headers.get("user-agent").map(|v| AuditEntry::clean_user_agent(&String::from_utf8_lossy(v.as_bytes()))),
+            user_agent: headers
+                .get("user-agent")
+                .map(|v| AuditEntry::clean_user_agent(&String::from_utf8_lossy(v.as_bytes()))),
             actor: extensions.get::<Authenticated>().map(AuditActor::of),
         }
     }
@@ -161,6 +163,7 @@ struct Job {
 /// The group-commit writer: a bounded queue and one task that writes batches.
 #[derive(Clone)]
 pub struct AuditWriter {
+    enabled: bool,
     queue: mpsc::Sender<Job>,
     aggregator: Arc<Aggregator>,
     enqueue_timeout: Duration,
@@ -177,6 +180,9 @@ pub struct AuditConfig {
     pub aggregation_interval: Duration,
     /// Addresses tracked by the aggregator; beyond it, failures are recorded one by one.
     pub aggregation_capacity: usize,
+    /// Benchmarks only: `false` records nothing, to price the audit stage
+    /// against the same pipeline without it. Not a configuration setting.
+    pub enabled: bool,
 }
 
 impl Default for AuditConfig {
@@ -187,6 +193,7 @@ impl Default for AuditConfig {
             enqueue_timeout: Duration::from_secs(2),
             aggregation_interval: Duration::from_secs(10),
             aggregation_capacity: 10_000,
+            enabled: true,
         }
     }
 }
@@ -196,7 +203,12 @@ impl AuditWriter {
     pub fn start(store: Arc<dyn Store>, config: AuditConfig) -> (Self, Vec<tokio::task::JoinHandle<()>>) {
         let (queue, rx) = mpsc::channel(config.queue_capacity.max(1));
         let aggregator = Arc::new(Aggregator::new(config.aggregation_capacity));
-        let writer = Self { queue, aggregator: aggregator.clone(), enqueue_timeout: config.enqueue_timeout };
+        let writer = Self {
+            enabled: config.enabled,
+            queue,
+            aggregator: aggregator.clone(),
+            enqueue_timeout: config.enqueue_timeout,
+        };
         let task = tokio::spawn(write_batches(store, rx, config.max_batch.max(1)));
         let flusher = tokio::spawn({
             let writer = writer.clone();
@@ -242,7 +254,8 @@ async fn write_batches(store: Arc<dyn Store>, mut rx: mpsc::Receiver<Job>, max_b
         let ok = match store.append_audit(&entries).await {
             Ok(_) => true,
             Err(error) => {
-                metrics::counter!("paygate_audit_unavailable_total", "reason" => "store").increment(entries.len() as u64);
+                metrics::counter!("paygate_audit_unavailable_total", "reason" => "store")
+                    .increment(entries.len() as u64);
                 tracing::error!(%error, records = entries.len(), "audit records could not be written");
                 false
             }
@@ -255,10 +268,13 @@ async fn write_batches(store: Arc<dyn Store>, mut rx: mpsc::Receiver<Job>, max_b
     }
 }
 
+/// (client address, action) → (failures counted after the first, the first's record).
+type OpenAggregates = HashMap<(String, &'static str), (u64, AuditEntry)>;
+
 /// Counts failed authentications per (address, action) per interval.
 struct Aggregator {
     capacity: usize,
-    open: Mutex<HashMap<(String, &'static str), (u64, AuditEntry)>>,
+    open: Mutex<OpenAggregates>,
 }
 
 impl Aggregator {
@@ -312,18 +328,17 @@ pub async fn middleware(State(writer): State<AuditWriter>, request: Request, nex
     let path = request.uri().path().to_owned();
     let route = request.extensions().get::<MatchedPath>().map(|p| p.as_str().to_owned());
     let response = next.run(request).await;
-    if response.extensions().get::<AuditWritten>().is_some() || !path.starts_with("/v1") {
+    if !writer.enabled || response.extensions().get::<AuditWritten>().is_some() || !path.starts_with("/v1") {
         return response;
     }
     context.actor = response.extensions().get::<AuditActor>().cloned();
     let status = response.status();
     let code = response.extensions().get::<ApiError>().map(|e| e.code);
     let (action, resource_type) = match (code, route.as_deref().and_then(|r| route_action(&method, r))) {
-        (Some("unauthenticated" | "api_key_revoked" | "api_key_expired" | "company_suspended" | "ip_not_allowed"), _)
-            if context.actor.is_none() =>
-        {
-            ("auth.failed", None)
-        }
+        (
+            Some("unauthenticated" | "api_key_revoked" | "api_key_expired" | "company_suspended" | "ip_not_allowed"),
+            _,
+        ) if context.actor.is_none() => ("auth.failed", None),
         (Some("auth_throttled"), _) => ("auth.throttled", None),
         (Some("rate_limited" | "concurrency_limited"), _) => ("rate_limit.exceeded", None),
         (Some("timeout"), _) => ("request.timeout", None),

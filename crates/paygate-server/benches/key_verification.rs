@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use paygate_domain::{ApiKeyText, KeyHasher, KeyMode, Label, Pepper, ScopeSet};
-use paygate_server::admin::{KeyRequest, create_key};
+use paygate_server::admin::{KeyRequest, create_key, operator_entry};
 use paygate_store::auth::{AuthConfig, Authenticator};
 use paygate_store::{NewCompany, OperatorStore, Store};
 use paygate_store_sqlite::SqliteStore;
@@ -19,7 +19,9 @@ fn key_verification(c: &mut Criterion) {
         let url = format!("sqlite://{}", dir.path().join("bench.db").display());
         let store: Arc<dyn OperatorStore> = Arc::new(SqliteStore::connect(&url).await.unwrap());
         store.migrate().await.unwrap();
-        let company = store.create_company(NewCompany::new(Label::parse("Bench").unwrap())).await.unwrap();
+        let new = NewCompany::new(Label::parse("Bench").unwrap());
+        let record = operator_entry("company.create", new.id, ("company", new.id.to_string()), Default::default());
+        let company = store.create_company(new, &record).await.unwrap();
         let request = KeyRequest {
             company: company.id,
             name: "bench",

@@ -11,11 +11,12 @@ use axum::body::Body;
 use axum::extract::ConnectInfo;
 use axum::http::Request;
 use criterion::{Criterion, criterion_group, criterion_main};
+use paygate_api::audit::{AuditConfig, AuditWriter};
 use paygate_api::limits::{LimitsConfig, RateLimits};
 use paygate_api::{ApiConfig, AppState};
 use paygate_domain::{KeyHasher, KeyMode, Label, Pepper, ScopeSet};
 use paygate_ratelimit::{ConcurrencyLimiter, Quota, SharedLimiter};
-use paygate_server::admin::{KeyRequest, create_key};
+use paygate_server::admin::{KeyRequest, create_key, operator_entry};
 use paygate_store::auth::{AuthConfig, Authenticator};
 use paygate_store::{NewCompany, OperatorStore, Store};
 use paygate_store_sqlite::SqliteStore;
@@ -29,7 +30,9 @@ fn pipeline(c: &mut Criterion) {
         let url = format!("sqlite://{}", dir.path().join("bench.db").display());
         let store: Arc<dyn OperatorStore> = Arc::new(SqliteStore::connect(&url).await.unwrap());
         store.migrate().await.unwrap();
-        let company = store.create_company(NewCompany::new(Label::parse("Bench").unwrap())).await.unwrap();
+        let new = NewCompany::new(Label::parse("Bench").unwrap());
+        let record = operator_entry("company.create", new.id, ("company", new.id.to_string()), Default::default());
+        let company = store.create_company(new, &record).await.unwrap();
         let request = KeyRequest {
             company: company.id,
             name: "bench",
@@ -55,7 +58,15 @@ fn pipeline(c: &mut Criterion) {
             config,
         );
         let api_store: Arc<dyn Store> = store.clone();
-        let state = AppState { store: api_store, auth: auth.clone(), limits: Arc::new(limits) };
+        let audit_config = AuditConfig { enabled: false, ..AuditConfig::default() };
+        let (audit, _) = AuditWriter::start(api_store.clone(), audit_config);
+        let state = AppState {
+            store: api_store,
+            auth: auth.clone(),
+            limits: Arc::new(limits),
+            audit,
+            audit_public_key: [0; 32],
+        };
         paygate_api::router(state, &ApiConfig::default())
     };
     let peer: SocketAddr = "127.0.0.1:40000".parse().unwrap();

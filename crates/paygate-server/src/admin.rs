@@ -255,7 +255,8 @@ pub async fn key(
             let id = ApiKeyId::parse(&id).map_err(|_| anyhow!("{id:?} is not a key id (key_…)"))?;
             let limit = parse_limits(&limits)?;
             let owner = store.find_key_for_auth(id).await?.ok_or_else(|| anyhow!("no such key {id}"))?.key.company_id;
-            let record = operator_entry("api_key.set_limits", owner, ("api_key", id.to_string()), json!({"limit": limit}));
+            let record =
+                operator_entry("api_key.set_limits", owner, ("api_key", id.to_string()), json!({"limit": limit}));
             store.set_key_rate_limit(id, limit, &record).await?.ok_or_else(|| anyhow!("no such key {id}"))?;
             println!("key {id} rate limit: {}", show_limit(limit));
         }

@@ -9,11 +9,11 @@ use std::time::Duration;
 
 use paygate_api::audit::{AuditConfig, AuditWriter};
 use paygate_api::limits::{LimitsConfig, RateLimits};
-use paygate_domain::audit::AuditSigner;
-use paygate_store::Checkpoint;
 use paygate_api::{ApiConfig, AppState};
 use paygate_domain::KeyHasher;
+use paygate_domain::audit::AuditSigner;
 use paygate_ratelimit::{ConcurrencyLimiter, Quota, RedisLimiter, SharedLimiter};
+use paygate_store::Checkpoint;
 use paygate_store::auth::{AuthConfig, Authenticator};
 use paygate_store::{OperatorStore, Store};
 use tokio::net::TcpListener;
@@ -153,7 +153,8 @@ pub async fn start(config: &Config, options: StartOptions) -> anyhow::Result<Ser
 
     let limits = Arc::new(build_limits(config).await?);
     let signer = Arc::new(pepper::load_audit_signer(config)?);
-    let (audit, audit_tasks) = AuditWriter::start(api_store.clone(), AuditConfig::default());
+    let audit_config = AuditConfig { aggregation_interval: config.audit_aggregation, ..AuditConfig::default() };
+    let (audit, audit_tasks) = AuditWriter::start(api_store.clone(), audit_config);
     let state = AppState {
         store: api_store.clone(),
         auth: auth.clone(),

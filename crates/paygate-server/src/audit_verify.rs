@@ -22,7 +22,11 @@ impl ChainReport {
     }
 }
 
-pub async fn verify_chain(store: &dyn OperatorStore, chain: &str, public_key: &[u8; 32]) -> anyhow::Result<ChainReport> {
+pub async fn verify_chain(
+    store: &dyn OperatorStore,
+    chain: &str,
+    public_key: &[u8; 32],
+) -> anyhow::Result<ChainReport> {
     let mut report = ChainReport { chain: chain.to_owned(), records: 0, checkpoints: 0, problem: None };
     let checkpoints = store.audit_checkpoints(chain).await?;
     report.checkpoints = checkpoints.len();
@@ -38,11 +42,17 @@ pub async fn verify_chain(store: &dyn OperatorStore, chain: &str, public_key: &[
         for r in page {
             report.records += 1;
             if r.seq != expected {
-                report.fail(expected, format!("record missing: sequence jumps from {} to {} (deleted)", expected - 1, r.seq));
+                report.fail(
+                    expected,
+                    format!("record missing: sequence jumps from {} to {} (deleted)", expected - 1, r.seq),
+                );
             } else if r.recomputed_hash() != r.hash {
                 report.fail(r.seq, "hash mismatch: the record's fields were modified (or records reordered)");
             } else if r.prev_hash != prev {
-                report.fail(r.seq, "broken link: prev_hash is not the previous record's hash (inserted or replaced record)");
+                report.fail(
+                    r.seq,
+                    "broken link: prev_hash is not the previous record's hash (inserted or replaced record)",
+                );
             }
             if wanted.contains(&r.seq) {
                 hashes_at.insert(r.seq, r.hash);
@@ -56,7 +66,10 @@ pub async fn verify_chain(store: &dyn OperatorStore, chain: &str, public_key: &[
         if !verify_checkpoint(public_key, chain, c.seq, &c.hash, &c.signature) {
             report.fail(c.seq, "checkpoint signature invalid (checkpoint forged or signed by another key)");
         } else if c.seq > end {
-            report.fail(end + 1, format!("chain truncated: a signed checkpoint covers seq {} but the chain ends at {end}", c.seq));
+            report.fail(
+                end + 1,
+                format!("chain truncated: a signed checkpoint covers seq {} but the chain ends at {end}", c.seq),
+            );
         } else if hashes_at.get(&c.seq) != Some(&c.hash) {
             report.fail(c.seq, "record differs from the signed checkpoint (chain rewritten)");
         }

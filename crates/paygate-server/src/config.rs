@@ -19,6 +19,7 @@ const SETTINGS: &[(&str, &str)] = &[
     ("key_pepper_version", "Version number of the current pepper."),
     ("audit_signing_key_file", "File with the hex Ed25519 seed that signs audit checkpoints."),
     ("audit_checkpoint_secs", "Seconds between signed audit checkpoints."),
+    ("audit_aggregation_secs", "Interval over which failed-auth records of one address are aggregated."),
     ("log_format", "text or json."),
     ("log_level", "tracing filter, e.g. info or paygate=debug."),
     ("max_body_bytes", "Largest accepted request body."),
@@ -109,6 +110,7 @@ pub struct Config {
     pub limits: Limits,
     pub audit_signing_key_file: Option<PathBuf>,
     pub audit_checkpoint: Duration,
+    pub audit_aggregation: Duration,
 }
 
 /// Rate limits as configured: `(rate or count, burst or window seconds)`.
@@ -272,9 +274,11 @@ impl Config {
         };
         let audit_signing_key_file = s.get("audit_signing_key_file").map(PathBuf::from);
         let audit_checkpoint = Duration::from_secs(s.parse("audit_checkpoint_secs", 60, positive(86_400))?);
+        let audit_aggregation = Duration::from_secs(s.parse("audit_aggregation_secs", 10, positive(3_600))?);
         Ok(Self {
             audit_signing_key_file,
             audit_checkpoint,
+            audit_aggregation,
             database,
             listen,
             ops_listen,

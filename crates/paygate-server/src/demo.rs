@@ -25,12 +25,14 @@ pub async fn prepare(store: &dyn OperatorStore, hasher: &KeyHasher, api_addr: So
         None => {
             let mut new = NewCompany::new(Label::parse(DEMO_COMPANY)?);
             new.demo = true;
-            let record = operator_entry("company.create", new.id, ("company", new.id.to_string()), json!({"demo": true}));
+            let record =
+                operator_entry("company.create", new.id, ("company", new.id.to_string()), json!({"demo": true}));
             store.create_company(new, &record).await?
         }
     };
     // Each start shows two fresh keys; the previous start's keys stop working.
-    let record = operator_entry("api_key.revoke_all", company.id, ("company", company.id.to_string()), json!({"demo": true}));
+    let record =
+        operator_entry("api_key.revoke_all", company.id, ("company", company.id.to_string()), json!({"demo": true}));
     let revoked = store.revoke_all_api_keys(&operator_scope(store, company.id), paygate_domain::now(), &record).await?;
     if revoked > 0 {
         tracing::info!(revoked, "revoked the previous demo keys");

@@ -84,7 +84,8 @@ pub fn load_audit_signer(config: &Config) -> anyhow::Result<paygate_domain::audi
         }
     };
     let text = zeroize::Zeroizing::new(
-        std::fs::read_to_string(&path).with_context(|| format!("audit_signing_key_file: cannot read {}", path.display()))?,
+        std::fs::read_to_string(&path)
+            .with_context(|| format!("audit_signing_key_file: cannot read {}", path.display()))?,
     );
     let mut seed = zeroize::Zeroizing::new([0u8; 32]);
     hex::decode_to_slice(text.trim(), &mut seed[..])

@@ -10,11 +10,11 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use paygate_domain::AuditEventId;
+use paygate_domain::audit::{ActorKind, AuditEntry, AuditRecord, Outcome as AuditOutcome};
 use paygate_domain::{
     AllowedCidrs, ApiKeyId, CompanyId, CompanyStatus, KeyMode, KeyPolicy, RateLimitOverride, ScopeSet, SecretHash,
 };
-use paygate_domain::AuditEventId;
-use paygate_domain::audit::{ActorKind, AuditEntry, AuditRecord, Outcome as AuditOutcome};
 use paygate_store::{
     ApiKey, AuditFilter, Backend, Checkpoint, Company, CompanyScope, KeyAuthRecord, KeyUsage, NewApiKey, NewCompany,
     OperatorStore, Page, PageRequest, Rotation, Store, StoreError, StoreResult,
@@ -280,36 +280,40 @@ async fn append_in(conn: &mut PgConnection, entries: &[AuditEntry]) -> StoreResu
     for entry in entries {
         let (seq, hash) = heads[&entry.chain];
         let record = AuditRecord::append(entry.clone(), seq, hash);
-        let e = &record.entry;
-        sqlx::query(
-            "INSERT INTO audit_events (chain, seq, id, occurred_at, actor_kind, actor_id, actor_name, action, \
-             resource_type, resource_id, outcome, status, request_id, client_ip, user_agent, details, prev_hash, hash) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)",
-        )
-        .bind(&e.chain)
-        .bind(record.seq as i64)
-        .bind(e.id.as_uuid())
-        .bind(e.occurred_at)
-        .bind(e.actor_kind.as_str())
-        .bind(&e.actor_id)
-        .bind(&e.actor_name)
-        .bind(e.action)
-        .bind(&e.resource_type)
-        .bind(&e.resource_id)
-        .bind(e.outcome.as_str())
-        .bind(e.status as i32)
-        .bind(&e.request_id)
-        .bind(&e.client_ip)
-        .bind(&e.user_agent)
-        .bind(&e.details)
-        .bind(&record.prev_hash[..])
-        .bind(&record.hash[..])
-        .execute(&mut *conn)
-        .await
-        .map_err(map_err)?;
         heads.insert(entry.chain.clone(), (record.seq, record.hash));
         records.push(record);
     }
+    // One statement for the whole batch (arrays unnested), whatever its size:
+    // the statement is prepared once per connection, not once per batch size.
+    let col = |f: &dyn Fn(&AuditRecord) -> Option<String>| records.iter().map(f).collect::<Vec<_>>();
+    sqlx::query(
+        "INSERT INTO audit_events (chain, seq, id, occurred_at, actor_kind, actor_id, actor_name, action, \
+         resource_type, resource_id, outcome, status, request_id, client_ip, user_agent, details, prev_hash, hash) \
+         SELECT * FROM UNNEST($1::text[], $2::bigint[], $3::uuid[], $4::timestamptz[], $5::text[], $6::text[], \
+         $7::text[], $8::text[], $9::text[], $10::text[], $11::text[], $12::int[], $13::text[], $14::text[], \
+         $15::text[], $16::text[], $17::bytea[], $18::bytea[])",
+    )
+    .bind(records.iter().map(|r| r.entry.chain.clone()).collect::<Vec<_>>())
+    .bind(records.iter().map(|r| r.seq as i64).collect::<Vec<_>>())
+    .bind(records.iter().map(|r| r.entry.id.as_uuid()).collect::<Vec<_>>())
+    .bind(records.iter().map(|r| r.entry.occurred_at).collect::<Vec<_>>())
+    .bind(records.iter().map(|r| r.entry.actor_kind.as_str().to_owned()).collect::<Vec<_>>())
+    .bind(col(&|r| r.entry.actor_id.clone()))
+    .bind(col(&|r| r.entry.actor_name.clone()))
+    .bind(records.iter().map(|r| r.entry.action.to_owned()).collect::<Vec<_>>())
+    .bind(col(&|r| r.entry.resource_type.clone()))
+    .bind(col(&|r| r.entry.resource_id.clone()))
+    .bind(records.iter().map(|r| r.entry.outcome.as_str().to_owned()).collect::<Vec<_>>())
+    .bind(records.iter().map(|r| r.entry.status as i32).collect::<Vec<_>>())
+    .bind(col(&|r| r.entry.request_id.clone()))
+    .bind(col(&|r| r.entry.client_ip.clone()))
+    .bind(col(&|r| r.entry.user_agent.clone()))
+    .bind(records.iter().map(|r| r.entry.details.clone()).collect::<Vec<_>>())
+    .bind(records.iter().map(|r| r.prev_hash.to_vec()).collect::<Vec<_>>())
+    .bind(records.iter().map(|r| r.hash.to_vec()).collect::<Vec<_>>())
+    .execute(&mut *conn)
+    .await
+    .map_err(map_err)?;
     for (chain, (seq, hash)) in heads {
         sqlx::query("UPDATE audit_heads SET seq = $1, hash = $2 WHERE chain = $3")
             .bind(seq as i64)

@@ -11,11 +11,11 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use paygate_domain::AuditEventId;
+use paygate_domain::audit::{ActorKind, AuditEntry, AuditRecord, Outcome as AuditOutcome};
 use paygate_domain::{
     AllowedCidrs, ApiKeyId, CompanyId, CompanyStatus, KeyMode, KeyPolicy, RateLimitOverride, ScopeSet, SecretHash,
 };
-use paygate_domain::AuditEventId;
-use paygate_domain::audit::{ActorKind, AuditEntry, AuditRecord, Outcome as AuditOutcome};
 use paygate_store::{
     ApiKey, AuditFilter, Backend, Checkpoint, Company, CompanyScope, KeyAuthRecord, KeyUsage, NewApiKey, NewCompany,
     OperatorStore, Page, PageRequest, Rotation, Store, StoreError, StoreResult,
@@ -296,35 +296,37 @@ async fn append_in(conn: &mut SqliteConnection, entries: &[AuditEntry]) -> Store
     for entry in entries {
         let (seq, hash) = heads[&entry.chain];
         let record = AuditRecord::append(entry.clone(), seq, hash);
-        let e = &record.entry;
-        sqlx::query(
-            "INSERT INTO audit_events (chain, seq, id, occurred_at, actor_kind, actor_id, actor_name, action, \
-             resource_type, resource_id, outcome, status, request_id, client_ip, user_agent, details, prev_hash, hash) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)",
-        )
-        .bind(&e.chain)
-        .bind(record.seq as i64)
-        .bind(e.id.as_uuid())
-        .bind(micros(e.occurred_at))
-        .bind(e.actor_kind.as_str())
-        .bind(&e.actor_id)
-        .bind(&e.actor_name)
-        .bind(e.action)
-        .bind(&e.resource_type)
-        .bind(&e.resource_id)
-        .bind(e.outcome.as_str())
-        .bind(e.status as i64)
-        .bind(&e.request_id)
-        .bind(&e.client_ip)
-        .bind(&e.user_agent)
-        .bind(&e.details)
-        .bind(&record.prev_hash[..])
-        .bind(&record.hash[..])
-        .execute(&mut *conn)
-        .await
-        .map_err(map_err)?;
         heads.insert(entry.chain.clone(), (record.seq, record.hash));
         records.push(record);
+    }
+    // Multi-row inserts: one statement per 100 records keeps a group commit cheap.
+    for chunk in records.chunks(100) {
+        let mut insert = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+            "INSERT INTO audit_events (chain, seq, id, occurred_at, actor_kind, actor_id, actor_name, action, \
+             resource_type, resource_id, outcome, status, request_id, client_ip, user_agent, details, prev_hash, hash) ",
+        );
+        insert.push_values(chunk, |mut row, record| {
+            let e = &record.entry;
+            row.push_bind(e.chain.clone())
+                .push_bind(record.seq as i64)
+                .push_bind(e.id.as_uuid())
+                .push_bind(micros(e.occurred_at))
+                .push_bind(e.actor_kind.as_str())
+                .push_bind(e.actor_id.clone())
+                .push_bind(e.actor_name.clone())
+                .push_bind(e.action)
+                .push_bind(e.resource_type.clone())
+                .push_bind(e.resource_id.clone())
+                .push_bind(e.outcome.as_str())
+                .push_bind(e.status as i64)
+                .push_bind(e.request_id.clone())
+                .push_bind(e.client_ip.clone())
+                .push_bind(e.user_agent.clone())
+                .push_bind(e.details.clone())
+                .push_bind(record.prev_hash.to_vec())
+                .push_bind(record.hash.to_vec());
+        });
+        insert.build().execute(&mut *conn).await.map_err(map_err)?;
     }
     for (chain, (seq, hash)) in heads {
         sqlx::query("UPDATE audit_heads SET seq = ?1, hash = ?2 WHERE chain = ?3")

@@ -136,7 +136,9 @@ async fn issue(
                 rate_limit: None,
                 secret_hash: generated.hash,
                 pepper_version: generated.pepper_version,
-            }, &noted("api_key.create"))
+            },
+            &noted("api_key.create"),
+        )
         .await
         .unwrap();
     Issued { key, text: generated.text.to_string() }
@@ -165,14 +167,22 @@ pub async fn companies_round_trip(store: Arc<dyn OperatorStore>) {
 pub async fn company_status_changes_bump_the_auth_revision(store: Arc<dyn OperatorStore>) {
     let a = company(&*store, "Acme").await;
     let r0 = store.auth_revision().await.unwrap();
-    let suspended = store.set_company_status(a.id, CompanyStatus::Suspended, &noted("company.suspend")).await.unwrap().unwrap();
+    let suspended =
+        store.set_company_status(a.id, CompanyStatus::Suspended, &noted("company.suspend")).await.unwrap().unwrap();
     assert_eq!(suspended.status, CompanyStatus::Suspended);
     let r1 = store.auth_revision().await.unwrap();
     assert!(r1 > r0);
-    let resumed = store.set_company_status(a.id, CompanyStatus::Active, &noted("company.suspend")).await.unwrap().unwrap();
+    let resumed =
+        store.set_company_status(a.id, CompanyStatus::Active, &noted("company.suspend")).await.unwrap().unwrap();
     assert_eq!(resumed.status, CompanyStatus::Active);
     assert!(store.auth_revision().await.unwrap() > r1);
-    assert_eq!(store.set_company_status(CompanyId::generate(), CompanyStatus::Suspended, &noted("company.suspend")).await.unwrap(), None);
+    assert_eq!(
+        store
+            .set_company_status(CompanyId::generate(), CompanyStatus::Suspended, &noted("company.suspend"))
+            .await
+            .unwrap(),
+        None
+    );
 }
 
 pub async fn api_key_round_trip(store: Arc<dyn OperatorStore>) {
@@ -205,7 +215,9 @@ pub async fn api_key_for_a_missing_company_is_not_found(store: Arc<dyn OperatorS
                 rate_limit: None,
                 secret_hash: generated.hash,
                 pepper_version: 1,
-            }, &noted("api_key.create"))
+            },
+            &noted("api_key.create"),
+        )
         .await
         .unwrap_err();
     assert!(matches!(err, StoreError::NotFound("company")), "{err:?}");
@@ -260,7 +272,8 @@ pub async fn revocation_is_idempotent_and_bumps_the_revision(store: Arc<dyn Oper
     let revoked = store.revoke_api_key_by_id(key.id, t1, &noted("api_key.revoke")).await.unwrap().unwrap();
     assert_eq!(revoked.revoked_at, Some(t1));
     assert!(store.auth_revision().await.unwrap() > r0);
-    let again = store.revoke_api_key_by_id(key.id, t1 + Duration::seconds(5), &noted("api_key.revoke")).await.unwrap().unwrap();
+    let again =
+        store.revoke_api_key_by_id(key.id, t1 + Duration::seconds(5), &noted("api_key.revoke")).await.unwrap().unwrap();
     assert_eq!(again.revoked_at, Some(t1), "the first revocation time stands");
     assert_eq!(store.revoke_api_key_by_id(ApiKeyId::generate(), t1, &noted("api_key.revoke")).await.unwrap(), None);
 }
@@ -271,11 +284,15 @@ pub async fn scoped_revocation_cannot_reach_another_company(store: Arc<dyn Opera
     let key_a = issue(&*store, a.id, "keys:read", None).await.key;
     let r0 = store.auth_revision().await.unwrap();
     let now = paygate_domain::now();
-    assert_eq!(store.revoke_api_key(&scope(&*store, b.id), key_a.id, now, &noted("api_key.revoke")).await.unwrap(), None);
+    assert_eq!(
+        store.revoke_api_key(&scope(&*store, b.id), key_a.id, now, &noted("api_key.revoke")).await.unwrap(),
+        None
+    );
     assert_eq!(store.auth_revision().await.unwrap(), r0, "nothing changed, nothing signalled");
     let still = store.get_api_key(&scope(&*store, a.id), key_a.id).await.unwrap().unwrap();
     assert_eq!(still.revoked_at, None);
-    let revoked = store.revoke_api_key(&scope(&*store, a.id), key_a.id, now, &noted("api_key.revoke")).await.unwrap().unwrap();
+    let revoked =
+        store.revoke_api_key(&scope(&*store, a.id), key_a.id, now, &noted("api_key.revoke")).await.unwrap().unwrap();
     assert_eq!(revoked.revoked_at, Some(now));
 }
 
@@ -404,7 +421,12 @@ impl Store for CountingStore {
         self.calls.fetch_add(1, Ordering::SeqCst);
         self.inner.revoke_api_key(scope, id, at, audit).await
     }
-    async fn revoke_all_api_keys(&self, scope: &CompanyScope, at: OffsetDateTime, audit: &AuditEntry) -> StoreResult<u64> {
+    async fn revoke_all_api_keys(
+        &self,
+        scope: &CompanyScope,
+        at: OffsetDateTime,
+        audit: &AuditEntry,
+    ) -> StoreResult<u64> {
         self.calls.fetch_add(1, Ordering::SeqCst);
         self.inner.revoke_all_api_keys(scope, at, audit).await
     }
@@ -518,9 +540,9 @@ pub async fn concurrent_key_creation_and_revocation(store: Arc<dyn OperatorStore
         for offset in [0, 1] {
             let store = store.clone();
             let id = key.id;
-            tasks.push(tokio::spawn(
-                async move { store.revoke_api_key_by_id(id, now + Duration::seconds(offset), &noted("api_key.revoke")).await },
-            ));
+            tasks.push(tokio::spawn(async move {
+                store.revoke_api_key_by_id(id, now + Duration::seconds(offset), &noted("api_key.revoke")).await
+            }));
         }
     }
     let mut results = Vec::new();
@@ -567,7 +589,8 @@ pub async fn rotation_links_keys_and_shortens_the_old_expiry(store: Arc<dyn Oper
     let grace = now + Duration::hours(24);
     let (second, _) = new_key(KeyMode::Test, "keys:read", "203.0.113.0/24");
     let second_id = second.id;
-    let Rotation::Rotated { old: rotated, new } = store.rotate_api_key(&sa, old.id, second, grace, now, &noted("api_key.rotate")).await.unwrap()
+    let Rotation::Rotated { old: rotated, new } =
+        store.rotate_api_key(&sa, old.id, second, grace, now, &noted("api_key.rotate")).await.unwrap()
     else {
         panic!("rotation refused")
     };
@@ -581,7 +604,9 @@ pub async fn rotation_links_keys_and_shortens_the_old_expiry(store: Arc<dyn Oper
     let soon = now + Duration::minutes(5);
     let expiring = issue(&*store, a.id, "keys:read", Some(soon)).await.key;
     let (third, _) = new_key(KeyMode::Test, "keys:read", "");
-    let Rotation::Rotated { old, .. } = store.rotate_api_key(&sa, expiring.id, third, grace, now, &noted("api_key.rotate")).await.unwrap() else {
+    let Rotation::Rotated { old, .. } =
+        store.rotate_api_key(&sa, expiring.id, third, grace, now, &noted("api_key.rotate")).await.unwrap()
+    else {
         panic!("rotation refused")
     };
     assert_eq!(old.expires_at, Some(soon));
@@ -596,28 +621,47 @@ pub async fn rotation_refuses_revoked_expired_rotated_and_foreign_keys(store: Ar
     let revoked = issue(&*store, a.id, "keys:read", None).await.key;
     store.revoke_api_key(&sa, revoked.id, now, &noted("api_key.revoke")).await.unwrap();
     assert_eq!(
-        store.rotate_api_key(&sa, revoked.id, new_key(KeyMode::Test, "", "").0, later, now, &noted("api_key.rotate")).await.unwrap(),
+        store
+            .rotate_api_key(&sa, revoked.id, new_key(KeyMode::Test, "", "").0, later, now, &noted("api_key.rotate"))
+            .await
+            .unwrap(),
         Rotation::Revoked
     );
     let expired = issue(&*store, a.id, "keys:read", Some(now)).await.key;
     assert_eq!(
-        store.rotate_api_key(&sa, expired.id, new_key(KeyMode::Test, "", "").0, later, now, &noted("api_key.rotate")).await.unwrap(),
+        store
+            .rotate_api_key(&sa, expired.id, new_key(KeyMode::Test, "", "").0, later, now, &noted("api_key.rotate"))
+            .await
+            .unwrap(),
         Rotation::Expired
     );
     let live = issue(&*store, a.id, "keys:read", None).await.key;
     assert_eq!(
         store
-            .rotate_api_key(&scope(&*store, b.id), live.id, new_key(KeyMode::Test, "", "").0, later, now, &noted("api_key.rotate"))
+            .rotate_api_key(
+                &scope(&*store, b.id),
+                live.id,
+                new_key(KeyMode::Test, "", "").0,
+                later,
+                now,
+                &noted("api_key.rotate")
+            )
             .await
             .unwrap(),
         Rotation::NotFound
     );
     assert!(matches!(
-        store.rotate_api_key(&sa, live.id, new_key(KeyMode::Test, "", "").0, later, now, &noted("api_key.rotate")).await.unwrap(),
+        store
+            .rotate_api_key(&sa, live.id, new_key(KeyMode::Test, "", "").0, later, now, &noted("api_key.rotate"))
+            .await
+            .unwrap(),
         Rotation::Rotated { .. }
     ));
     assert_eq!(
-        store.rotate_api_key(&sa, live.id, new_key(KeyMode::Test, "", "").0, later, now, &noted("api_key.rotate")).await.unwrap(),
+        store
+            .rotate_api_key(&sa, live.id, new_key(KeyMode::Test, "", "").0, later, now, &noted("api_key.rotate"))
+            .await
+            .unwrap(),
         Rotation::AlreadyRotated
     );
     let page = store.list_api_keys(&sa, PageRequest { limit: 100, after: None }).await.unwrap();
@@ -634,7 +678,14 @@ pub async fn concurrent_rotations_produce_one_successor(store: Arc<dyn OperatorS
         let sa = scope(&*store, a.id);
         tasks.push(tokio::spawn(async move {
             store
-                .rotate_api_key(&sa, key.id, new_key(KeyMode::Test, "keys:read", "").0, now + Duration::hours(1), now, &noted("api_key.rotate"))
+                .rotate_api_key(
+                    &sa,
+                    key.id,
+                    new_key(KeyMode::Test, "keys:read", "").0,
+                    now + Duration::hours(1),
+                    now,
+                    &noted("api_key.rotate"),
+                )
                 .await
         }));
     }
@@ -698,7 +749,10 @@ pub async fn key_policy_round_trip(store: Arc<dyn OperatorStore>) {
     let updated = store.set_key_policy(a.id, policy, &noted("company.set_key_policy")).await.unwrap().unwrap();
     assert_eq!(updated.key_policy, policy);
     assert_eq!(store.get_company(&scope(&*store, a.id)).await.unwrap().key_policy, policy);
-    assert_eq!(store.set_key_policy(CompanyId::generate(), policy, &noted("company.set_key_policy")).await.unwrap(), None);
+    assert_eq!(
+        store.set_key_policy(CompanyId::generate(), policy, &noted("company.set_key_policy")).await.unwrap(),
+        None
+    );
     store.set_key_policy(a.id, KeyPolicy::default(), &noted("company.set_key_policy")).await.unwrap();
     assert_eq!(store.find_company(a.id).await.unwrap().unwrap().key_policy, KeyPolicy::default());
 }
@@ -791,7 +845,8 @@ pub async fn a_change_and_its_record_commit_together(store: Arc<dyn OperatorStor
     assert!(store.revoke_api_key(&sa, ApiKeyId::generate(), paygate_domain::now(), &missing).await.unwrap().is_none());
     let refused = entry_for(a.id, "api_key.rotate", Outcome::Success);
     let now = paygate_domain::now();
-    let outcome = store.rotate_api_key(&sa, key.id, new_key(KeyMode::Test, "", "").0, now, now, &refused).await.unwrap();
+    let outcome =
+        store.rotate_api_key(&sa, key.id, new_key(KeyMode::Test, "", "").0, now, now, &refused).await.unwrap();
     assert_eq!(outcome, Rotation::Revoked);
     assert_eq!(store.audit_records(&a.id.to_string(), 0, 1000).await.unwrap().len(), before + 1);
     assert!(store.get_audit(&sa, missing.id).await.unwrap().is_none());
@@ -813,7 +868,8 @@ pub async fn concurrent_appends_never_fork_a_chain(store: Arc<dyn OperatorStore>
                     store.revoke_api_key(&sa, key.id, paygate_domain::now(), &record).await.unwrap();
                 } else {
                     let batch = vec![entry_for(a.id, "api_key.list", Outcome::Success); 3];
-                    let batch: Vec<_> = batch.into_iter().map(|e| AuditEntry { id: AuditEventId::generate(), ..e }).collect();
+                    let batch: Vec<_> =
+                        batch.into_iter().map(|e| AuditEntry { id: AuditEventId::generate(), ..e }).collect();
                     store.append_audit(&batch).await.unwrap();
                 }
             }

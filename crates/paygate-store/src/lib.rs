@@ -98,8 +98,12 @@ pub trait Store: Send + Sync + 'static {
 
     /// Revokes every unrevoked key of the company in one transaction (emergency
     /// revocation) and bumps the auth revision. Returns how many were revoked.
-    async fn revoke_all_api_keys(&self, scope: &CompanyScope, at: OffsetDateTime, audit: &AuditEntry)
-    -> StoreResult<u64>;
+    async fn revoke_all_api_keys(
+        &self,
+        scope: &CompanyScope,
+        at: OffsetDateTime,
+        audit: &AuditEntry,
+    ) -> StoreResult<u64>;
 
     /// In one transaction: checks that key `id` of the scope's company is
     /// neither revoked, expired at `now`, nor already rotated; inserts `new`
@@ -170,7 +174,12 @@ pub trait OperatorStore: Store {
     ) -> StoreResult<Option<Company>>;
 
     /// Sets the company's key policy. `None` if the company does not exist.
-    async fn set_key_policy(&self, id: CompanyId, policy: KeyPolicy, audit: &AuditEntry) -> StoreResult<Option<Company>>;
+    async fn set_key_policy(
+        &self,
+        id: CompanyId,
+        policy: KeyPolicy,
+        audit: &AuditEntry,
+    ) -> StoreResult<Option<Company>>;
 
     /// Sets or clears a key's rate limit override; bumps the auth revision so
     /// every node picks it up. `None` if the key does not exist.
@@ -191,8 +200,12 @@ pub trait OperatorStore: Store {
 
     /// Revokes a key by id alone, whichever company owns it (emergency
     /// revocation by an operator). Same semantics as [`Store::revoke_api_key`].
-    async fn revoke_api_key_by_id(&self, id: ApiKeyId, at: OffsetDateTime, audit: &AuditEntry)
-    -> StoreResult<Option<ApiKey>>;
+    async fn revoke_api_key_by_id(
+        &self,
+        id: ApiKeyId,
+        at: OffsetDateTime,
+        audit: &AuditEntry,
+    ) -> StoreResult<Option<ApiKey>>;
 
     /// Every chain with at least one record.
     async fn audit_chains(&self) -> StoreResult<Vec<String>>;

@@ -237,8 +237,11 @@ pub async fn revoke_api_key(
         StatusCode::OK,
         serde_json::json!({"already_revoked": target.revoked_at.is_some()}),
     );
-    let key =
-        state.store.revoke_api_key(auth.scope(), id, now, &record).await?.ok_or_else(|| ApiError::not_found("API key"))?;
+    let key = state
+        .store
+        .revoke_api_key(auth.scope(), id, now, &record)
+        .await?
+        .ok_or_else(|| ApiError::not_found("API key"))?;
     state.auth.invalidate();
     Ok((AuditWritten, Json(ApiKeyView::new(key, now))))
 }

@@ -66,7 +66,10 @@ async fn revoked_expired_and_suspended_keys_are_refused(app: TestApp) {
     let revoked = app.key(acme.id, "keys:read").await;
     let id = paygate_domain::ApiKeyText::parse(&revoked).unwrap().id();
     json(app.get("/v1/me", &revoked).send().await.unwrap(), StatusCode::OK).await;
-    app.store.revoke_api_key_by_id(id, paygate_domain::now(), &crate::harness::op("api_key.revoke", acme.id)).await.unwrap();
+    app.store
+        .revoke_api_key_by_id(id, paygate_domain::now(), &crate::harness::op("api_key.revoke", acme.id))
+        .await
+        .unwrap();
     // Same node: the cache drops within one revision poll.
     let mut refused = None;
     for _ in 0..50 {
@@ -89,12 +92,18 @@ async fn revoked_expired_and_suspended_keys_are_refused(app: TestApp) {
     let live = app.key(acme.id, "keys:read").await;
     // Cached before the suspension: only the revision signal can refuse it.
     json(app.get("/v1/me", &live).send().await.unwrap(), StatusCode::OK).await;
-    app.store.set_company_status(acme.id, CompanyStatus::Suspended, &crate::harness::op("company.suspend", acme.id)).await.unwrap();
+    app.store
+        .set_company_status(acme.id, CompanyStatus::Suspended, &crate::harness::op("company.suspend", acme.id))
+        .await
+        .unwrap();
     tokio::time::sleep(std::time::Duration::from_millis(600)).await;
     let body =
         problem(app.get("/v1/me", &live).send().await.unwrap(), StatusCode::FORBIDDEN, "company_suspended").await;
     assert!(!body.to_string().contains(&live), "the key is never echoed");
-    app.store.set_company_status(acme.id, CompanyStatus::Active, &crate::harness::op("company.suspend", acme.id)).await.unwrap();
+    app.store
+        .set_company_status(acme.id, CompanyStatus::Active, &crate::harness::op("company.suspend", acme.id))
+        .await
+        .unwrap();
     tokio::time::sleep(std::time::Duration::from_millis(600)).await;
     json(app.get("/v1/me", &live).send().await.unwrap(), StatusCode::OK).await;
 }

@@ -190,6 +190,23 @@ impl TestApp {
         text.to_string()
     }
 
+    /// Runs SQL directly on this app's database, bypassing Paygate (tamper tests).
+    pub async fn raw_sql(&self, sql: &str) -> Result<u64, sqlx::Error> {
+        use sqlx::Connection;
+        let url = &self.env["PAYGATE_DATABASE_URL"];
+        let statement = sqlx::AssertSqlSafe(sql.to_owned());
+        match self.backend {
+            Backend::Sqlite => {
+                let mut conn = sqlx::SqliteConnection::connect(url).await?;
+                Ok(sqlx::raw_sql(statement).execute(&mut conn).await?.rows_affected())
+            }
+            Backend::Postgres => {
+                let mut conn = sqlx::PgConnection::connect(url).await?;
+                Ok(sqlx::raw_sql(statement).execute(&mut conn).await?.rows_affected())
+            }
+        }
+    }
+
     pub fn request(&self, method: Method, path: &str, key: Option<&str>) -> RequestBuilder {
         let builder = self.http.request(method, format!("{}{path}", self.base));
         match key {
