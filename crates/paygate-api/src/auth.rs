@@ -61,8 +61,16 @@ async fn authenticate_then(state: AppState, mut request: Request, next: Next) ->
     match outcome {
         Ok(caller) => {
             let actor = AuditActor::of(&caller);
+            let expires_at = caller.record.key.expires_at;
+            // Every response to this key: its audit actor and, near expiry, the warning.
             let with_actor = |mut response: Response| {
                 response.extensions_mut().insert(actor.clone());
+                if let Some(expires_at) = expires_at.filter(|e| *e - now <= EXPIRY_WARNING)
+                    && let Ok(text) = expires_at.format(&time::format_description::well_known::Rfc3339)
+                    && let Ok(value) = HeaderValue::from_str(&text)
+                {
+                    response.headers_mut().insert(KEY_EXPIRES_HEADER, value);
+                }
                 response
             };
             // Step 7: per-key and per-company limits, then write concurrency.
@@ -82,24 +90,17 @@ async fn authenticate_then(state: AppState, mut request: Request, next: Next) ->
             let span = tracing::Span::current();
             span.record("company_id", tracing::field::display(caller.scope.company_id()));
             span.record("key_id", tracing::field::display(caller.record.key.id));
-            let expires_at = caller.record.key.expires_at;
             request.extensions_mut().insert(caller);
             let checked = ScopeChecked::default();
             request.extensions_mut().insert(checked.clone());
-            let mut response = next.run(request).await;
+            let response = next.run(request).await;
             // Deny by default, at run time too: a handler that answered without
             // passing through `Authorized<S>` never gets its answer out.
             if response.status().as_u16() < 400 && !checked.0.load(Ordering::Acquire) {
                 tracing::error!("route answered without declaring a scope; refused");
                 return with_actor(ApiError::internal().into_response());
             }
-            response.extensions_mut().insert(actor.clone());
-            if let Some(expires_at) = expires_at.filter(|e| *e - now <= EXPIRY_WARNING)
-                && let Ok(text) = expires_at.format(&time::format_description::well_known::Rfc3339)
-                && let Ok(value) = HeaderValue::from_str(&text)
-            {
-                response.headers_mut().insert(KEY_EXPIRES_HEADER, value);
-            }
+            let mut response = with_actor(response);
             if let Some(limit) = &limit {
                 crate::ratelimit_headers::insert(response.headers_mut(), limit);
             }

@@ -25,8 +25,13 @@ pub async fn middleware(State(trusted): State<Arc<Vec<IpNet>>>, mut request: Req
         None
     } else {
         // Several X-Forwarded-For lines are one comma-separated list (RFC 9110 §5.3).
-        let values: Vec<&str> =
-            request.headers().get_all("x-forwarded-for").iter().filter_map(|v| v.to_str().ok()).collect();
+        // Bytes, not `to_str`: one bad byte spoils only its own hop.
+        let values: Vec<String> = request
+            .headers()
+            .get_all("x-forwarded-for")
+            .iter()
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+            .collect();
         (!values.is_empty()).then(|| values.join(","))
     };
     let client = paygate_domain::network::client_address(peer, forwarded.as_deref(), &trusted);

@@ -91,28 +91,40 @@ pub fn canonical(addr: IpAddr) -> IpAddr {
     }
 }
 
+/// One `X-Forwarded-For` hop: an address, `ip:port`, or `[v6]:port`.
+fn parse_hop(hop: &str) -> Option<IpAddr> {
+    let hop = hop.trim();
+    if let Ok(addr) = hop.parse::<IpAddr>() {
+        return Some(addr);
+    }
+    if let Ok(sock) = hop.parse::<std::net::SocketAddr>() {
+        return Some(sock.ip());
+    }
+    hop.strip_prefix('[').and_then(|h| h.strip_suffix(']')).and_then(|h| h.parse().ok())
+}
+
 /// The client address of a request: the TCP peer, unless the peer is a trusted
 /// proxy, in which case `X-Forwarded-For` is walked from the right, skipping
 /// trusted proxies, and the first untrusted hop is the client. A header from an
-/// untrusted peer changes nothing. An unparsable hop stops the walk: the last
-/// trusted hop seen is then the client, so garbage can never select an address.
+/// untrusted peer changes nothing. An unparsable hop, or a chain of trusted
+/// proxies only, makes the client unknown: the unspecified address, which no
+/// allow-list entry (except 0.0.0.0/0) matches. Garbage never selects an
+/// address, and never turns the client into the proxy.
 pub fn client_address(peer: IpAddr, forwarded_for: Option<&str>, trusted: &[IpNet]) -> IpAddr {
+    let unknown = IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED);
     let peer = canonical(peer);
     let is_trusted = |a: &IpAddr| trusted.iter().any(|n| n.contains(a));
     if !is_trusted(&peer) {
         return peer;
     }
     let Some(header) = forwarded_for else { return peer };
-    let mut current = peer;
     for hop in header.rsplit(',') {
-        let hop = hop.trim();
-        let Ok(addr) = hop.parse::<IpAddr>().map(canonical) else { return current };
+        let Some(addr) = parse_hop(hop).map(canonical) else { return unknown };
         if !is_trusted(&addr) {
             return addr;
         }
-        current = addr;
     }
-    current
+    unknown
 }
 
 #[cfg(test)]
@@ -149,12 +161,12 @@ mod tests {
             ip("203.0.113.7"),
             "the spoofable left part is ignored"
         );
-        assert_eq!(
-            client_address(ip("127.0.0.1"), Some("10.2.2.2"), &trusted),
-            ip("10.2.2.2"),
-            "all trusted: leftmost"
-        );
-        assert_eq!(client_address(ip("127.0.0.1"), Some("garbage, 10.1.1.1"), &trusted), ip("10.1.1.1"));
+        let unknown = ip("0.0.0.0");
+        assert_eq!(client_address(ip("127.0.0.1"), Some("10.2.2.2"), &trusted), unknown, "only proxies: unknown");
+        assert_eq!(client_address(ip("127.0.0.1"), Some("203.0.113.7, garbage, 10.1.1.1"), &trusted), unknown);
+        assert_eq!(client_address(ip("127.0.0.1"), Some("203.0.113.7:5123"), &trusted), ip("203.0.113.7"));
+        assert_eq!(client_address(ip("127.0.0.1"), Some("[2001:db8::1]:443"), &trusted), ip("2001:db8::1"));
+        assert_eq!(client_address(ip("127.0.0.1"), Some("[2001:db8::2]"), &trusted), ip("2001:db8::2"));
         assert_eq!(client_address(ip("127.0.0.1"), None, &trusted), ip("127.0.0.1"));
         assert_eq!(client_address(ip("127.0.0.1"), xff, &[]), ip("127.0.0.1"), "no trusted proxies configured");
     }

@@ -25,6 +25,8 @@ return 0
 pub struct ConcurrencyLimiter {
     local: Arc<Mutex<HashMap<String, u32>>>,
     redis: Option<RedisLimiter>,
+    /// Nodes sharing the cap: without Redis each node holds its share.
+    nodes: u32,
     script: redis::Script,
     /// Longest a Redis slot can be held (the request timeout plus a margin).
     stale_after: Duration,
@@ -44,17 +46,25 @@ impl Drop for ConcurrencyGuard {
 }
 
 impl ConcurrencyLimiter {
-    pub fn new(redis: Option<RedisLimiter>, stale_after: Duration) -> Self {
-        Self { local: Default::default(), redis, script: redis::Script::new(ACQUIRE_SCRIPT), stale_after }
+    pub fn new(redis: Option<RedisLimiter>, stale_after: Duration, nodes: u32) -> Self {
+        Self {
+            local: Default::default(),
+            redis,
+            nodes: nodes.max(1),
+            script: redis::Script::new(ACQUIRE_SCRIPT),
+            stale_after,
+        }
     }
 
     /// A slot for `company` if fewer than `limit` are held. Uses Redis when
     /// configured and reachable, else this node's own count.
     pub async fn acquire(&self, company: &str, limit: u32) -> Option<ConcurrencyGuard> {
-        if let Some(redis) = &self.redis
-            && let Some(result) = self.acquire_shared(redis, company, limit).await
-        {
-            return result;
+        if let Some(redis) = &self.redis {
+            if let Some(result) = self.acquire_shared(redis, company, limit).await {
+                return result;
+            }
+            // Redis failed: this node's share of the cap, as for rate limits.
+            return self.acquire_local(company, limit.div_ceil(self.nodes));
         }
         self.acquire_local(company, limit)
     }

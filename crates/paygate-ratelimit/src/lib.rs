@@ -43,8 +43,9 @@ pub struct Decision {
 }
 
 impl Decision {
+    /// An empty decision (no limit evaluated) refuses: never fail open by accident.
     pub fn allowed(&self) -> bool {
-        self.outcomes.iter().all(|o| o.allowed)
+        !self.outcomes.is_empty() && self.outcomes.iter().all(|o| o.allowed)
     }
 
     /// The refusing limit with the longest wait, or, if all allow, the one

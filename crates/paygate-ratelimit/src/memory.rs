@@ -17,6 +17,8 @@ const SHARDS: usize = 64;
 pub struct MemoryLimiter {
     shards: Vec<Mutex<HashMap<String, u64>>>,
     per_shard: usize,
+    /// Entries across shards, kept approximately (for the gauge, lock-free).
+    entries: std::sync::atomic::AtomicUsize,
     epoch: Instant,
     hasher: std::collections::hash_map::RandomState,
 }
@@ -28,6 +30,7 @@ impl MemoryLimiter {
         Self {
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             per_shard,
+            entries: Default::default(),
             epoch: Instant::now(),
             hasher: Default::default(),
         }
@@ -64,6 +67,7 @@ impl MemoryLimiter {
                 let shard = self.shard_of(&limit.key);
                 let map = &mut guards.iter_mut().find(|(i, _)| *i == shard).expect("locked").1;
                 let new_tat = now + outcome.reset_us;
+                let before = map.len();
                 if !map.contains_key(&limit.key) && map.len() >= self.per_shard {
                     map.retain(|_, tat| *tat > now);
                     if map.len() >= self.per_shard {
@@ -74,9 +78,20 @@ impl MemoryLimiter {
                     }
                 }
                 map.insert(limit.key.clone(), new_tat);
+                let after = map.len();
+                if after >= before {
+                    self.entries.fetch_add(after - before, std::sync::atomic::Ordering::Relaxed);
+                } else {
+                    self.entries.fetch_sub(before - after, std::sync::atomic::Ordering::Relaxed);
+                }
             }
         }
         decision
+    }
+
+    /// About how many limits are tracked (cheap; for the metric).
+    pub fn len_hint(&self) -> usize {
+        self.entries.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Tracked limits, for the memory bound test and the metric.

@@ -22,7 +22,11 @@ pub enum Backend {
 
 pub struct SharedLimiter {
     redis: Option<RedisLimiter>,
-    memory: MemoryLimiter,
+    /// Limits checked before authentication (client address, failed auth):
+    /// a flood of addresses can only evict these, never authenticated state.
+    anonymous: MemoryLimiter,
+    /// Limits of authenticated callers (key, company).
+    authenticated: MemoryLimiter,
     nodes: u32,
     degraded: AtomicBool,
     /// Microseconds since `epoch` before which Redis is not retried.
@@ -44,7 +48,8 @@ impl SharedLimiter {
         metrics::gauge!("paygate_ratelimit_degraded").set(0.0);
         Self {
             redis,
-            memory: MemoryLimiter::new(capacity),
+            anonymous: MemoryLimiter::new(capacity),
+            authenticated: MemoryLimiter::new(capacity),
             nodes: nodes.max(1),
             degraded: AtomicBool::new(false),
             retry_at_us: AtomicU64::new(0),
@@ -69,10 +74,18 @@ impl SharedLimiter {
         self.epoch.elapsed().as_micros() as u64
     }
 
+    fn memory_for(&self, limits: &[Limit]) -> &MemoryLimiter {
+        let anonymous = limits.iter().any(|l| matches!(l.policy, "client" | "auth_failures"));
+        let memory = if anonymous { &self.anonymous } else { &self.authenticated };
+        let name = if anonymous { "anonymous" } else { "authenticated" };
+        metrics::gauge!("paygate_ratelimit_entries", "map" => name).set(memory.len_hint() as f64);
+        memory
+    }
+
     fn fall_back(&self, limits: &[Limit], mode: Mode) -> Decision {
         let shares: Vec<Limit> =
             limits.iter().map(|l| Limit { quota: l.quota.divided(self.nodes), ..l.clone() }).collect();
-        let mut decision = self.memory.decide(&shares, mode);
+        let mut decision = self.memory_for(limits).decide(&shares, mode);
         // Report the configured quotas in headers; the node enforces its share.
         for (outcome, limit) in decision.outcomes.iter_mut().zip(limits) {
             outcome.quota = limit.quota;
@@ -100,7 +113,7 @@ impl SharedLimiter {
 #[async_trait]
 impl RateLimiter for SharedLimiter {
     async fn check(&self, limits: &[Limit], mode: Mode) -> Result<Decision, LimiterError> {
-        let Some(redis) = &self.redis else { return Ok(self.memory.decide(limits, mode)) };
+        let Some(redis) = &self.redis else { return Ok(self.memory_for(limits).decide(limits, mode)) };
         if self.degraded.load(Ordering::Acquire) && self.now_us() < self.retry_at_us.load(Ordering::Acquire) {
             return Ok(self.fall_back(limits, mode));
         }

@@ -119,7 +119,7 @@ async fn run(name: &str, store: Arc<dyn OperatorStore>, seconds: u64, concurrenc
     let router = |audited: bool| {
         let limits = RateLimits::new(
             SharedLimiter::in_process(100_000),
-            ConcurrencyLimiter::new(None, Duration::from_secs(35)),
+            ConcurrencyLimiter::new(None, Duration::from_secs(35), 1),
             LimitsConfig { key: huge, company: huge, client: huge, ..LimitsConfig::default() },
         );
         let (audit, _) =

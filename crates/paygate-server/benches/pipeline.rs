@@ -54,7 +54,7 @@ fn pipeline(c: &mut Criterion) {
         let config = LimitsConfig { key: huge, company: huge, client: huge, enabled, ..LimitsConfig::default() };
         let limits = RateLimits::new(
             SharedLimiter::in_process(100_000),
-            ConcurrencyLimiter::new(None, std::time::Duration::from_secs(35)),
+            ConcurrencyLimiter::new(None, std::time::Duration::from_secs(35), 1),
             config,
         );
         let api_store: Arc<dyn Store> = store.clone();

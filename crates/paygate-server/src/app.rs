@@ -52,7 +52,7 @@ pub async fn build_limits(config: &Config) -> anyhow::Result<RateLimits> {
     };
     let slot_lifetime = paygate_api::limits::slot_lifetime(config.request_timeout);
     let (limiter, concurrency) = match &config.redis_url {
-        None => (SharedLimiter::in_process(l.capacity as usize), ConcurrencyLimiter::new(None, slot_lifetime)),
+        None => (SharedLimiter::in_process(l.capacity as usize), ConcurrencyLimiter::new(None, slot_lifetime, 1)),
         Some(url) => {
             let prefix = format!("{}rl:", config.redis_prefix);
             let redis = RedisLimiter::connect(url, &prefix, Duration::from_millis(250))
@@ -61,7 +61,7 @@ pub async fn build_limits(config: &Config) -> anyhow::Result<RateLimits> {
             tracing::info!(nodes = l.nodes, "rate limits shared through Redis");
             (
                 SharedLimiter::with_redis(redis.clone(), l.capacity as usize, l.nodes),
-                ConcurrencyLimiter::new(Some(redis), slot_lifetime),
+                ConcurrencyLimiter::new(Some(redis), slot_lifetime, l.nodes),
             )
         }
     };

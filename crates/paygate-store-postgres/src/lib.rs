@@ -480,6 +480,13 @@ impl Store for PostgresStore {
         audit: &AuditEntry,
     ) -> StoreResult<u64> {
         let mut tx = self.begin_write().await?;
+        // The company row, exclusively: key creations and rotations take it
+        // shared, so none can slip a new key past this statement's snapshot.
+        sqlx::query("SELECT 1 FROM companies WHERE id = $1 FOR UPDATE")
+            .bind(scope.company_id().as_uuid())
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
         let revoked = sqlx::query("UPDATE api_keys SET revoked_at = $1 WHERE company_id = $2 AND revoked_at IS NULL")
             .bind(at)
             .bind(scope.company_id().as_uuid())
@@ -504,6 +511,13 @@ impl Store for PostgresStore {
     ) -> StoreResult<Rotation> {
         let company_id = scope.company_id();
         let mut tx = self.begin_write().await?;
+        // Shared lock on the company: an emergency revoke-all waits for us, and
+        // then sees (and revokes) the successor too.
+        sqlx::query("SELECT 1 FROM companies WHERE id = $1 FOR SHARE")
+            .bind(company_id.as_uuid())
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
         // Lock the old key: concurrent rotations and revocations wait for us.
         let locked: Option<i32> =
             sqlx::query_scalar("SELECT 1 FROM api_keys WHERE id = $1 AND company_id = $2 FOR UPDATE")

@@ -4,9 +4,19 @@
 use std::sync::Arc;
 
 use paygate_store::OperatorStore;
-use paygate_store::conformance::TestStore;
 use paygate_store_postgres::PostgresStore;
 use paygate_store_postgres::testing::TestDatabase;
+
+/// The generic suite's store plus the concrete backend, for PostgreSQL-only cases.
+struct TestStore {
+    store: Arc<dyn OperatorStore>,
+    postgres: Option<PostgresStore>,
+    _guard: paygate_store::conformance::TestStore,
+}
+
+async fn fresh_generic() -> Option<paygate_store::conformance::TestStore> {
+    fresh_store().await.map(|t| t._guard)
+}
 
 async fn fresh_store() -> Option<TestStore> {
     let Ok(admin_url) = std::env::var("PAYGATE_TEST_POSTGRES_URL") else {
@@ -18,7 +28,71 @@ async fn fresh_store() -> Option<TestStore> {
     let db = TestDatabase::create(&admin_url).await;
     let store = PostgresStore::connect(&db.url).await.unwrap();
     store.migrate().await.unwrap();
-    Some(TestStore::new(Arc::new(store) as Arc<dyn OperatorStore>, db))
+    let shared: Arc<dyn OperatorStore> = Arc::new(store.clone());
+    Some(TestStore {
+        store: shared.clone(),
+        postgres: Some(store),
+        _guard: paygate_store::conformance::TestStore::new(shared, db),
+    })
 }
 
-paygate_store::conformance_tests!(fresh_store);
+paygate_store::conformance_tests!(fresh_generic);
+
+/// Revoke-all against a key whose creating transaction is still open: the
+/// creation holds the company row shared, revoke-all waits for it, and then
+/// revokes the new key too. Without the lock the key would survive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoke_all_waits_for_an_open_key_creation() {
+    use paygate_domain::{CompanyId, Label};
+    use paygate_store::{NewCompany, PageRequest, operator_scope};
+    use sqlx::Connection;
+    let Some(test) = fresh_store().await else { return };
+    let store = test.store.clone();
+    let new = NewCompany::new(Label::parse("Race").unwrap());
+    let company: CompanyId = new.id;
+    let record = paygate_store::conformance::operator_record("company.create");
+    store.create_company(new, &record).await.unwrap();
+    let url = std::env::var("PAYGATE_TEST_POSTGRES_URL").unwrap();
+    let db_url = {
+        // The store's database: find it from the store's own connection.
+        let name: String = sqlx::query_scalar("SELECT current_database()").fetch_one(store_pool(&test)).await.unwrap();
+        paygate_store_postgres::testing::with_database(&url, &name)
+    };
+    let mut session = sqlx::PgConnection::connect(&db_url).await.unwrap();
+    sqlx::raw_sql("BEGIN").execute(&mut session).await.unwrap();
+    sqlx::query("SELECT 1 FROM companies WHERE id = $1 FOR SHARE")
+        .bind(company.as_uuid())
+        .execute(&mut session)
+        .await
+        .unwrap();
+    let key_id = uuid::Uuid::now_v7();
+    sqlx::query(
+        "INSERT INTO api_keys (id, company_id, name, owner, scopes, mode, secret_hash, pepper_version, created_at) \
+         VALUES ($1, $2, 'n', 'o', '', 'test', $3, 1, now())",
+    )
+    .bind(key_id)
+    .bind(company.as_uuid())
+    .bind(vec![0u8; 32])
+    .execute(&mut session)
+    .await
+    .unwrap();
+    let revoker = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let scope = operator_scope(&*store, company);
+            let record = paygate_store::conformance::operator_record("api_key.revoke_all");
+            store.revoke_all_api_keys(&scope, paygate_domain::now(), &record).await.unwrap()
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(!revoker.is_finished(), "revoke-all must wait for the open creation");
+    sqlx::raw_sql("COMMIT").execute(&mut session).await.unwrap();
+    assert_eq!(revoker.await.unwrap(), 1, "the key committed while revoke-all waited is revoked");
+    let page =
+        store.list_api_keys(&operator_scope(&*store, company), PageRequest { limit: 10, after: None }).await.unwrap();
+    assert!(page.items.iter().all(|k| k.revoked_at.is_some()));
+}
+
+fn store_pool(test: &TestStore) -> &sqlx::PgPool {
+    test.postgres.as_ref().unwrap().pool()
+}

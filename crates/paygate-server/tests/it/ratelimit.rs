@@ -93,6 +93,10 @@ async fn key_limit_refuses_with_retry_after(app: TestApp) {
     json(app.get("/v1/me", &other).send().await.unwrap(), StatusCode::OK).await;
     tokio::time::sleep(Duration::from_millis(1100)).await;
     json(app.get("/v1/me", &key).send().await.unwrap(), StatusCode::OK).await;
+    // With Redis configured (PostgreSQL runs), the decisions came from Redis.
+    if app.env.contains_key("PAYGATE_REDIS_URL") {
+        assert_eq!(app.server.as_ref().unwrap().state.limits.limiter.backend(), paygate_ratelimit::Backend::Redis);
+    }
     // Bad input to the CLI.
     let out = app.cli(&["admin", "key", "set-limits", &id, "--rate", "0", "--burst", "3"]).await;
     assert!(!out.status.success());
@@ -119,6 +123,9 @@ async fn company_limit_aggregates_its_keys(app: TestApp) {
     assert_eq!(admitted, 4, "the company's burst is shared by its keys");
     let body = problem(refused.unwrap(), StatusCode::TOO_MANY_REQUESTS, "rate_limited").await;
     assert_eq!(body["policy"], "company");
+    if app.env.contains_key("PAYGATE_REDIS_URL") {
+        assert_eq!(app.server.as_ref().unwrap().state.limits.limiter.backend(), paygate_ratelimit::Backend::Redis);
+    }
     // One company cannot starve another.
     json(app.get("/v1/me", &globex_key).send().await.unwrap(), StatusCode::OK).await;
 }

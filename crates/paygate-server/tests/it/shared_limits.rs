@@ -154,7 +154,7 @@ async fn two_nodes_share_one_limit_through_redis() {
     let text = key["secret"].as_str().unwrap().to_owned();
     cli(&["admin", "key", "set-limits", key["id"].as_str().unwrap(), "--rate", "10", "--burst", "10"]);
 
-    let mut nodes: Vec<(Child, String)> = Vec::new();
+    let mut nodes: Vec<(Child, String, String)> = Vec::new();
     for _ in 0..2 {
         let mut child = Command::new(BIN)
             .arg("serve")
@@ -164,18 +164,18 @@ async fn two_nodes_share_one_limit_through_redis() {
             .spawn()
             .unwrap();
         let stderr = child.stderr.take().unwrap();
-        let api = {
+        let (api, ops) = {
             use std::io::BufRead;
             let mut lines = std::io::BufReader::new(stderr).lines();
             loop {
                 let line = lines.next().expect("node exited").unwrap();
                 let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
                 if v["message"] == "paygate listening" {
-                    break v["api"].as_str().unwrap().to_owned();
+                    break (v["api"].as_str().unwrap().to_owned(), v["ops"].as_str().unwrap().to_owned());
                 }
             }
         };
-        nodes.push((child, format!("http://{api}")));
+        nodes.push((child, format!("http://{api}"), format!("http://{ops}")));
     }
     let http = reqwest::Client::new();
     let started = Instant::now();
@@ -198,7 +198,14 @@ async fn two_nodes_share_one_limit_through_redis() {
     println!(
         "two nodes, one key at 10/s burst 10: sent {sent} in {elapsed:.2} s, admitted {admitted} (expected {expected:.1}, last admitted at {last_admitted_at:?})"
     );
-    for (mut child, _) in nodes {
+    // Both nodes decided through Redis the whole time: a permanently degraded
+    // pair would admit the same total (each its half), so check it.
+    for (_, _, ops) in &nodes {
+        let metrics = http.get(format!("{ops}/metrics")).send().await.unwrap().text().await.unwrap();
+        assert!(metrics.contains("paygate_ratelimit_degraded 0"), "{metrics}");
+        assert!(!metrics.contains("paygate_ratelimit_degradations_total"), "a node fell back to local limits");
+    }
+    for (mut child, _, _) in nodes {
         let _ = child.kill();
         let _ = child.wait();
     }
