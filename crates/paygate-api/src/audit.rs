@@ -85,7 +85,17 @@ pub const ROUTE_ACTIONS: &[(&str, &str, &str, Option<&str>)] = &[
 ];
 
 fn route_action(method: &Method, route: &str) -> Option<(&'static str, Option<&'static str>)> {
-    ROUTE_ACTIONS.iter().find(|(m, r, _, _)| *m == method.as_str() && *r == route).map(|(_, _, a, t)| (*a, *t))
+    // HEAD is answered by the GET route.
+    let method = if *method == Method::HEAD { "GET" } else { method.as_str() };
+    ROUTE_ACTIONS.iter().find(|(m, r, _, _)| *m == method && *r == route).map(|(_, _, a, t)| (*a, *t))
+}
+
+fn typed_id(resource_type: &str, id: &str) -> bool {
+    match resource_type {
+        "api_key" => paygate_domain::ApiKeyId::parse(id).is_ok(),
+        "audit_event" => AuditEventId::parse(id).is_ok(),
+        _ => false,
+    }
 }
 
 /// The `{id}` segment of `path` under `template`.
@@ -230,7 +240,10 @@ impl AuditWriter {
         let job = Job { entry, done: Some(done) };
         metrics::gauge!("paygate_audit_queue_depth").set((self.queue.max_capacity() - self.queue.capacity()) as f64);
         match tokio::time::timeout(self.enqueue_timeout, self.queue.send(job)).await {
-            Ok(Ok(())) => wait.await.unwrap_or(false),
+            // A stuck store must not hold requests forever: past the wait, 503.
+            Ok(Ok(())) => {
+                tokio::time::timeout(self.enqueue_timeout * 3, wait).await.ok().and_then(Result::ok).unwrap_or(false)
+            }
             _ => {
                 metrics::counter!("paygate_audit_unavailable_total", "reason" => "queue").increment(1);
                 false
@@ -240,8 +253,17 @@ impl AuditWriter {
 
     /// Writes the aggregated failure counts of the closing interval.
     pub async fn flush_aggregated(&self) {
-        for entry in self.aggregator.drain() {
-            self.record(entry).await;
+        let entries = self.aggregator.drain();
+        let count = entries.len();
+        let mut lost = 0;
+        for entry in entries {
+            if !self.record(entry).await {
+                lost += 1;
+            }
+        }
+        if lost > 0 {
+            metrics::counter!("paygate_audit_unavailable_total", "reason" => "aggregate").increment(lost);
+            tracing::error!(lost, of = count, "aggregated failure records could not be written");
         }
     }
 }
@@ -285,7 +307,10 @@ impl Aggregator {
     /// `true` if this failure opens its interval (record it now); `false` if
     /// it was counted into the open aggregate.
     fn admit(&self, entry: &AuditEntry) -> bool {
-        let Some(ip) = entry.client_ip.clone() else { return true };
+        // Grouped like the client limiter: an IPv6 /64 is one client.
+        let Some(ip) = entry.client_ip.as_deref().and_then(|i| i.parse::<std::net::IpAddr>().ok()).map(bucket) else {
+            return true;
+        };
         let mut open = self.open.lock();
         if let Some((count, _)) = open.get_mut(&(ip.clone(), entry.action)) {
             *count += 1;
@@ -294,6 +319,7 @@ impl Aggregator {
         if open.len() < self.capacity {
             open.insert((ip, entry.action), (0, entry.clone()));
         }
+        metrics::gauge!("paygate_audit_aggregating_addresses").set(open.len() as f64);
         true
     }
 
@@ -316,6 +342,16 @@ impl Aggregator {
     }
 }
 
+fn bucket(addr: std::net::IpAddr) -> String {
+    match paygate_domain::network::canonical(addr) {
+        std::net::IpAddr::V6(v6) => {
+            let s = v6.segments();
+            format!("{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
+        }
+        v4 => v4.to_string(),
+    }
+}
+
 fn aggregated_action(action: &str) -> bool {
     matches!(action, "auth.failed" | "auth.throttled" | "rate_limit.exceeded")
 }
@@ -328,7 +364,8 @@ pub async fn middleware(State(writer): State<AuditWriter>, request: Request, nex
     let path = request.uri().path().to_owned();
     let route = request.extensions().get::<MatchedPath>().map(|p| p.as_str().to_owned());
     let response = next.run(request).await;
-    if !writer.enabled || response.extensions().get::<AuditWritten>().is_some() || !path.starts_with("/v1") {
+    let under_v1 = path == "/v1" || path.starts_with("/v1/");
+    if !writer.enabled || response.extensions().get::<AuditWritten>().is_some() || !under_v1 {
         return response;
     }
     context.actor = response.extensions().get::<AuditActor>().cloned();
@@ -346,13 +383,19 @@ pub async fn middleware(State(writer): State<AuditWriter>, request: Request, nex
         (_, Some(found)) => found,
         _ => ("request.unrouted", None),
     };
-    let resource = resource_type.zip(route.as_deref().and_then(|r| path_id(r, &path)));
+    // Only a well-formed id of the resource's type is recorded: a client that
+    // pastes something else (its key text, say) into the path leaves no trace of it.
+    let resource =
+        resource_type.map(|t| (t, route.as_deref().and_then(|r| path_id(r, &path)).filter(|id| typed_id(t, id))));
+    let resource = resource.and_then(|(t, id)| id.map(|id| (t, id)));
     let mut details = serde_json::json!({"method": method.as_str(), "route": route.as_deref().unwrap_or("unmatched")});
     if let Some(code) = code {
         details["code"] = serde_json::Value::from(code);
     }
     let entry = context.entry(action, resource, status, details);
-    if aggregated_action(action) && !writer.aggregator.admit(&entry) {
+    // Only anonymous floods are aggregated: an authenticated caller's denials
+    // belong, one by one, to its own company's chain.
+    if entry.actor_kind == ActorKind::Anonymous && aggregated_action(action) && !writer.aggregator.admit(&entry) {
         return response;
     }
     if writer.record(entry).await {
@@ -367,5 +410,40 @@ pub async fn middleware(State(writer): State<AuditWriter>, request: Request, nex
         .into_response();
         refused.headers_mut().insert(axum::http::header::RETRY_AFTER, axum::http::HeaderValue::from_static("1"));
         refused
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every operation of the API has its audit action in [`ROUTE_ACTIONS`].
+    #[test]
+    fn every_operation_has_an_audit_action() {
+        let doc = crate::openapi();
+        for (path, item) in doc.paths.paths.iter() {
+            for (method, op) in [
+                ("GET", &item.get),
+                ("POST", &item.post),
+                ("PUT", &item.put),
+                ("PATCH", &item.patch),
+                ("DELETE", &item.delete),
+            ] {
+                if op.is_some() {
+                    let method = Method::from_bytes(method.as_bytes()).unwrap();
+                    let (action, _) =
+                        route_action(&method, path).unwrap_or_else(|| panic!("{method} {path} has no audit action"));
+                    assert!(paygate_domain::audit::ACTIONS.contains(&action), "{action} is not in the closed list");
+                }
+            }
+        }
+        assert_eq!(route_action(&Method::HEAD, "/v1/me").map(|a| a.0), Some("identity.read"));
+    }
+
+    #[test]
+    fn only_typed_ids_are_recorded() {
+        assert!(typed_id("api_key", "key_0000000000000000000000"));
+        assert!(!typed_id("api_key", "pgk_live_key_0000000000000000000000_secret"));
+        assert_eq!(path_id("/v1/api-keys/{id}/revoke", "/v1/api-keys/abc/revoke").as_deref(), Some("abc"));
     }
 }

@@ -134,6 +134,11 @@ pub fn router(state: AppState, config: &ApiConfig) -> Router {
         .layer(middleware::from_fn(move |req: Request, next: Next| with_timeout(timeout, req, next)))
         .layer(middleware::from_fn_with_state(limits.clone(), limits::client_middleware))
         .layer(middleware::from_fn_with_state(limits, limits::overload_middleware))
+        // Inside the audit layer too, so a panic's 500 is recorded like any answer.
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(|_: Box<dyn std::any::Any + Send>| {
+            tracing::error!("request handler panicked");
+            ApiError::internal().into_response()
+        }))
         .layer(middleware::from_fn_with_state(audit_writer, audit::middleware))
         .layer(middleware::from_fn_with_state(Arc::new(config.trusted_proxies.clone()), client::middleware))
         // A panic in a handler is a bug: answer 500 problem+json, keep serving.

@@ -74,9 +74,10 @@ async fn a_refusal_consumes_nothing_anywhere() {
         let company = unique("company");
         let key_a = unique("a");
         let key_b = unique("b");
-        // Two keys of one company: the company limit aggregates them.
-        let a = [limit("key", &key_a, 1000, 3), limit("company", &company, 1000, 4)];
-        let b = [limit("key", &key_b, 1000, 3), limit("company", &company, 1000, 4)];
+        // Two keys of one company: the company limit aggregates them. Slow
+        // rates, so nothing refills while the test runs.
+        let a = [limit("key", &key_a, 1, 3), limit("company", &company, 1, 4)];
+        let b = [limit("key", &key_b, 1, 3), limit("company", &company, 1, 4)];
         for _ in 0..3 {
             assert!(limiter.check(&a, Mode::Consume).await.unwrap().allowed(), "{name}");
         }
@@ -85,7 +86,7 @@ async fn a_refusal_consumes_nothing_anywhere() {
         assert!(!refused.allowed());
         assert_eq!(refused.tightest().unwrap().policy, "company", "{name}");
         // Key b's own limit was not charged for the refused request.
-        let peek = limiter.check(&[limit("key", &key_b, 1000, 3)], Mode::Peek).await.unwrap();
+        let peek = limiter.check(&[limit("key", &key_b, 1, 3)], Mode::Peek).await.unwrap();
         assert_eq!(peek.outcomes[0].remaining, 1, "{name}: 3 - 1 used - 1 for the peek itself");
     }
 }

@@ -152,7 +152,7 @@ pub async fn start(config: &Config, options: StartOptions) -> anyhow::Result<Ser
     let ops_addr = ops_listener.local_addr()?;
 
     let limits = Arc::new(build_limits(config).await?);
-    let signer = Arc::new(pepper::load_audit_signer(config)?);
+    let signer = Arc::new(pepper::load_audit_signer(config, true)?);
     let audit_config = AuditConfig { aggregation_interval: config.audit_aggregation, ..AuditConfig::default() };
     let (audit, audit_tasks) = AuditWriter::start(api_store.clone(), audit_config);
     let state = AppState {

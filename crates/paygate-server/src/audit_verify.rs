@@ -28,18 +28,28 @@ pub async fn verify_chain(
     public_key: &[u8; 32],
 ) -> anyhow::Result<ChainReport> {
     let mut report = ChainReport { chain: chain.to_owned(), records: 0, checkpoints: 0, problem: None };
+    // Snapshot the head and the checkpoints first: records appended while we
+    // read are beyond the head and are left for the next run, never a false alarm.
+    let head = store.audit_heads().await?.into_iter().find(|(c, _, _)| c == chain).map(|(_, seq, hash)| (seq, hash));
     let checkpoints = store.audit_checkpoints(chain).await?;
     report.checkpoints = checkpoints.len();
-    let wanted: std::collections::HashSet<u64> = checkpoints.iter().map(|c| c.seq).collect();
+    let mut wanted: std::collections::HashSet<u64> = checkpoints.iter().map(|c| c.seq).collect();
+    if let Some((seq, _)) = head {
+        wanted.insert(seq);
+    }
+    let limit = head.map(|(seq, _)| seq).unwrap_or(u64::MAX);
     let mut hashes_at = std::collections::HashMap::new();
     let mut expected = 1u64;
     let mut prev = [0u8; 32];
     let mut after = 0u64;
-    loop {
+    'pages: loop {
         let page: Vec<AuditRecord> = store.audit_records(chain, after, 1000).await?;
         let Some(last) = page.last() else { break };
         after = last.seq;
         for r in page {
+            if r.seq > limit {
+                break 'pages;
+            }
             report.records += 1;
             if r.seq != expected {
                 report.fail(
@@ -62,6 +72,16 @@ pub async fn verify_chain(
         }
     }
     let end = expected - 1;
+    match head {
+        None if end > 0 => report.fail(1, "chain has records but no head (head row removed)"),
+        Some((seq, _)) if seq > end => {
+            report.fail(end + 1, format!("chain truncated: its head is at seq {seq} but the records end at {end}"))
+        }
+        Some((seq, hash)) if hashes_at.get(&seq) != Some(&hash) => {
+            report.fail(seq, "the head's hash differs from the record at the head (chain rewritten)")
+        }
+        _ => {}
+    }
     for c in &checkpoints {
         if !verify_checkpoint(public_key, chain, c.seq, &c.hash, &c.signature) {
             report.fail(c.seq, "checkpoint signature invalid (checkpoint forged or signed by another key)");
@@ -73,11 +93,6 @@ pub async fn verify_chain(
         } else if hashes_at.get(&c.seq) != Some(&c.hash) {
             report.fail(c.seq, "record differs from the signed checkpoint (chain rewritten)");
         }
-    }
-    if let Some((_, seq, _)) = store.audit_heads().await?.into_iter().find(|(c, _, _)| c == chain)
-        && seq > end
-    {
-        report.fail(end + 1, format!("chain truncated: its head is at seq {seq} but the records end at {end}"));
     }
     Ok(report)
 }

@@ -61,7 +61,7 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
         }
         Command::Audit(command) => {
             let store = app::open_store(&config).await?;
-            let signer = pepper::load_audit_signer(&config)?;
+            let signer = pepper::load_audit_signer(&config, false)?;
             match command {
                 AuditCommand::Checkpoint => {
                     let signed = app::checkpoint(&*store, &signer).await?;

@@ -67,7 +67,9 @@ pub fn create_secret_file(path: &Path, hex: &str, what: &str) -> anyhow::Result<
 }
 
 /// The audit checkpoint signing key (Ed25519 seed, hex), held outside the database.
-pub fn load_audit_signer(config: &Config) -> anyhow::Result<paygate_domain::audit::AuditSigner> {
+/// `create`: in the embedded default, create the key if it does not exist
+/// (only `serve` does; verification must never invent a key).
+pub fn load_audit_signer(config: &Config, create: bool) -> anyhow::Result<paygate_domain::audit::AuditSigner> {
     let path = match (&config.audit_signing_key_file, &config.database) {
         (Some(path), _) => path.clone(),
         (None, crate::config::Database::Sqlite { path, .. }) => {
@@ -75,6 +77,9 @@ pub fn load_audit_signer(config: &Config) -> anyhow::Result<paygate_domain::audi
             name.push(".audit-key");
             let beside = path.with_file_name(name);
             if !beside.exists() {
+                if !create {
+                    bail!("no audit signing key at {} (it is created by `paygate serve`)", beside.display());
+                }
                 create_secret_file(&beside, &paygate_domain::audit::AuditSigner::generate_hex(), "audit signing key")?;
             }
             beside

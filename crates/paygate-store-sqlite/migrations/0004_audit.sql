@@ -51,3 +51,11 @@ CREATE TRIGGER audit_checkpoints_no_update BEFORE UPDATE ON audit_checkpoints
 BEGIN SELECT RAISE(ABORT, 'audit_checkpoints is append-only'); END;
 CREATE TRIGGER audit_checkpoints_no_delete BEFORE DELETE ON audit_checkpoints
 BEGIN SELECT RAISE(ABORT, 'audit_checkpoints is append-only'); END;
+
+-- The head only moves forward: deleting it or moving it back would hide a
+-- truncated chain from verification.
+CREATE TRIGGER audit_heads_no_delete BEFORE DELETE ON audit_heads
+BEGIN SELECT RAISE(ABORT, 'audit_heads only moves forward'); END;
+CREATE TRIGGER audit_heads_forward_only BEFORE UPDATE ON audit_heads
+WHEN NEW.seq < OLD.seq OR NEW.chain != OLD.chain
+BEGIN SELECT RAISE(ABORT, 'audit_heads only moves forward'); END;

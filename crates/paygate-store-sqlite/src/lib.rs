@@ -791,10 +791,15 @@ impl OperatorStore for SqliteStore {
     }
 
     async fn audit_chains(&self) -> StoreResult<Vec<String>> {
-        sqlx::query_scalar("SELECT chain FROM audit_heads WHERE seq > 0 ORDER BY chain")
-            .fetch_all(&self.pool)
-            .await
-            .map_err(map_err)
+        // Every chain any table knows of: a chain whose head row went missing
+        // is still verified.
+        sqlx::query_scalar(
+            "SELECT chain FROM audit_heads UNION SELECT DISTINCT chain FROM audit_events \
+             UNION SELECT DISTINCT chain FROM audit_checkpoints ORDER BY 1",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_err)
     }
 
     async fn audit_records(&self, chain: &str, after_seq: u64, limit: u32) -> StoreResult<Vec<AuditRecord>> {

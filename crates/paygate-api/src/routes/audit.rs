@@ -286,16 +286,23 @@ pub async fn export_audit_events(
     }
     let scope = auth.scope().clone();
     let store = state.store.clone();
+    // The chain as of this request: a slow reader of a busy chain still gets
+    // an end, and never a half-written tail.
+    let head = state.store.audit_head(&scope).await?.map(|(seq, _)| seq).unwrap_or(0);
     // Pages of 500 records, fetched as the client reads: memory stays bounded
     // whatever the size of the chain.
     let pages = futures_util::stream::unfold(Some(0u64), move |after| {
         let store = store.clone();
         let scope = scope.clone();
         async move {
-            let after = after?;
+            let after = after.filter(|a| *a < head)?;
             match store.export_audit(&scope, from, to, after, 500).await {
                 Ok(records) if records.is_empty() => None,
-                Ok(records) => {
+                Ok(mut records) => {
+                    records.retain(|r| r.seq <= head);
+                    if records.is_empty() {
+                        return None;
+                    }
                     let next = records.last().map(|r| r.seq);
                     let mut text = String::new();
                     for r in records {

@@ -177,6 +177,11 @@ async fn audit_tables_refuse_update_and_delete(app: TestApp) {
         let err = app.raw_sql(&sql).await.err().unwrap_or_else(|| panic!("{sql} was allowed"));
         assert!(err.to_string().contains("append-only"), "{sql}: {err}");
     }
+    // The head only moves forward: removing it would hide a truncation.
+    let err = app.raw_sql("DELETE FROM audit_heads").await.unwrap_err();
+    assert!(err.to_string().contains("only moves forward"), "{err}");
+    let err = app.raw_sql(&format!("UPDATE audit_heads SET seq = 1 WHERE chain = '{chain}'")).await.unwrap_err();
+    assert!(err.to_string().contains("only moves forward"), "{err}");
     if app.backend == Backend::Postgres {
         let err = app.raw_sql("TRUNCATE audit_events").await.unwrap_err();
         assert!(err.to_string().contains("append-only"), "{err}");
@@ -239,7 +244,7 @@ async fn verify_names_each_kind_of_tampering(app: TestApp) {
         ("insert", 4, "broken link"),
         ("reorder", 2, "modified"),
         ("truncate", 8, "truncated"),
-        ("rewrite", 9, "signed checkpoint"),
+        ("rewrite", 9, "rewritten"),
     ];
     app.shutdown().await;
     for (name, bad_seq, words) in cases {
@@ -433,13 +438,22 @@ async fn failed_authentication_floods_are_aggregated(app: TestApp) {
             .unwrap();
         assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
     }
-    let during = records(&app, PLATFORM_CHAIN).await;
-    assert_eq!(during.len(), before + 1, "one record opens the interval; the rest are counted");
+    let during = records(&app, PLATFORM_CHAIN).await.len() - before;
+    // One record opens each interval (the burst may straddle one boundary); the rest are counted.
+    assert!((1..=3).contains(&during), "{during} records for 30 failures");
     tokio::time::sleep(Duration::from_millis(2500)).await;
     let after = records(&app, PLATFORM_CHAIN).await;
-    assert_eq!(after.len(), before + 2, "one aggregate record per address per interval");
-    let aggregate: Value = serde_json::from_str(&after.last().unwrap().entry.details).unwrap();
-    assert_eq!(aggregate["aggregated"], true);
-    assert_eq!(aggregate["count"], 29);
-    assert_eq!(after.last().unwrap().entry.client_ip.as_deref(), Some("127.0.0.1"));
+    let new: Vec<_> = after[before..].iter().filter(|r| r.entry.action == "auth.failed").collect();
+    assert!(new.len() <= 6, "{} records: floods must not amplify", new.len());
+    // Every failure is accounted for: individual records plus aggregated counts.
+    let total: u64 = new
+        .iter()
+        .map(|r| {
+            let d: Value = serde_json::from_str(&r.entry.details).unwrap();
+            if d["aggregated"] == true { d["count"].as_u64().unwrap() } else { 1 }
+        })
+        .sum();
+    assert_eq!(total, 30);
+    let aggregate = new.iter().find(|r| r.entry.details.contains("\"aggregated\":true")).expect("an aggregate record");
+    assert_eq!(aggregate.entry.client_ip.as_deref(), Some("127.0.0.1"));
 }
