@@ -88,11 +88,26 @@ async fn secrets_are_stored_only_as_hmac(app: TestApp) {
     let api_issued = created["secret"].as_str().unwrap().to_owned();
     json(app.get("/v1/me", &api_issued).send().await.unwrap(), StatusCode::OK).await;
     json(app.get("/v1/api-keys", &admin).send().await.unwrap(), StatusCode::OK).await;
+    // Traffic of every kind the audit log records: rotation (a second secret),
+    // revoked and mistyped keys, a key pasted where an id belongs, bad input.
+    let id = created["id"].as_str().unwrap();
+    let rotated: serde_json::Value = json(
+        app.post(&format!("/v1/api-keys/{id}/rotate"), &admin).json(&body!({"grace_period_seconds": 0})).send().await.unwrap(),
+        StatusCode::CREATED,
+    )
+    .await;
+    let rotated = rotated["secret"].as_str().unwrap().to_owned();
+    app.get("/v1/me", &api_issued).send().await.unwrap();
+    let mut typo = rotated.clone().into_bytes();
+    typo[50] = if typo[50] == b'a' { b'b' } else { b'a' };
+    app.get("/v1/me", &String::from_utf8(typo).unwrap()).send().await.unwrap();
+    app.get(&format!("/v1/api-keys/{rotated}"), &admin).send().await.unwrap();
+    app.post("/v1/api-keys", &admin).json(&body!({"name": rotated.clone()})).send().await.unwrap();
 
     let contents = database_contents(&app).await;
     // The scan sees stored text: the company name is there in clear.
     assert!(contents.contains("Plaintext Probe Co"), "the scan must be able to see stored text");
-    for key in [&admin, &api_issued] {
+    for key in [&admin, &api_issued, &rotated] {
         let secret = secret_of(key);
         assert!(!contents.contains(secret), "a key secret is stored in clear");
         assert!(!contents.contains(&key[key.len() - 20..]), "a fragment of a key is stored in clear");
