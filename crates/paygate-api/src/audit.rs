@@ -241,9 +241,15 @@ impl AuditWriter {
         metrics::gauge!("paygate_audit_queue_depth").set((self.queue.max_capacity() - self.queue.capacity()) as f64);
         match tokio::time::timeout(self.enqueue_timeout, self.queue.send(job)).await {
             // A stuck store must not hold requests forever: past the wait, 503.
-            Ok(Ok(())) => {
-                tokio::time::timeout(self.enqueue_timeout * 3, wait).await.ok().and_then(Result::ok).unwrap_or(false)
-            }
+            Ok(Ok(())) => match tokio::time::timeout(self.enqueue_timeout * 3, wait).await {
+                Ok(Ok(durable)) => durable,
+                Ok(Err(_)) => false,
+                Err(_) => {
+                    // Answered 503; the record may still land later.
+                    metrics::counter!("paygate_audit_unavailable_total", "reason" => "timeout").increment(1);
+                    false
+                }
+            },
             _ => {
                 metrics::counter!("paygate_audit_unavailable_total", "reason" => "queue").increment(1);
                 false

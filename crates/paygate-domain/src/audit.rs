@@ -5,7 +5,7 @@
 //!
 //! `hash = SHA-256(prev_hash ‖ canonical(record))`; the first record of a chain
 //! has `prev_hash` = 32 zero bytes. The canonical encoding is a fixed sequence
-//! of fields, never a map serialisation; see [`AuditRecord::canonical`].
+//! of fields, never a map serialisation; see [`canonical`].
 
 use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
 use sha2::{Digest, Sha256};
@@ -175,6 +175,10 @@ fn put(out: &mut Vec<u8>, field: Option<&[u8]>) {
     }
 }
 
+fn text(s: &Option<String>) -> Option<&[u8]> {
+    s.as_deref().map(str::as_bytes)
+}
+
 /// Canonical encoding v1 of a record at `seq` in its chain: each field in
 /// this fixed order as a 4-byte big-endian length then its bytes (absent:
 /// length `0xFFFFFFFF`, no bytes). Texts are UTF-8; numbers are decimal text.
@@ -184,10 +188,6 @@ fn put(out: &mut Vec<u8>, field: Option<&[u8]>) {
 /// 10 resource type · 11 resource id · 12 outcome · 13 HTTP status ·
 /// 14 request id · 15 client address · 16 user agent · 17 details (JSON text
 /// exactly as stored).
-fn text(s: &Option<String>) -> Option<&[u8]> {
-    s.as_deref().map(str::as_bytes)
-}
-
 pub fn canonical(entry: &AuditEntry, seq: u64) -> Vec<u8> {
     let mut out = Vec::with_capacity(256 + entry.details.len());
     let micros = (entry.occurred_at.unix_timestamp_nanos() / 1_000).to_string();

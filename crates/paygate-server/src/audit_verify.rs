@@ -28,10 +28,11 @@ pub async fn verify_chain(
     public_key: &[u8; 32],
 ) -> anyhow::Result<ChainReport> {
     let mut report = ChainReport { chain: chain.to_owned(), records: 0, checkpoints: 0, problem: None };
-    // Snapshot the head and the checkpoints first: records appended while we
-    // read are beyond the head and are left for the next run, never a false alarm.
-    let head = store.audit_heads().await?.into_iter().find(|(c, _, _)| c == chain).map(|(_, seq, hash)| (seq, hash));
+    // Snapshot the checkpoints, then the head (so no checkpoint we hold is
+    // beyond it): records appended while we read are past the head and left
+    // for the next run, never a false alarm.
     let checkpoints = store.audit_checkpoints(chain).await?;
+    let head = store.audit_heads().await?.into_iter().find(|(c, _, _)| c == chain).map(|(_, seq, hash)| (seq, hash));
     report.checkpoints = checkpoints.len();
     let mut wanted: std::collections::HashSet<u64> = checkpoints.iter().map(|c| c.seq).collect();
     if let Some((seq, _)) = head {

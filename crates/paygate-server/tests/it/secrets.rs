@@ -92,7 +92,11 @@ async fn secrets_are_stored_only_as_hmac(app: TestApp) {
     // revoked and mistyped keys, a key pasted where an id belongs, bad input.
     let id = created["id"].as_str().unwrap();
     let rotated: serde_json::Value = json(
-        app.post(&format!("/v1/api-keys/{id}/rotate"), &admin).json(&body!({"grace_period_seconds": 0})).send().await.unwrap(),
+        app.post(&format!("/v1/api-keys/{id}/rotate"), &admin)
+            .json(&body!({"grace_period_seconds": 0}))
+            .send()
+            .await
+            .unwrap(),
         StatusCode::CREATED,
     )
     .await;
