@@ -381,7 +381,7 @@ pub async fn middleware(State(writer): State<AuditWriter>, request: Request, nex
         (
             Some("unauthenticated" | "api_key_revoked" | "api_key_expired" | "company_suspended" | "ip_not_allowed"),
             _,
-        ) if context.actor.is_none() => ("auth.failed", None),
+        ) => ("auth.failed", None),
         (Some("auth_throttled"), _) => ("auth.throttled", None),
         (Some("rate_limited" | "concurrency_limited"), _) => ("rate_limit.exceeded", None),
         (Some("timeout"), _) => ("request.timeout", None),

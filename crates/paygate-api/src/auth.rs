@@ -17,7 +17,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use paygate_domain::Scope;
 use paygate_store::CompanyScope;
-use paygate_store::auth::{AuthError, Authenticated};
+use paygate_store::auth::{AuthError, AuthFailure, Authenticated};
 
 use crate::AppState;
 use crate::audit::AuditActor;
@@ -55,7 +55,7 @@ async fn authenticate_then(state: AppState, mut request: Request, next: Next) ->
     }
     let now = paygate_domain::now();
     let outcome = match bearer(request.headers()) {
-        None => Err(AuthError::Missing),
+        None => Err(AuthError::Missing.into()),
         Some(token) => state.auth.authenticate(token, client, now).await,
     };
     match outcome {
@@ -106,13 +106,22 @@ async fn authenticate_then(state: AppState, mut request: Request, next: Next) ->
             }
             response
         }
-        Err(error) => {
+        Err(AuthFailure { error, key }) => {
             if !matches!(error, AuthError::Unavailable(_)) {
                 state.limits.note_auth_failure(client).await;
             }
             metrics::counter!("paygate_auth_failures_total", "reason" => error.reason()).increment(1);
             tracing::info!(reason = error.reason(), "authentication failed");
-            problem_for(error).into_response()
+            let mut response = problem_for(error).into_response();
+            // The secret verified: the refusal goes to the key's company chain.
+            if let Some(record) = key {
+                response.extensions_mut().insert(AuditActor {
+                    chain: record.key.company_id.to_string(),
+                    key_id: record.key.id.to_string(),
+                    owner: record.key.owner.clone(),
+                });
+            }
+            response
         }
     }
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 
-use crate::RedisLimiter;
+use crate::{RedisLimiter, RedisSlot};
 
 const ACQUIRE_SCRIPT: &str = r"
 local t = redis.call('TIME')
@@ -24,7 +24,7 @@ return 0
 
 pub struct ConcurrencyLimiter {
     local: Arc<Mutex<HashMap<String, u32>>>,
-    redis: Option<RedisLimiter>,
+    redis: Option<RedisSlot>,
     /// Nodes sharing the cap: without Redis each node holds its share.
     nodes: u32,
     script: redis::Script,
@@ -46,7 +46,7 @@ impl Drop for ConcurrencyGuard {
 }
 
 impl ConcurrencyLimiter {
-    pub fn new(redis: Option<RedisLimiter>, stale_after: Duration, nodes: u32) -> Self {
+    pub fn new(redis: Option<RedisSlot>, stale_after: Duration, nodes: u32) -> Self {
         Self {
             local: Default::default(),
             redis,
@@ -59,8 +59,10 @@ impl ConcurrencyLimiter {
     /// A slot for `company` if fewer than `limit` are held. Uses Redis when
     /// configured and reachable, else this node's own count.
     pub async fn acquire(&self, company: &str, limit: u32) -> Option<ConcurrencyGuard> {
-        if let Some(redis) = &self.redis {
-            if let Some(result) = self.acquire_shared(redis, company, limit).await {
+        if let Some(slot) = &self.redis {
+            if let Some(redis) = slot.get()
+                && let Some(result) = self.acquire_shared(redis, company, limit).await
+            {
                 return result;
             }
             // Redis failed: this node's share of the cap, as for rate limits.

@@ -15,7 +15,7 @@ pub use concurrency::{ConcurrencyGuard, ConcurrencyLimiter};
 pub use gcra::{Outcome, Quota, evaluate};
 pub use memory::MemoryLimiter;
 pub use redis_backend::RedisLimiter;
-pub use resilient::{Backend, SharedLimiter};
+pub use resilient::{Backend, RedisSlot, SharedLimiter};
 
 use async_trait::async_trait;
 

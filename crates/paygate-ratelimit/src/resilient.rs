@@ -12,6 +12,9 @@ use async_trait::async_trait;
 
 use crate::{Decision, Limit, LimiterError, MemoryLimiter, Mode, RateLimiter, RedisLimiter};
 
+/// A Redis connection that may arrive after start-up.
+pub type RedisSlot = Arc<tokio::sync::OnceCell<RedisLimiter>>;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
     Memory,
@@ -21,7 +24,9 @@ pub enum Backend {
 }
 
 pub struct SharedLimiter {
-    redis: Option<RedisLimiter>,
+    /// Set when Redis is configured; filled once a connection is made (a node
+    /// starts even while Redis is down, in its degraded share).
+    redis: Option<RedisSlot>,
     /// Limits checked before authentication (client address, failed auth):
     /// a flood of addresses can only evict these, never authenticated state.
     anonymous: MemoryLimiter,
@@ -41,10 +46,46 @@ impl SharedLimiter {
     }
 
     pub fn with_redis(redis: RedisLimiter, capacity: usize, nodes: u32) -> Arc<Self> {
-        Arc::new(Self::build(Some(redis), capacity, nodes))
+        let slot: RedisSlot = Arc::new(tokio::sync::OnceCell::new_with(Some(redis)));
+        Arc::new(Self::build(Some(slot), capacity, nodes))
     }
 
-    fn build(redis: Option<RedisLimiter>, capacity: usize, nodes: u32) -> Self {
+    /// Redis configured but maybe not reachable yet: connects in the
+    /// background, retrying every second; until then the node enforces its
+    /// share in process. Returns the slot so other users (the concurrency cap)
+    /// share the connection once it exists.
+    pub async fn connecting(url: String, prefix: String, capacity: usize, nodes: u32) -> (Arc<Self>, RedisSlot) {
+        let slot: RedisSlot = Arc::new(tokio::sync::OnceCell::new());
+        let limiter = Arc::new(Self::build(Some(slot.clone()), capacity, nodes));
+        // One attempt before serving, so a healthy Redis is used from the first request.
+        if let Ok(redis) = RedisLimiter::connect(&url, &prefix, Duration::from_millis(250)).await {
+            let _ = slot.set(redis);
+            return (limiter, slot);
+        }
+        let filling = slot.clone();
+        tokio::spawn(async move {
+            let mut warned = false;
+            loop {
+                match RedisLimiter::connect(&url, &prefix, Duration::from_millis(250)).await {
+                    Ok(redis) => {
+                        let _ = filling.set(redis);
+                        tracing::info!("connected to Redis; rate limits are shared");
+                        return;
+                    }
+                    Err(error) => {
+                        if !warned {
+                            tracing::warn!(%error, "Redis unreachable at start; enforcing this node's share in process until it is");
+                            warned = true;
+                        }
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                }
+            }
+        });
+        (limiter, slot)
+    }
+
+    fn build(redis: Option<RedisSlot>, capacity: usize, nodes: u32) -> Self {
         metrics::gauge!("paygate_ratelimit_degraded").set(0.0);
         Self {
             redis,
@@ -61,13 +102,13 @@ impl SharedLimiter {
     pub fn backend(&self) -> Backend {
         match (&self.redis, self.degraded.load(Ordering::Acquire)) {
             (None, _) => Backend::Memory,
-            (Some(_), false) => Backend::Redis,
-            (Some(_), true) => Backend::Degraded,
+            (Some(slot), false) if slot.initialized() => Backend::Redis,
+            (Some(_), _) => Backend::Degraded,
         }
     }
 
     pub fn redis(&self) -> Option<&RedisLimiter> {
-        self.redis.as_ref()
+        self.redis.as_ref().and_then(|slot| slot.get())
     }
 
     fn now_us(&self) -> u64 {
@@ -113,7 +154,11 @@ impl SharedLimiter {
 #[async_trait]
 impl RateLimiter for SharedLimiter {
     async fn check(&self, limits: &[Limit], mode: Mode) -> Result<Decision, LimiterError> {
-        let Some(redis) = &self.redis else { return Ok(self.memory_for(limits).decide(limits, mode)) };
+        let Some(slot) = &self.redis else { return Ok(self.memory_for(limits).decide(limits, mode)) };
+        let Some(redis) = slot.get() else {
+            self.mark_degraded(&LimiterError::Redis("not connected yet".into()));
+            return Ok(self.fall_back(limits, mode));
+        };
         if self.degraded.load(Ordering::Acquire) && self.now_us() < self.retry_at_us.load(Ordering::Acquire) {
             return Ok(self.fall_back(limits, mode));
         }

@@ -12,7 +12,7 @@ use paygate_api::limits::{LimitsConfig, RateLimits};
 use paygate_api::{ApiConfig, AppState};
 use paygate_domain::KeyHasher;
 use paygate_domain::audit::AuditSigner;
-use paygate_ratelimit::{ConcurrencyLimiter, Quota, RedisLimiter, SharedLimiter};
+use paygate_ratelimit::{ConcurrencyLimiter, Quota, SharedLimiter};
 use paygate_store::Checkpoint;
 use paygate_store::auth::{AuthConfig, Authenticator};
 use paygate_store::{OperatorStore, Store};
@@ -54,15 +54,12 @@ pub async fn build_limits(config: &Config) -> anyhow::Result<RateLimits> {
     let (limiter, concurrency) = match &config.redis_url {
         None => (SharedLimiter::in_process(l.capacity as usize), ConcurrencyLimiter::new(None, slot_lifetime, 1)),
         Some(url) => {
+            // Never blocks start-up: while Redis is unreachable the node
+            // enforces its share in process and keeps trying.
             let prefix = format!("{}rl:", config.redis_prefix);
-            let redis = RedisLimiter::connect(url, &prefix, Duration::from_millis(250))
-                .await
-                .map_err(|e| anyhow::anyhow!("redis_url: cannot connect: {e}"))?;
+            let (limiter, slot) = SharedLimiter::connecting(url.clone(), prefix, l.capacity as usize, l.nodes).await;
             tracing::info!(nodes = l.nodes, "rate limits shared through Redis");
-            (
-                SharedLimiter::with_redis(redis.clone(), l.capacity as usize, l.nodes),
-                ConcurrencyLimiter::new(Some(redis), slot_lifetime, l.nodes),
-            )
+            (limiter, ConcurrencyLimiter::new(Some(slot), slot_lifetime, l.nodes))
         }
     };
     Ok(RateLimits::new(limiter, concurrency, limits_config))
@@ -71,8 +68,9 @@ pub async fn build_limits(config: &Config) -> anyhow::Result<RateLimits> {
 /// Signs the head of every chain that moved since its last checkpoint.
 pub async fn checkpoint(store: &dyn OperatorStore, signer: &AuditSigner) -> anyhow::Result<usize> {
     let mut signed = 0;
+    let done: std::collections::HashMap<String, u64> = store.checkpointed_seqs().await?.into_iter().collect();
     for (chain, seq, hash) in store.audit_heads().await? {
-        let last = store.audit_checkpoints(&chain).await?.last().map(|c| c.seq).unwrap_or(0);
+        let last = done.get(&chain).copied().unwrap_or(0);
         if last >= seq {
             continue;
         }

@@ -843,6 +843,14 @@ impl OperatorStore for SqliteStore {
         Ok(())
     }
 
+    async fn checkpointed_seqs(&self) -> StoreResult<Vec<(String, u64)>> {
+        let rows: Vec<(String, i64)> = sqlx::query_as("SELECT chain, MAX(seq) FROM audit_checkpoints GROUP BY chain")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_err)?;
+        Ok(rows.into_iter().map(|(c, s)| (c, s as u64)).collect())
+    }
+
     async fn audit_heads(&self) -> StoreResult<Vec<(String, u64, [u8; 32])>> {
         let rows = sqlx::query("SELECT chain, seq, hash FROM audit_heads WHERE seq > 0 ORDER BY chain")
             .fetch_all(&self.pool)

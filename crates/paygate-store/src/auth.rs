@@ -95,6 +95,20 @@ impl AuthError {
     }
 }
 
+/// A refused authentication; `key` is set when the secret verified (the
+/// refusal is then about the key's state, and belongs to its company's record).
+#[derive(Debug)]
+pub struct AuthFailure {
+    pub error: AuthError,
+    pub key: Option<Arc<KeyAuthRecord>>,
+}
+
+impl From<AuthError> for AuthFailure {
+    fn from(error: AuthError) -> Self {
+        Self { error, key: None }
+    }
+}
+
 /// A caller whose key verified and is usable right now.
 #[derive(Debug, Clone)]
 pub struct Authenticated {
@@ -119,15 +133,18 @@ impl Authenticator {
 
     /// The whole of steps 3–5 for a request from `client`: verify the key, check
     /// the key's client address allow-list, and note the use (`last_used_at`).
+    /// A refusal of a key whose secret verified (revoked, expired, suspended,
+    /// address not allowed) carries the key, so it can be recorded in its
+    /// company's audit chain: that is how a company sees a leaked key misused.
     pub async fn authenticate(
         &self,
         text: &str,
         client: IpAddr,
         now: OffsetDateTime,
-    ) -> Result<Authenticated, AuthError> {
-        let caller = self.verify_key(text, now).await?;
+    ) -> Result<Authenticated, AuthFailure> {
+        let caller = self.verify(text, now).await?;
         if !caller.record.key.allowed_cidrs.permits(client) {
-            return Err(AuthError::IpNotAllowed);
+            return Err(AuthFailure { error: AuthError::IpNotAllowed, key: Some(caller.record) });
         }
         self.usage.note(caller.record.key.id, client, now);
         Ok(caller)
@@ -141,6 +158,11 @@ impl Authenticator {
     /// status. Does not look at the client address: requests go through
     /// [`Authenticator::authenticate`].
     pub async fn verify_key(&self, text: &str, now: OffsetDateTime) -> Result<Authenticated, AuthError> {
+        self.verify(text, now).await.map_err(|f| f.error)
+    }
+
+    async fn verify(&self, text: &str, now: OffsetDateTime) -> Result<Authenticated, AuthFailure> {
+        let refuse = |error: AuthError, record: &Arc<KeyAuthRecord>| AuthFailure { error, key: Some(record.clone()) };
         // Step 3: a malformed or bad-checksum key never reaches the store.
         let key = ApiKeyText::parse(text).map_err(AuthError::Malformed)?;
         let record = match self.cache.get(key.id(), self.config.max_staleness) {
@@ -154,20 +176,20 @@ impl Authenticator {
             }
         };
         if !self.hasher.verify(key.secret(), &record.secret_hash, record.pepper_version) {
-            return Err(AuthError::WrongSecret);
+            return Err(AuthError::WrongSecret.into());
         }
         // A key's mode is part of its text; a mismatch means the text was edited.
         if record.key.mode != key.mode() {
-            return Err(AuthError::WrongSecret);
+            return Err(AuthError::WrongSecret.into());
         }
         if record.key.revoked_at.is_some() {
-            return Err(AuthError::Revoked);
+            return Err(refuse(AuthError::Revoked, &record));
         }
         if record.key.is_expired_at(now) {
-            return Err(AuthError::Expired);
+            return Err(refuse(AuthError::Expired, &record));
         }
         if record.company_status == CompanyStatus::Suspended {
-            return Err(AuthError::CompanySuspended);
+            return Err(refuse(AuthError::CompanySuspended, &record));
         }
         let actor = Actor::ApiKey { id: record.key.id, owner: record.key.owner.clone() };
         Ok(Authenticated { scope: CompanyScope::new(record.key.company_id, actor), record })

@@ -213,6 +213,8 @@ pub trait OperatorStore: Store {
     async fn audit_records(&self, chain: &str, after_seq: u64, limit: u32) -> StoreResult<Vec<AuditRecord>>;
     async fn audit_checkpoints(&self, chain: &str) -> StoreResult<Vec<Checkpoint>>;
     async fn add_checkpoint(&self, checkpoint: &Checkpoint) -> StoreResult<()>;
+    /// The highest checkpointed sequence of every chain, in one query.
+    async fn checkpointed_seqs(&self) -> StoreResult<Vec<(String, u64)>>;
     /// Every chain's head (chain, seq, hash).
     async fn audit_heads(&self) -> StoreResult<Vec<(String, u64, [u8; 32])>>;
 }

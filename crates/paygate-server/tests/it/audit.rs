@@ -87,6 +87,16 @@ async fn every_request_leaves_a_record_before_its_response(app: TestApp) {
     assert_eq!(platform.len(), before + 1);
     assert_eq!(platform.last().unwrap().entry.action, "auth.failed");
     assert_eq!(platform.last().unwrap().entry.outcome, paygate_domain::audit::Outcome::Denied);
+    // A key whose secret verifies but is refused (here: revoked) is recorded in
+    // its company's chain with the key, so the company sees its key misused.
+    let victim = app.key(acme.id, "keys:read").await;
+    let victim_id = paygate_domain::ApiKeyText::parse(&victim).unwrap().id().to_string();
+    json(app.post(&format!("/v1/api-keys/{victim_id}/revoke"), &key).send().await.unwrap(), StatusCode::OK).await;
+    problem(app.get("/v1/me", &victim).send().await.unwrap(), StatusCode::UNAUTHORIZED, "api_key_revoked").await;
+    let misuse = records(&app, &chain).await.into_iter().last().unwrap();
+    assert_eq!(misuse.entry.action, "auth.failed");
+    assert_eq!(misuse.entry.actor_id.as_deref(), Some(victim_id.as_str()));
+    assert_eq!(misuse.entry.outcome, paygate_domain::audit::Outcome::Denied);
     // Operator changes through the CLI are recorded with the operator's name.
     let out = app.cli(&["admin", "company", "suspend", &chain]).await;
     assert!(out.status.success());

@@ -212,3 +212,27 @@ async fn two_nodes_share_one_limit_through_redis() {
     let error = (admitted as f64 - expected).abs() / expected;
     assert!(error <= 0.10, "admitted {admitted}, expected {expected:.1} ±10%");
 }
+
+/// A node starts and serves while its Redis is down (degraded, bounded), and
+/// shares limits through Redis as soon as it comes up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_starts_while_redis_is_down() {
+    let port = free_port();
+    let url = format!("redis://127.0.0.1:{port}");
+    let app =
+        TestApp::spawn_with(crate::harness::Backend::Sqlite, &[("PAYGATE_REDIS_URL", url.as_str())]).await.unwrap();
+    let acme = app.company("Acme").await;
+    let key = app.key(acme.id, "keys:read").await;
+    json(app.get("/v1/me", &key).send().await.unwrap(), StatusCode::OK).await;
+    assert_eq!(backend_of(&app), Backend::Degraded);
+    let Some(_redis) = OwnRedis::start(port) else { return };
+    let started = Instant::now();
+    loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        json(app.get("/v1/me", &key).send().await.unwrap(), StatusCode::OK).await;
+        if backend_of(&app) == Backend::Redis {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "never connected to Redis");
+    }
+}
