@@ -173,16 +173,13 @@ pub async fn start(config: &Config, options: StartOptions) -> anyhow::Result<Ser
     let until_stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
-    let api_task = tokio::spawn({
-        let stopped = stopped.clone();
-        async move {
-            let service = api.into_make_service_with_connect_info::<SocketAddr>();
-            if let Err(error) = axum::serve(api_listener, service).with_graceful_shutdown(until_stopped(stopped)).await
-            {
-                tracing::error!(%error, "API listener failed");
-            }
-        }
-    });
+    let api_task = tokio::spawn(crate::http::serve(
+        api_listener,
+        api,
+        stopped.clone(),
+        config.header_read_timeout,
+        config.request_timeout + Duration::from_secs(5),
+    ));
     let ops_task = tokio::spawn({
         let stopped = stopped.clone();
         async move {

@@ -24,6 +24,7 @@ const SETTINGS: &[(&str, &str)] = &[
     ("log_level", "tracing filter, e.g. info or paygate=debug."),
     ("max_body_bytes", "Largest accepted request body."),
     ("request_timeout_secs", "Requests running longer get 503 timeout."),
+    ("header_read_timeout_secs", "A client must send its request headers within this time."),
     ("migrate_on_start", "Apply migrations when serve starts."),
     ("key_cache_capacity", "Verified keys cached per node."),
     ("key_cache_ttl_secs", "Longest reuse of a cached verified key."),
@@ -103,6 +104,7 @@ pub struct Config {
     pub log_level: String,
     pub max_body_bytes: usize,
     pub request_timeout: Duration,
+    pub header_read_timeout: Duration,
     pub migrate_on_start: bool,
     pub key_cache_capacity: usize,
     pub key_cache_ttl: Duration,
@@ -241,6 +243,7 @@ impl Config {
         };
         let max_body_bytes = s.parse("max_body_bytes", 65_536, positive(64 * 1024 * 1024))? as usize;
         let request_timeout = Duration::from_secs(s.parse("request_timeout_secs", 30, positive(3_600))?);
+        let header_read_timeout = Duration::from_secs(s.parse("header_read_timeout_secs", 10, positive(600))?);
         let migrate_on_start = s.parse("migrate_on_start", true, |t| match t {
             "true" | "1" => Ok(true),
             "false" | "0" => Ok(false),
@@ -290,6 +293,7 @@ impl Config {
             log_level,
             max_body_bytes,
             request_timeout,
+            header_read_timeout,
             migrate_on_start,
             key_cache_capacity,
             key_cache_ttl,

@@ -7,6 +7,7 @@ pub mod audit_verify;
 pub mod cli;
 pub mod config;
 pub mod demo;
+pub mod http;
 pub mod ops;
 pub mod pepper;
 pub mod telemetry;

@@ -109,3 +109,25 @@ async fn bad_list_parameters_are_400(app: TestApp) {
         assert_eq!(body["errors"][0]["parameter"], parameter, "{query}: {body}");
     }
 }
+
+/// A client that never finishes its request headers is cut off
+/// (`header_read_timeout_secs`), instead of holding a connection forever.
+#[tokio::test]
+async fn slow_headers_are_cut_off() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = TestApp::spawn_with(crate::harness::Backend::Sqlite, &[("PAYGATE_HEADER_READ_TIMEOUT_SECS", "1")])
+        .await
+        .unwrap();
+    let addr = app.base.trim_start_matches("http://").to_owned();
+    let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    stream.write_all(b"GET /v1/me HTTP/1.1\r\nHost: paygate\r\nX-Slow: ").await.unwrap();
+    let started = std::time::Instant::now();
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(std::time::Duration::from_secs(5), stream.read_to_end(&mut buf)).await;
+    assert!(read.is_ok(), "the connection was still open after 5 s");
+    assert!(started.elapsed() < std::time::Duration::from_secs(4));
+    // The server is still fine for everyone else.
+    let acme = app.company("Acme").await;
+    let key = app.key(acme.id, "keys:read").await;
+    json(app.get("/v1/me", &key).send().await.unwrap(), StatusCode::OK).await;
+}
