@@ -284,3 +284,34 @@ pub fn secret_of(text: &str) -> &str {
     let start = text.rfind('_').unwrap() + 1;
     &text[start..start + 43]
 }
+
+/// The shared parts of a multi-node deployment: one PostgreSQL database, one
+/// key pepper and one audit signing key, as `PAYGATE_*` settings for nodes
+/// and CLI processes.
+pub struct SharedDeployment {
+    pub env: Vec<(String, String)>,
+    _db: TestDatabase,
+    _dir: TempDir,
+}
+
+impl SharedDeployment {
+    pub async fn create(postgres_admin_url: &str) -> Self {
+        let db = TestDatabase::create(postgres_admin_url).await;
+        let dir = tempfile::tempdir().unwrap();
+        let pepper = dir.path().join("pepper");
+        std::fs::write(&pepper, paygate_domain::Pepper::generate_hex().as_bytes()).unwrap();
+        let audit_key = dir.path().join("audit-key");
+        std::fs::write(&audit_key, paygate_domain::audit::AuditSigner::generate_hex().as_bytes()).unwrap();
+        let env = vec![
+            ("PAYGATE_DATABASE_URL".to_owned(), db.url.clone()),
+            ("PAYGATE_KEY_PEPPER_FILE".to_owned(), pepper.display().to_string()),
+            ("PAYGATE_AUDIT_SIGNING_KEY_FILE".to_owned(), audit_key.display().to_string()),
+        ];
+        Self { env, _db: db, _dir: dir }
+    }
+
+    /// The settings plus `extra`, borrowed as `(name, value)` pairs.
+    pub fn with<'a>(&'a self, extra: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
+        self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())).chain(extra.iter().copied()).collect()
+    }
+}

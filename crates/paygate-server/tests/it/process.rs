@@ -259,21 +259,9 @@ async fn two_nodes_refuse_revoked_and_suspended_keys_within_1s() {
         eprintln!("PAYGATE_TEST_POSTGRES_URL not set: two-node test skipped");
         return;
     };
-    let db = paygate_store_postgres::testing::TestDatabase::create(&admin_url).await;
-    let dir = tempfile::tempdir().unwrap();
-    let pepper = dir.path().join("pepper");
-    std::fs::write(&pepper, paygate_domain::Pepper::generate_hex().as_bytes()).unwrap();
-    let audit_key = dir.path().join("audit-key");
-    std::fs::write(&audit_key, paygate_domain::audit::AuditSigner::generate_hex().as_bytes()).unwrap();
-    let audit_key = audit_key.display().to_string();
-    let pepper = pepper.display().to_string();
+    let deployment = crate::harness::SharedDeployment::create(&admin_url).await;
     // The test polls until keys are refused: relax the failed-auth throttle.
-    let env = [
-        ("PAYGATE_DATABASE_URL", db.url.as_str()),
-        ("PAYGATE_KEY_PEPPER_FILE", pepper.as_str()),
-        ("PAYGATE_AUTH_FAILURE_LIMIT", "100000/1"),
-        ("PAYGATE_AUDIT_SIGNING_KEY_FILE", audit_key.as_str()),
-    ];
+    let env = deployment.with(&[("PAYGATE_AUTH_FAILURE_LIMIT", "100000/1")]);
     let a = start_with(&["serve"], "warn,paygate_server=info", &env);
     let b = start_with(&["serve"], "warn,paygate_server=info", &env);
     let cli = |args: &[&str]| {
@@ -412,19 +400,8 @@ async fn two_nodes_append_to_one_audit_chain_without_forking() {
         eprintln!("PAYGATE_TEST_POSTGRES_URL not set: two-node audit test skipped");
         return;
     };
-    let db = paygate_store_postgres::testing::TestDatabase::create(&admin_url).await;
-    let dir = tempfile::tempdir().unwrap();
-    let pepper = dir.path().join("pepper");
-    std::fs::write(&pepper, paygate_domain::Pepper::generate_hex().as_bytes()).unwrap();
-    let audit_key = dir.path().join("audit-key");
-    std::fs::write(&audit_key, paygate_domain::audit::AuditSigner::generate_hex().as_bytes()).unwrap();
-    let (pepper, audit_key) = (pepper.display().to_string(), audit_key.display().to_string());
-    let env = [
-        ("PAYGATE_DATABASE_URL", db.url.as_str()),
-        ("PAYGATE_KEY_PEPPER_FILE", pepper.as_str()),
-        ("PAYGATE_AUDIT_SIGNING_KEY_FILE", audit_key.as_str()),
-        ("PAYGATE_AUDIT_CHECKPOINT_SECS", "1"),
-    ];
+    let deployment = crate::harness::SharedDeployment::create(&admin_url).await;
+    let env = deployment.with(&[("PAYGATE_AUDIT_CHECKPOINT_SECS", "1")]);
     let a = start_with(&["serve"], "warn,paygate_server=info", &env);
     let b = start_with(&["serve"], "warn,paygate_server=info", &env);
     let cli = |args: &[&str]| {

@@ -111,26 +111,21 @@ async fn two_nodes_share_one_limit_through_redis() {
         eprintln!("PostgreSQL or Redis not configured: two-node shared limit skipped");
         return;
     };
-    let db = paygate_store_postgres::testing::TestDatabase::create(&pg).await;
-    let dir = tempfile::tempdir().unwrap();
-    let pepper = dir.path().join("pepper");
-    std::fs::write(&pepper, paygate_domain::Pepper::generate_hex().as_bytes()).unwrap();
-    let audit_key = dir.path().join("audit-key");
-    std::fs::write(&audit_key, paygate_domain::audit::AuditSigner::generate_hex().as_bytes()).unwrap();
-    let audit_key = audit_key.display().to_string();
+    let deployment = crate::harness::SharedDeployment::create(&pg).await;
     let prefix = format!("paygate:test:{}:", crate::harness::uuid_like());
-    let env: Vec<(String, String)> = vec![
-        ("PAYGATE_DATABASE_URL".into(), db.url.clone()),
-        ("PAYGATE_KEY_PEPPER_FILE".into(), pepper.display().to_string()),
-        ("PAYGATE_AUDIT_SIGNING_KEY_FILE".into(), audit_key.clone()),
-        ("PAYGATE_REDIS_URL".into(), redis),
-        ("PAYGATE_REDIS_PREFIX".into(), prefix),
-        ("PAYGATE_RATE_LIMIT_NODES".into(), "2".into()),
-        ("PAYGATE_LOG_LEVEL".into(), "warn,paygate_server=info".into()),
-        ("PAYGATE_LOG_FORMAT".into(), "json".into()),
-        ("PAYGATE_LISTEN".into(), "127.0.0.1:0".into()),
-        ("PAYGATE_OPS_LISTEN".into(), "127.0.0.1:0".into()),
-    ];
+    let env: Vec<(String, String)> = deployment
+        .with(&[
+            ("PAYGATE_REDIS_URL", redis.as_str()),
+            ("PAYGATE_REDIS_PREFIX", prefix.as_str()),
+            ("PAYGATE_RATE_LIMIT_NODES", "2"),
+            ("PAYGATE_LOG_LEVEL", "warn,paygate_server=info"),
+            ("PAYGATE_LOG_FORMAT", "json"),
+            ("PAYGATE_LISTEN", "127.0.0.1:0"),
+            ("PAYGATE_OPS_LISTEN", "127.0.0.1:0"),
+        ])
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
     let cli = |args: &[&str]| {
         let out = Command::new(BIN).args(args).envs(env.iter().map(|(k, v)| (k, v))).output().unwrap();
         assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
