@@ -28,32 +28,33 @@ impl ListParams {
         parse_cursor: impl Fn(&str) -> Option<Id>,
     ) -> Result<paygate_store::PageRequest<Id>, ApiError> {
         let mut errors = Vec::new();
-        let limit = match self.limit.as_deref() {
-            None => DEFAULT_LIMIT,
-            Some(text) => match text.parse::<u32>() {
-                Ok(n) if (1..=MAX_LIMIT).contains(&n) => n,
-                _ => {
-                    errors.push(FieldError::parameter("limit", format!("must be an integer from 1 to {MAX_LIMIT}")));
-                    DEFAULT_LIMIT
-                }
-            },
-        };
-        let after = match self.cursor.as_deref() {
-            None => None,
-            Some(text) => match parse_cursor(text) {
-                Some(id) => Some(id),
-                None => {
-                    errors.push(FieldError::parameter("cursor", "is not a cursor returned by this list"));
-                    None
-                }
-            },
-        };
-        if errors.is_empty() {
-            Ok(paygate_store::PageRequest { limit, after })
-        } else {
-            Err(ApiError::invalid_parameter(errors))
-        }
+        let page = page_request(&mut errors, self.limit.as_deref(), self.cursor.as_deref(), parse_cursor);
+        if errors.is_empty() { Ok(page) } else { Err(ApiError::invalid_parameter(errors)) }
     }
+}
+
+/// `limit` and `cursor` of any list, with their problems added to `errors`.
+pub fn page_request<Id>(
+    errors: &mut Vec<FieldError>,
+    limit: Option<&str>,
+    cursor: Option<&str>,
+    parse_cursor: impl Fn(&str) -> Option<Id>,
+) -> paygate_store::PageRequest<Id> {
+    let limit = match limit {
+        None => DEFAULT_LIMIT,
+        Some(text) => text.parse::<u32>().ok().filter(|n| (1..=MAX_LIMIT).contains(n)).unwrap_or_else(|| {
+            errors.push(FieldError::parameter("limit", format!("must be an integer from 1 to {MAX_LIMIT}")));
+            DEFAULT_LIMIT
+        }),
+    };
+    let after = cursor.and_then(|text| {
+        let parsed = parse_cursor(text);
+        if parsed.is_none() {
+            errors.push(FieldError::parameter("cursor", "is not a cursor returned by this list"));
+        }
+        parsed
+    });
+    paygate_store::PageRequest { limit, after }
 }
 
 /// `{"object":"list","data":[…],"has_more":bool,"next_cursor":…}`

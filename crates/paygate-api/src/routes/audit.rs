@@ -7,7 +7,7 @@ use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Json, Response};
 use paygate_domain::AuditEventId;
 use paygate_domain::audit::{ENCODING_VERSION, Outcome};
-use paygate_store::{AuditFilter, PageRequest};
+use paygate_store::AuditFilter;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
@@ -16,7 +16,7 @@ use utoipa::{IntoParams, ToSchema};
 use crate::AppState;
 use crate::auth::{Authorized, scope};
 use crate::extract::Query;
-use crate::pagination::{DEFAULT_LIMIT, List, MAX_LIMIT};
+use crate::pagination::{List, page_request};
 use crate::problem::{ApiError, FieldError, Problem};
 
 /// One audit record.
@@ -155,20 +155,7 @@ pub async fn list_audit_events(
     Query(params): Query<AuditListParams>,
 ) -> Result<Json<List<AuditEventView>>, ApiError> {
     let mut errors = Vec::new();
-    let limit = match params.limit.as_deref() {
-        None => DEFAULT_LIMIT,
-        Some(t) => t.parse::<u32>().ok().filter(|n| (1..=MAX_LIMIT).contains(n)).unwrap_or_else(|| {
-            errors.push(FieldError::parameter("limit", format!("must be an integer from 1 to {MAX_LIMIT}")));
-            DEFAULT_LIMIT
-        }),
-    };
-    let after = params.cursor.as_deref().and_then(|c| match c.parse::<u64>() {
-        Ok(n) => Some(n),
-        Err(_) => {
-            errors.push(FieldError::parameter("cursor", "is not a cursor returned by this list"));
-            None
-        }
-    });
+    let page = page_request(&mut errors, params.limit.as_deref(), params.cursor.as_deref(), |c| c.parse::<u64>().ok());
     let outcome = params.outcome.as_deref().and_then(|o| {
         let parsed = Outcome::parse(o);
         if parsed.is_none() {
@@ -193,7 +180,7 @@ pub async fn list_audit_events(
     if !errors.is_empty() {
         return Err(ApiError::invalid_parameter(errors));
     }
-    let page = state.store.list_audit(auth.scope(), &filter, PageRequest { limit, after }).await?;
+    let page = state.store.list_audit(auth.scope(), &filter, page).await?;
     let last = page.items.last().map(|r| r.seq.to_string());
     let data = page.items.into_iter().map(AuditEventView::new).collect();
     Ok(Json(List::new(data, page.has_more, last)))
