@@ -279,16 +279,43 @@ async fn write_batches(store: Arc<dyn Store>, mut rx: mpsc::Receiver<Job>, max_b
     while rx.recv_many(&mut batch, max_batch).await > 0 {
         let entries: Vec<AuditEntry> = batch.iter().map(|j| j.entry.clone()).collect();
         metrics::histogram!("paygate_audit_batch_size").record(entries.len() as f64);
-        let ok = match store.append_audit(&entries).await {
-            Ok(_) => true,
-            Err(error) => {
-                metrics::counter!("paygate_audit_unavailable_total", "reason" => "store")
-                    .increment(entries.len() as u64);
-                tracing::error!(%error, records = entries.len(), "audit records could not be written");
-                false
+        if store.append_audit(&entries).await.is_ok() {
+            for job in batch.drain(..) {
+                if let Some(done) = job.done {
+                    let _ = done.send(true);
+                }
             }
-        };
+            continue;
+        }
+        // One broken chain must not fail every request in the batch: retry
+        // chain by chain, and fail only the chains that still fail. If the
+        // store itself is unavailable, stop retrying at once.
+        let mut chains: Vec<String> = batch.iter().map(|j| j.entry.chain.clone()).collect();
+        chains.sort();
+        chains.dedup();
+        let mut store_down = false;
+        let mut ok_chains = std::collections::HashSet::new();
+        for chain in chains {
+            if store_down {
+                break;
+            }
+            let group: Vec<AuditEntry> =
+                batch.iter().filter(|j| j.entry.chain == chain).map(|j| j.entry.clone()).collect();
+            match store.append_audit(&group).await {
+                Ok(_) => {
+                    ok_chains.insert(chain);
+                }
+                Err(error) => {
+                    store_down = matches!(error, paygate_store::StoreError::Unavailable(_));
+                    tracing::error!(%error, %chain, records = group.len(), "audit records could not be written");
+                }
+            }
+        }
         for job in batch.drain(..) {
+            let ok = ok_chains.contains(&job.entry.chain);
+            if !ok {
+                metrics::counter!("paygate_audit_unavailable_total", "reason" => "store").increment(1);
+            }
             if let Some(done) = job.done {
                 let _ = done.send(ok);
             }
