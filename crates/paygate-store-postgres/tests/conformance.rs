@@ -96,3 +96,29 @@ async fn revoke_all_waits_for_an_open_key_creation() {
 fn store_pool(test: &TestStore) -> &sqlx::PgPool {
     test.postgres.as_ref().unwrap().pool()
 }
+
+/// Not a test: prints how long one audit batch takes by size (run with --ignored --nocapture).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn audit_batch_latency_by_size() {
+    let Some(test) = fresh_store().await else { return };
+    let store = test.store.clone();
+    for size in [1usize, 10, 100, 500] {
+        let batch: Vec<_> = (0..size)
+            .map(|_| paygate_domain::audit::AuditEntry {
+                id: paygate_domain::AuditEventId::generate(),
+                ..paygate_store::conformance::operator_record("identity.read")
+            })
+            .collect();
+        let started = std::time::Instant::now();
+        for _ in 0..10 {
+            let batch: Vec<_> = batch
+                .iter()
+                .cloned()
+                .map(|e| paygate_domain::audit::AuditEntry { id: paygate_domain::AuditEventId::generate(), ..e })
+                .collect();
+            store.append_audit(&batch).await.unwrap();
+        }
+        println!("batch of {size}: {:?} per batch", started.elapsed() / 10);
+    }
+}
