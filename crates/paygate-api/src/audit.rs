@@ -26,8 +26,8 @@ use axum::response::{IntoResponse, Response};
 use parking_lot::Mutex;
 use paygate_domain::AuditEventId;
 use paygate_domain::audit::{ActorKind, AuditEntry, Outcome, PLATFORM_CHAIN};
-use paygate_store::Store;
 use paygate_store::auth::Authenticated;
+use paygate_store::{KeyAuthRecord, Store};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::client::ClientAddr;
@@ -50,21 +50,15 @@ impl axum::response::IntoResponseParts for AuditWritten {
     }
 }
 
-/// Response extension: who made the request (set by authentication).
+/// Response extension: the key that made the request (set by authentication,
+/// also for refusals of a key whose secret verified). Shares the verified
+/// record: no copy per request.
 #[derive(Debug, Clone)]
-pub struct AuditActor {
-    pub chain: String,
-    pub key_id: String,
-    pub owner: String,
-}
+pub struct AuditActor(pub Arc<KeyAuthRecord>);
 
 impl AuditActor {
     pub fn of(caller: &Authenticated) -> Self {
-        Self {
-            chain: caller.scope.company_id().to_string(),
-            key_id: caller.record.key.id.to_string(),
-            owner: caller.record.key.owner.clone(),
-        }
+        Self(caller.record.clone())
     }
 }
 
@@ -125,16 +119,21 @@ impl AuditContext {
         }
     }
 
-    /// A record of this request.
+    /// The record of this request.
     pub fn entry(
-        &self,
+        self,
         action: &'static str,
         resource: Option<(&str, String)>,
         status: StatusCode,
         details: serde_json::Value,
     ) -> AuditEntry {
         let (chain, kind, id, name) = match &self.actor {
-            Some(a) => (a.chain.clone(), ActorKind::ApiKey, Some(a.key_id.clone()), Some(a.owner.clone())),
+            Some(AuditActor(record)) => (
+                record.key.company_id.to_string(),
+                ActorKind::ApiKey,
+                Some(record.key.id.to_string()),
+                Some(record.key.owner.clone()),
+            ),
             None => (PLATFORM_CHAIN.to_owned(), ActorKind::Anonymous, None, None),
         };
         AuditEntry {
@@ -149,9 +148,9 @@ impl AuditContext {
             resource_id: resource.map(|(_, id)| id),
             outcome: Outcome::for_status(status.as_u16()),
             status: status.as_u16(),
-            request_id: self.request_id.clone(),
-            client_ip: self.client_ip.clone(),
-            user_agent: self.user_agent.clone(),
+            request_id: self.request_id,
+            client_ip: self.client_ip,
+            user_agent: self.user_agent,
             details: AuditEntry::details_from(&details),
         }
     }
@@ -167,7 +166,7 @@ impl<S: Send + Sync> FromRequestParts<S> for AuditContext {
 
 struct Job {
     entry: AuditEntry,
-    done: Option<oneshot::Sender<bool>>,
+    done: oneshot::Sender<bool>,
 }
 
 /// The group-commit writer: a bounded queue and one task that writes batches.
@@ -237,7 +236,7 @@ impl AuditWriter {
     /// Queues `entry` and waits until it is durable. `false`: not recorded.
     pub async fn record(&self, entry: AuditEntry) -> bool {
         let (done, wait) = oneshot::channel();
-        let job = Job { entry, done: Some(done) };
+        let job = Job { entry, done };
         metrics::gauge!("paygate_audit_queue_depth").set((self.queue.max_capacity() - self.queue.capacity()) as f64);
         match tokio::time::timeout(self.enqueue_timeout, self.queue.send(job)).await {
             // A stuck store must not hold requests forever: past the wait, 503.
@@ -277,50 +276,48 @@ impl AuditWriter {
 async fn write_batches(store: Arc<dyn Store>, mut rx: mpsc::Receiver<Job>, max_batch: usize) {
     let mut batch = Vec::with_capacity(max_batch);
     while rx.recv_many(&mut batch, max_batch).await > 0 {
-        let entries: Vec<AuditEntry> = batch.iter().map(|j| j.entry.clone()).collect();
+        let (entries, done): (Vec<AuditEntry>, Vec<oneshot::Sender<bool>>) =
+            batch.drain(..).map(|job| (job.entry, job.done)).unzip();
         metrics::histogram!("paygate_audit_batch_size").record(entries.len() as f64);
-        if store.append_audit(&entries).await.is_ok() {
-            for job in batch.drain(..) {
-                if let Some(done) = job.done {
-                    let _ = done.send(true);
-                }
+        let durable: Vec<bool> = match store.append_audit(&entries).await {
+            Ok(_) => vec![true; entries.len()],
+            Err(error) => {
+                tracing::error!(%error, records = entries.len(), "audit batch failed; retrying chain by chain");
+                retry_by_chain(&*store, &entries).await
             }
-            continue;
-        }
-        // One broken chain must not fail every request in the batch: retry
-        // chain by chain, and fail only the chains that still fail. If the
-        // store itself is unavailable, stop retrying at once.
-        let mut chains: Vec<String> = batch.iter().map(|j| j.entry.chain.clone()).collect();
-        chains.sort();
-        chains.dedup();
-        let mut store_down = false;
-        let mut ok_chains = std::collections::HashSet::new();
-        for chain in chains {
-            if store_down {
-                break;
-            }
-            let group: Vec<AuditEntry> =
-                batch.iter().filter(|j| j.entry.chain == chain).map(|j| j.entry.clone()).collect();
-            match store.append_audit(&group).await {
-                Ok(_) => {
-                    ok_chains.insert(chain);
-                }
-                Err(error) => {
-                    store_down = matches!(error, paygate_store::StoreError::Unavailable(_));
-                    tracing::error!(%error, %chain, records = group.len(), "audit records could not be written");
-                }
-            }
-        }
-        for job in batch.drain(..) {
-            let ok = ok_chains.contains(&job.entry.chain);
+        };
+        for (done, ok) in done.into_iter().zip(durable) {
             if !ok {
                 metrics::counter!("paygate_audit_unavailable_total", "reason" => "store").increment(1);
             }
-            if let Some(done) = job.done {
-                let _ = done.send(ok);
+            let _ = done.send(ok);
+        }
+    }
+}
+
+/// One broken chain must not fail every request in a batch: retry chain by
+/// chain and fail only the chains that still fail. If the store itself is
+/// unavailable, stop retrying at once. Returns, per entry, whether it is durable.
+async fn retry_by_chain(store: &dyn Store, entries: &[AuditEntry]) -> Vec<bool> {
+    let mut chains: Vec<&str> = entries.iter().map(|e| e.chain.as_str()).collect();
+    chains.sort_unstable();
+    chains.dedup();
+    let mut durable_chains = std::collections::HashSet::new();
+    for chain in chains {
+        let group: Vec<AuditEntry> = entries.iter().filter(|e| e.chain == chain).cloned().collect();
+        match store.append_audit(&group).await {
+            Ok(_) => {
+                durable_chains.insert(chain);
+            }
+            Err(error) => {
+                tracing::error!(%error, %chain, records = group.len(), "audit records could not be written");
+                if matches!(error, paygate_store::StoreError::Unavailable(_)) {
+                    break;
+                }
             }
         }
     }
+    entries.iter().map(|e| durable_chains.contains(e.chain.as_str())).collect()
 }
 
 /// (client address, action) → (failures counted after the first, the first's record).
@@ -341,7 +338,12 @@ impl Aggregator {
     /// it was counted into the open aggregate.
     fn admit(&self, entry: &AuditEntry) -> bool {
         // Grouped like the client limiter: an IPv6 /64 is one client.
-        let Some(ip) = entry.client_ip.as_deref().and_then(|i| i.parse::<std::net::IpAddr>().ok()).map(bucket) else {
+        let Some(ip) = entry
+            .client_ip
+            .as_deref()
+            .and_then(|i| i.parse::<std::net::IpAddr>().ok())
+            .map(paygate_domain::network::client_bucket)
+        else {
             return true;
         };
         let mut open = self.open.lock();
@@ -372,16 +374,6 @@ impl Aggregator {
                 ..first
             })
             .collect()
-    }
-}
-
-fn bucket(addr: std::net::IpAddr) -> String {
-    match paygate_domain::network::canonical(addr) {
-        std::net::IpAddr::V6(v6) => {
-            let s = v6.segments();
-            format!("{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
-        }
-        v4 => v4.to_string(),
     }
 }
 

@@ -115,11 +115,7 @@ async fn authenticate_then(state: AppState, mut request: Request, next: Next) ->
             let mut response = problem_for(error).into_response();
             // The secret verified: the refusal goes to the key's company chain.
             if let Some(record) = key {
-                response.extensions_mut().insert(AuditActor {
-                    chain: record.key.company_id.to_string(),
-                    key_id: record.key.id.to_string(),
-                    owner: record.key.owner.clone(),
-                });
+                response.extensions_mut().insert(AuditActor(record));
             }
             response
         }

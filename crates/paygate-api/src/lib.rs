@@ -135,17 +135,11 @@ pub fn router(state: AppState, config: &ApiConfig) -> Router {
         .layer(middleware::from_fn_with_state(limits.clone(), limits::client_middleware))
         .layer(middleware::from_fn_with_state(limits, limits::overload_middleware))
         // Inside the audit layer too, so a panic's 500 is recorded like any answer.
-        .layer(tower_http::catch_panic::CatchPanicLayer::custom(|_: Box<dyn std::any::Any + Send>| {
-            tracing::error!("request handler panicked");
-            ApiError::internal().into_response()
-        }))
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(panicked))
         .layer(middleware::from_fn_with_state(audit_writer, audit::middleware))
         .layer(middleware::from_fn_with_state(Arc::new(config.trusted_proxies.clone()), client::middleware))
         // A panic in a handler is a bug: answer 500 problem+json, keep serving.
-        .layer(tower_http::catch_panic::CatchPanicLayer::custom(|_: Box<dyn std::any::Any + Send>| {
-            tracing::error!("request handler panicked");
-            ApiError::internal().into_response()
-        }))
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(panicked))
         .layer(middleware::from_fn(request_id::middleware))
 }
 
@@ -160,6 +154,12 @@ pub fn protect(routes: Router<AppState>, state: AppState) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(state.clone(), auth::middleware))
         .with_state(state)
+}
+
+/// A panic is a bug: answer 500 problem+json and keep serving.
+fn panicked(_: Box<dyn std::any::Any + Send>) -> Response {
+    tracing::error!("request handler panicked");
+    ApiError::internal().into_response()
 }
 
 async fn not_found() -> ApiError {

@@ -72,14 +72,7 @@ impl RateLimits {
     }
 
     fn client_bucket(addr: IpAddr) -> String {
-        match paygate_domain::network::canonical(addr) {
-            IpAddr::V4(v4) => format!("client:{v4}"),
-            // One IPv6 subscriber usually holds a whole /64.
-            IpAddr::V6(v6) => {
-                let s = v6.segments();
-                format!("client:{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
-            }
-        }
+        format!("client:{}", paygate_domain::network::client_bucket(addr))
     }
 
     fn failures_limit(&self, addr: IpAddr) -> Limit {

@@ -91,6 +91,18 @@ pub fn canonical(addr: IpAddr) -> IpAddr {
     }
 }
 
+/// The client a limit or an aggregate counts: the address itself for IPv4,
+/// its /64 for IPv6 (one subscriber usually holds a whole /64).
+pub fn client_bucket(addr: IpAddr) -> String {
+    match canonical(addr) {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            format!("{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
+        }
+    }
+}
+
 /// One `X-Forwarded-For` hop: an address, `ip:port`, or `[v6]:port`.
 fn parse_hop(hop: &str) -> Option<IpAddr> {
     let hop = hop.trim();

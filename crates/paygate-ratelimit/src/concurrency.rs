@@ -101,7 +101,7 @@ impl ConcurrencyLimiter {
         limit: u32,
     ) -> Option<Option<ConcurrencyGuard>> {
         let key = format!("{}conc:{company}", redis.prefix());
-        let token = format!("{:x}", rand_token());
+        let token = uuid::Uuid::now_v7().simple().to_string();
         let mut connection = redis.connection();
         let mut invocation = self.script.prepare_invoke();
         invocation.key(&key).arg(limit).arg(&token).arg(self.stale_after.as_millis() as u64);
@@ -120,14 +120,4 @@ impl ConcurrencyLimiter {
             })),
         }))
     }
-}
-
-fn rand_token() -> u128 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos());
-    let a = h.finish() as u128;
-    let mut h2 = std::collections::hash_map::RandomState::new().build_hasher();
-    h2.write_u64(a as u64);
-    (a << 64) | h2.finish() as u128
 }

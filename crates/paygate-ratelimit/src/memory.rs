@@ -49,22 +49,21 @@ impl MemoryLimiter {
         let now = self.now_us();
         // Lock every shard involved, in index order: concurrent multi-limit
         // checks cannot deadlock and the decision is atomic across its limits.
-        let mut indexes: Vec<usize> = limits.iter().map(|l| self.shard_of(&l.key)).collect();
+        let shards: Vec<usize> = limits.iter().map(|l| self.shard_of(&l.key)).collect();
+        let mut indexes = shards.clone();
         indexes.sort_unstable();
         indexes.dedup();
         let mut guards: Vec<(usize, parking_lot::MutexGuard<'_, HashMap<String, u64>>)> =
             indexes.iter().map(|i| (*i, self.shards[*i].lock())).collect();
         let mut outcomes = Vec::with_capacity(limits.len());
-        for limit in limits {
-            let shard = self.shard_of(&limit.key);
+        for (limit, &shard) in limits.iter().zip(&shards) {
             let map = &guards.iter().find(|(i, _)| *i == shard).expect("locked").1;
             let tat = map.get(&limit.key).copied().unwrap_or(now).max(now);
             outcomes.push(evaluate(limit.policy, limit.quota, tat - now));
         }
         let decision = Decision { outcomes };
         if mode == Mode::Consume && decision.allowed() {
-            for (limit, outcome) in limits.iter().zip(&decision.outcomes) {
-                let shard = self.shard_of(&limit.key);
+            for ((limit, outcome), &shard) in limits.iter().zip(&decision.outcomes).zip(&shards) {
                 let map = &mut guards.iter_mut().find(|(i, _)| *i == shard).expect("locked").1;
                 let new_tat = now + outcome.reset_us;
                 let before = map.len();

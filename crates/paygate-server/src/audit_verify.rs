@@ -22,17 +22,15 @@ impl ChainReport {
     }
 }
 
-pub async fn verify_chain(
+/// Verifies one chain against the checkpoints and head that [`verify`] read.
+async fn verify_chain(
     store: &dyn OperatorStore,
     chain: &str,
+    checkpoints: Vec<paygate_store::Checkpoint>,
+    head: Option<(u64, [u8; 32])>,
     public_key: &[u8; 32],
 ) -> anyhow::Result<ChainReport> {
     let mut report = ChainReport { chain: chain.to_owned(), records: 0, checkpoints: 0, problem: None };
-    // Snapshot the checkpoints, then the head (so no checkpoint we hold is
-    // beyond it): records appended while we read are past the head and left
-    // for the next run, never a false alarm.
-    let checkpoints = store.audit_checkpoints(chain).await?;
-    let head = store.audit_heads().await?.into_iter().find(|(c, _, _)| c == chain).map(|(_, seq, hash)| (seq, hash));
     report.checkpoints = checkpoints.len();
     let mut wanted: std::collections::HashSet<u64> = checkpoints.iter().map(|c| c.seq).collect();
     if let Some((seq, _)) = head {
@@ -108,9 +106,19 @@ pub async fn verify(
         Some(c) => vec![c],
         None => store.audit_chains().await?,
     };
+    // Snapshot every chain's checkpoints, then the heads (so no checkpoint we
+    // hold is beyond its head): records appended while we read are past the
+    // head and left for the next run, never a false alarm.
+    let mut checkpoints = Vec::with_capacity(chains.len());
+    for chain in &chains {
+        checkpoints.push(store.audit_checkpoints(chain).await?);
+    }
+    let heads: std::collections::HashMap<String, (u64, [u8; 32])> =
+        store.audit_heads().await?.into_iter().map(|(c, seq, hash)| (c, (seq, hash))).collect();
     let mut reports = Vec::new();
-    for chain in chains {
-        reports.push(verify_chain(store, &chain, public_key).await?);
+    for (chain, checkpoints) in chains.into_iter().zip(checkpoints) {
+        let head = heads.get(&chain).copied();
+        reports.push(verify_chain(store, &chain, checkpoints, head, public_key).await?);
     }
     Ok(reports)
 }

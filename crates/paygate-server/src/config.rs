@@ -215,11 +215,7 @@ impl Config {
                 PepperSource::Inline(hex.to_owned())
             }
             (None, Some(path), _) => PepperSource::File(PathBuf::from(path)),
-            (None, None, Database::Sqlite { path, .. }) => {
-                let mut name = path.file_name().unwrap_or_default().to_os_string();
-                name.push(".pepper");
-                PepperSource::BesideDatabase(path.with_file_name(name))
-            }
+            (None, None, Database::Sqlite { path, .. }) => PepperSource::BesideDatabase(beside(path, ".pepper")),
             (None, None, Database::Postgres { .. }) => {
                 return Err(error(
                     "key_pepper_file",
@@ -306,6 +302,13 @@ impl Config {
     pub fn settings() -> impl Iterator<Item = (String, &'static str, &'static str)> {
         SETTINGS.iter().map(|(name, doc)| (env_name(name), *name, *doc))
     }
+}
+
+/// `paygate.db` → `paygate.db<suffix>`: secrets generated in the embedded default.
+pub fn beside(database: &Path, suffix: &str) -> PathBuf {
+    let mut name = database.file_name().unwrap_or_default().to_os_string();
+    name.push(suffix);
+    database.with_file_name(name)
 }
 
 fn read_file(path: &Path) -> Result<BTreeMap<String, String>, ConfigError> {

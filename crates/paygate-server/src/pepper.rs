@@ -73,9 +73,7 @@ pub fn load_audit_signer(config: &Config, create: bool) -> anyhow::Result<paygat
     let path = match (&config.audit_signing_key_file, &config.database) {
         (Some(path), _) => path.clone(),
         (None, crate::config::Database::Sqlite { path, .. }) => {
-            let mut name = path.file_name().unwrap_or_default().to_os_string();
-            name.push(".audit-key");
-            let beside = path.with_file_name(name);
+            let beside = crate::config::beside(path, ".audit-key");
             if !beside.exists() {
                 if !create {
                     bail!("no audit signing key at {} (it is created by `paygate serve`)", beside.display());

@@ -251,6 +251,13 @@ fn audit_from_row(row: &PgRow) -> StoreResult<AuditRecord> {
     })
 }
 
+/// The one way a change commits: its audit record is appended in the same
+/// transaction, so the change and its record are durable together or not at all.
+async fn commit_change(mut tx: sqlx::Transaction<'static, sqlx::Postgres>, audit: &AuditEntry) -> StoreResult<()> {
+    append_in(&mut tx, std::slice::from_ref(audit)).await?;
+    tx.commit().await.map_err(map_err)
+}
+
 /// Appends `entries` to their chains inside the caller's transaction. Heads are
 /// locked in chain order, so concurrent appenders (other nodes, change
 /// transactions) queue behind each other instead of forking a chain.
@@ -458,8 +465,7 @@ impl Store for PostgresStore {
             return Err(StoreError::NotFound("company"));
         }
         insert_key(&mut tx, company_id, &new, None).await?;
-        append_in(&mut tx, std::slice::from_ref(audit)).await?;
-        tx.commit().await.map_err(map_err)?;
+        commit_change(tx, audit).await?;
         Ok(new.into_key(company_id, None))
     }
 
@@ -495,8 +501,7 @@ impl Store for PostgresStore {
             .map_err(map_err)?
             .rows_affected();
         bump_auth_revision(&mut tx).await?;
-        append_in(&mut tx, std::slice::from_ref(audit)).await?;
-        tx.commit().await.map_err(map_err)?;
+        commit_change(tx, audit).await?;
         Ok(revoked)
     }
 
@@ -552,8 +557,7 @@ impl Store for PostgresStore {
         .map_err(map_err)?;
         bump_auth_revision(&mut tx).await?;
         let old = scoped_key(&mut tx, Some(company_id), id).await?.ok_or(StoreError::NotFound("API key"))?;
-        append_in(&mut tx, std::slice::from_ref(audit)).await?;
-        tx.commit().await.map_err(map_err)?;
+        commit_change(tx, audit).await?;
         Ok(Rotation::Rotated { old: Box::new(old), new: Box::new(new.into_key(company_id, Some(id))) })
     }
 
@@ -679,8 +683,7 @@ impl OperatorStore for PostgresStore {
             .execute(&mut *tx)
             .await
             .map_err(map_err)?;
-        append_in(&mut tx, std::slice::from_ref(audit)).await?;
-        tx.commit().await.map_err(map_err)?;
+        commit_change(tx, audit).await?;
         Ok(company)
     }
 
@@ -719,8 +722,7 @@ impl OperatorStore for PostgresStore {
             return Ok(None);
         }
         bump_auth_revision(&mut tx).await?;
-        append_in(&mut tx, std::slice::from_ref(audit)).await?;
-        tx.commit().await.map_err(map_err)?;
+        commit_change(tx, audit).await?;
         self.find_company(id).await
     }
 
@@ -744,8 +746,7 @@ impl OperatorStore for PostgresStore {
         if changed == 0 {
             return Ok(None);
         }
-        append_in(&mut tx, std::slice::from_ref(audit)).await?;
-        tx.commit().await.map_err(map_err)?;
+        commit_change(tx, audit).await?;
         self.find_company(id).await
     }
 
@@ -769,8 +770,7 @@ impl OperatorStore for PostgresStore {
         }
         bump_auth_revision(&mut tx).await?;
         let key = scoped_key(&mut tx, None, id).await?;
-        append_in(&mut tx, std::slice::from_ref(audit)).await?;
-        tx.commit().await.map_err(map_err)?;
+        commit_change(tx, audit).await?;
         Ok(key)
     }
 
@@ -793,8 +793,7 @@ impl OperatorStore for PostgresStore {
             return Ok(None);
         }
         bump_auth_revision(&mut tx).await?;
-        append_in(&mut tx, std::slice::from_ref(audit)).await?;
-        tx.commit().await.map_err(map_err)?;
+        commit_change(tx, audit).await?;
         self.find_company(id).await
     }
 
@@ -909,8 +908,7 @@ impl PostgresStore {
         if key.is_none() {
             return Ok(None);
         }
-        append_in(&mut tx, std::slice::from_ref(audit)).await?;
-        tx.commit().await.map_err(map_err)?;
+        commit_change(tx, audit).await?;
         Ok(key)
     }
 }

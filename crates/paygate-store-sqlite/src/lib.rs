@@ -267,6 +267,13 @@ fn audit_from_row(row: &SqliteRow) -> StoreResult<AuditRecord> {
     })
 }
 
+/// The one way a change commits: its audit record is appended in the same
+/// transaction, so the change and its record are durable together or not at all.
+async fn commit_change(mut tx: sqlx::Transaction<'static, sqlx::Sqlite>, audit: &AuditEntry) -> StoreResult<()> {
+    append_in(&mut tx, std::slice::from_ref(audit)).await?;
+    tx.commit().await.map_err(map_err)
+}
+
 /// Appends `entries` to their chains inside the caller's transaction. Heads are
 /// locked in chain order, so concurrent appenders (other nodes, change
 /// transactions) queue behind each other instead of forking a chain.
@@ -472,8 +479,7 @@ impl Store for SqliteStore {
             return Err(StoreError::NotFound("company"));
         }
         insert_key(&mut tx, company_id, &new, None).await?;
-        append_in(&mut tx, std::slice::from_ref(audit)).await?;
-        tx.commit().await.map_err(map_err)?;
+        commit_change(tx, audit).await?;
         Ok(new.into_key(company_id, None))
     }
 
@@ -502,8 +508,7 @@ impl Store for SqliteStore {
             .map_err(map_err)?
             .rows_affected();
         bump_auth_revision(&mut tx).await?;
-        append_in(&mut tx, std::slice::from_ref(audit)).await?;
-        tx.commit().await.map_err(map_err)?;
+        commit_change(tx, audit).await?;
         Ok(revoked)
     }
 
@@ -542,8 +547,7 @@ impl Store for SqliteStore {
         .map_err(map_err)?;
         bump_auth_revision(&mut tx).await?;
         let old = scoped_key(&mut tx, Some(company_id), id).await?.ok_or(StoreError::NotFound("API key"))?;
-        append_in(&mut tx, std::slice::from_ref(audit)).await?;
-        tx.commit().await.map_err(map_err)?;
+        commit_change(tx, audit).await?;
         Ok(Rotation::Rotated { old: Box::new(old), new: Box::new(new.into_key(company_id, Some(id))) })
     }
 
@@ -663,8 +667,7 @@ impl OperatorStore for SqliteStore {
             .execute(&mut *tx)
             .await
             .map_err(map_err)?;
-        append_in(&mut tx, std::slice::from_ref(audit)).await?;
-        tx.commit().await.map_err(map_err)?;
+        commit_change(tx, audit).await?;
         Ok(company)
     }
 
@@ -703,8 +706,7 @@ impl OperatorStore for SqliteStore {
             return Ok(None);
         }
         bump_auth_revision(&mut tx).await?;
-        append_in(&mut tx, std::slice::from_ref(audit)).await?;
-        tx.commit().await.map_err(map_err)?;
+        commit_change(tx, audit).await?;
         self.find_company(id).await
     }
 
@@ -727,8 +729,7 @@ impl OperatorStore for SqliteStore {
         if changed == 0 {
             return Ok(None);
         }
-        append_in(&mut tx, std::slice::from_ref(audit)).await?;
-        tx.commit().await.map_err(map_err)?;
+        commit_change(tx, audit).await?;
         self.find_company(id).await
     }
 
@@ -752,8 +753,7 @@ impl OperatorStore for SqliteStore {
         }
         bump_auth_revision(&mut tx).await?;
         let key = scoped_key(&mut tx, None, id).await?;
-        append_in(&mut tx, std::slice::from_ref(audit)).await?;
-        tx.commit().await.map_err(map_err)?;
+        commit_change(tx, audit).await?;
         Ok(key)
     }
 
@@ -776,8 +776,7 @@ impl OperatorStore for SqliteStore {
             return Ok(None);
         }
         bump_auth_revision(&mut tx).await?;
-        append_in(&mut tx, std::slice::from_ref(audit)).await?;
-        tx.commit().await.map_err(map_err)?;
+        commit_change(tx, audit).await?;
         self.find_company(id).await
     }
 
@@ -892,8 +891,7 @@ impl SqliteStore {
         if key.is_none() {
             return Ok(None);
         }
-        append_in(&mut tx, std::slice::from_ref(audit)).await?;
-        tx.commit().await.map_err(map_err)?;
+        commit_change(tx, audit).await?;
         Ok(key)
     }
 }

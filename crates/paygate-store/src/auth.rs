@@ -19,7 +19,7 @@ use parking_lot::Mutex;
 use paygate_domain::{ApiKeyId, ApiKeyText, CompanyStatus, KeyHasher, KeyParseError};
 use time::OffsetDateTime;
 
-use crate::{Actor, CompanyScope, KeyAuthRecord, KeyUsage, Store, StoreError};
+use crate::{CompanyScope, KeyAuthRecord, KeyUsage, Store, StoreError};
 
 #[derive(Debug, Clone)]
 pub struct AuthConfig {
@@ -191,8 +191,7 @@ impl Authenticator {
         if record.company_status == CompanyStatus::Suspended {
             return Err(refuse(AuthError::CompanySuspended, &record));
         }
-        let actor = Actor::ApiKey { id: record.key.id, owner: record.key.owner.clone() };
-        Ok(Authenticated { scope: CompanyScope::new(record.key.company_id, actor), record })
+        Ok(Authenticated { scope: CompanyScope::new(record.key.company_id), record })
     }
 
     async fn load(&self, id: ApiKeyId) -> Result<Arc<KeyAuthRecord>, AuthError> {

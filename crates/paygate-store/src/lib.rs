@@ -20,7 +20,7 @@ use paygate_domain::{ApiKeyId, AuditEventId, CompanyId, CompanyStatus, KeyPolicy
 use time::OffsetDateTime;
 
 pub use rows::*;
-pub use scope::{Actor, CompanyScope, operator_scope};
+pub use scope::{CompanyScope, operator_scope};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

@@ -271,7 +271,7 @@ pub async fn export_audit_events(
     if !errors.is_empty() {
         return Err(ApiError::invalid_parameter(errors));
     }
-    let scope = auth.scope().clone();
+    let scope = *auth.scope();
     let store = state.store.clone();
     // The chain as of this request: a slow reader of a busy chain still gets
     // an end, and never a half-written tail.
@@ -280,7 +280,6 @@ pub async fn export_audit_events(
     // whatever the size of the chain.
     let pages = futures_util::stream::unfold(Some(0u64), move |after| {
         let store = store.clone();
-        let scope = scope.clone();
         async move {
             let after = after.filter(|a| *a < head)?;
             match store.export_audit(&scope, from, to, after, 500).await {
