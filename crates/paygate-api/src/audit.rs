@@ -76,6 +76,19 @@ pub const ROUTE_ACTIONS: &[(&str, &str, &str, Option<&str>)] = &[
     ("GET", "/v1/audit-events/export", "audit.export", None),
     ("GET", "/v1/audit-events/{id}", "audit.read", Some("audit_event")),
     ("GET", "/v1/audit-chain", "audit.chain_read", None),
+    ("GET", "/v1/payees", "payee.list", None),
+    ("POST", "/v1/payees", "payee.create", Some("payee")),
+    ("GET", "/v1/payees/{id}", "payee.read", Some("payee")),
+    ("POST", "/v1/payees/{id}/disable", "payee.disable", Some("payee")),
+    ("GET", "/v1/payments", "payment.list", None),
+    ("POST", "/v1/payments", "payment.create", Some("payment")),
+    ("GET", "/v1/payments/{id}", "payment.read", Some("payment")),
+    ("PATCH", "/v1/payments/{id}", "payment.update", Some("payment")),
+    ("POST", "/v1/payments/{id}/approve", "payment.approve", Some("payment")),
+    ("POST", "/v1/payments/{id}/reject", "payment.reject", Some("payment")),
+    ("POST", "/v1/payments/{id}/cancel", "payment.cancel", Some("payment")),
+    ("GET", "/v1/approval-policy", "approval_policy.read", None),
+    ("PUT", "/v1/approval-policy", "approval_policy.update", None),
 ];
 
 fn route_action(method: &Method, route: &str) -> Option<(&'static str, Option<&'static str>)> {
@@ -88,6 +101,8 @@ fn typed_id(resource_type: &str, id: &str) -> bool {
     match resource_type {
         "api_key" => paygate_domain::ApiKeyId::parse(id).is_ok(),
         "audit_event" => AuditEventId::parse(id).is_ok(),
+        "payee" => paygate_domain::PayeeId::parse(id).is_ok(),
+        "payment" => paygate_domain::PaymentId::parse(id).is_ok(),
         _ => false,
     }
 }

@@ -170,6 +170,12 @@ pub mod scope {
         KeysRead => Some(Scope::KeysRead),
         KeysManage => Some(Scope::KeysManage),
         AuditRead => Some(Scope::AuditRead),
+        PayeesRead => Some(Scope::PayeesRead),
+        PayeesWrite => Some(Scope::PayeesWrite),
+        PaymentsRead => Some(Scope::PaymentsRead),
+        PaymentsWrite => Some(Scope::PaymentsWrite),
+        PaymentsApprove => Some(Scope::PaymentsApprove),
+        PolicyManage => Some(Scope::PolicyManage),
     }
 }
 

@@ -10,6 +10,7 @@ pub mod client;
 pub mod extract;
 pub mod limits;
 pub mod pagination;
+pub mod payment_writer;
 pub mod problem;
 pub mod ratelimit_headers;
 pub mod request_id;
@@ -40,6 +41,13 @@ pub struct AppState {
     pub audit: audit::AuditWriter,
     /// The Ed25519 public key that verifies this deployment's checkpoints.
     pub audit_public_key: [u8; 32],
+    /// Encrypts payees' account numbers and computes their fingerprints.
+    pub data_key: Arc<paygate_domain::bank::DataKey>,
+    /// Group commit of payment creations.
+    pub payments: payment_writer::PaymentWriter,
+    /// How long an approved test-mode payment waits before the simulated
+    /// rail picks it up.
+    pub rail_submit_delay: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -69,6 +77,8 @@ impl Default for ApiConfig {
         (name = "identity", description = "The calling key"),
         (name = "api-keys", description = "The company's API keys"),
         (name = "audit", description = "The company's tamper-evident audit log"),
+        (name = "payees", description = "Who the company pays, with validated bank accounts"),
+        (name = "payments", description = "Idempotent payments, four-eyes approval and settlement"),
     )
 )]
 struct ApiDoc;
@@ -97,6 +107,15 @@ fn v1() -> OpenApiRouter<AppState> {
         .routes(routes!(routes::audit::get_audit_event))
         .routes(routes!(routes::audit::get_audit_chain))
         .routes(routes!(routes::api_keys::get_api_key))
+        .routes(routes!(routes::payees::list_payees, routes::payees::create_payee))
+        .routes(routes!(routes::payees::get_payee))
+        .routes(routes!(routes::payees::disable_payee))
+        .routes(routes!(routes::payments::list_payments, routes::payments::create_payment))
+        .routes(routes!(routes::payments::get_payment, routes::payments::update_payment))
+        .routes(routes!(routes::payments::approve_payment))
+        .routes(routes!(routes::payments::reject_payment))
+        .routes(routes!(routes::payments::cancel_payment))
+        .routes(routes!(routes::policy::get_approval_policy, routes::policy::put_approval_policy))
 }
 
 /// The OpenAPI document, as served at `/openapi.json` and committed as `openapi.json`.

@@ -47,6 +47,21 @@ pub const ACTIONS: &[&str] = &[
     "audit.read",
     "audit.export",
     "audit.chain_read",
+    "payee.list",
+    "payee.create",
+    "payee.read",
+    "payee.disable",
+    "payment.list",
+    "payment.create",
+    "payment.read",
+    "payment.update",
+    "payment.approve",
+    "payment.reject",
+    "payment.cancel",
+    "payment.expire",
+    "payment.settle",
+    "approval_policy.read",
+    "approval_policy.update",
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]

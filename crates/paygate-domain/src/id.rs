@@ -110,6 +110,18 @@ public_id!(
     "audit event"
 );
 public_id!(
+    /// A payee: someone the company pays, with a validated bank account.
+    PayeeId,
+    "pye_",
+    "payee"
+);
+public_id!(
+    /// A payment.
+    PaymentId,
+    "pay_",
+    "payment"
+);
+public_id!(
     /// An API key's public id; it is also embedded in the key text.
     ApiKeyId,
     "key_",

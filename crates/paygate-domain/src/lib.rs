@@ -10,8 +10,12 @@ pub mod key;
 pub mod scope;
 
 pub use company::CompanyStatus;
-pub use id::{ApiKeyId, CompanyId, IdParseError};
+pub use id::{ApiKeyId, CompanyId, IdParseError, PayeeId, PaymentId};
+pub mod bank;
+pub mod money;
+pub mod payment;
 pub use key::{ApiKeyText, KeyHasher, KeyMode, KeyParseError, Pepper, SecretHash};
+pub use money::{Amount, Currency};
 pub use scope::{Scope, ScopeParseError, ScopeSet};
 pub mod text;
 pub use text::{Label, LabelError};

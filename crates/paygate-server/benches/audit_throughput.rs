@@ -130,6 +130,9 @@ async fn run(name: &str, store: Arc<dyn OperatorStore>, seconds: u64, concurrenc
             limits: Arc::new(limits),
             audit,
             audit_public_key: [0; 32],
+            data_key: Arc::new(paygate_domain::bank::DataKey::new(&[7; 32]).expect("32 bytes")),
+            payments: paygate_api::payment_writer::PaymentWriter::spawn(api_store.clone()),
+            rail_submit_delay: Duration::from_secs(1),
         };
         paygate_api::router(state, &ApiConfig::default())
     };

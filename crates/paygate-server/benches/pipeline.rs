@@ -61,11 +61,14 @@ fn pipeline(c: &mut Criterion) {
         let audit_config = AuditConfig { enabled: false, ..AuditConfig::default() };
         let (audit, _) = AuditWriter::start(api_store.clone(), audit_config);
         let state = AppState {
-            store: api_store,
+            store: api_store.clone(),
             auth: auth.clone(),
             limits: Arc::new(limits),
             audit,
             audit_public_key: [0; 32],
+            data_key: Arc::new(paygate_domain::bank::DataKey::new(&[7; 32]).expect("32 bytes")),
+            payments: paygate_api::payment_writer::PaymentWriter::spawn(api_store.clone()),
+            rail_submit_delay: std::time::Duration::from_secs(1),
         };
         paygate_api::router(state, &ApiConfig::default())
     };

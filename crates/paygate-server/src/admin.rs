@@ -181,9 +181,19 @@ pub async fn create_key(
     let KeyRequest { company, name, owner, scopes, mode, expires_in, allowed_cidrs } = request;
     let name = Label::parse(name).map_err(|e| anyhow!("--name {e}"))?;
     let owner = Label::parse(owner).map_err(|e| anyhow!("--owner {e}"))?;
+    let scope = operator_scope(store, company);
+    if scopes.contains(paygate_domain::Scope::PaymentsWrite) && scopes.contains(paygate_domain::Scope::PaymentsApprove)
+    {
+        let policy = store.approval_policy(&scope).await?;
+        if !policy.allow_write_and_approve_keys {
+            bail!(
+                "conflicting_scopes: this company's approval policy does not allow one key to hold both \
+                 payments:write and payments:approve (four eyes need two keys)"
+            );
+        }
+    }
     let generated = hasher.generate(mode);
     let now = paygate_domain::now();
-    let scope = operator_scope(store, company);
     let record = operator_entry(
         "api_key.create",
         company,
@@ -205,6 +215,7 @@ pub async fn create_key(
                 rate_limit: None,
                 secret_hash: generated.hash,
                 pepper_version: generated.pepper_version,
+                principal: None,
             },
             &record,
         )

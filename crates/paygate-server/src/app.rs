@@ -153,7 +153,11 @@ pub async fn start(config: &Config, options: StartOptions) -> anyhow::Result<Ser
     let signer = Arc::new(pepper::load_audit_signer(config, true)?);
     let audit_config = AuditConfig { aggregation_interval: config.audit_aggregation, ..AuditConfig::default() };
     let (audit, audit_tasks) = AuditWriter::start(api_store.clone(), audit_config);
+    let data_key = Arc::new(pepper::load_data_key(config, true)?);
     let state = AppState {
+        data_key: data_key.clone(),
+        payments: paygate_api::payment_writer::PaymentWriter::spawn(api_store.clone()),
+        rail_submit_delay: config.rail_submit_delay,
         store: api_store.clone(),
         auth: auth.clone(),
         limits,
@@ -191,7 +195,16 @@ pub async fn start(config: &Config, options: StartOptions) -> anyhow::Result<Ser
     let watcher = tokio::spawn(auth.clone().watch_revisions());
     let usage = tokio::spawn(auth.clone().record_usage());
     let checkpoints = tokio::spawn(checkpoint_every(store.clone(), signer.clone(), config.audit_checkpoint));
-    let mut workers = vec![watcher, usage, checkpoints];
+    let payment_worker = tokio::spawn(
+        crate::rail::PaymentWorker {
+            store: store.clone(),
+            rail: Arc::new(crate::rail::SimulatedRail { settle_delay: config.rail_settle_delay }),
+            data_key,
+            interval: config.payment_worker_interval,
+        }
+        .run(stopped.clone()),
+    );
+    let mut workers = vec![watcher, usage, checkpoints, payment_worker];
     workers.extend(audit_tasks);
     tracing::info!(api = %api_addr, ops = %ops_addr, database = %config.database.redacted(), backend = store.backend().as_str(), "paygate listening");
     Ok(Server {

@@ -37,6 +37,10 @@ const SETTINGS: &[(&str, &str)] = &[
     ("max_in_flight", "In-flight requests per node before shedding with 503."),
     ("rate_limit_nodes", "Nodes sharing the limits; each enforces its share when Redis is down."),
     ("rate_limit_capacity", "Limits tracked in process (bounded memory)."),
+    ("data_key_file", "File with the hex application data key (32 bytes) that encrypts bank account numbers."),
+    ("payment_worker_interval_ms", "How often each node looks for due payment work (expiry, settlement)."),
+    ("rail_submit_delay_ms", "Simulated rail (test mode): approved to processing after this delay."),
+    ("rail_settle_delay_ms", "Simulated rail (test mode): processing to completed/failed, and completed to returned."),
 ];
 
 #[derive(Clone, PartialEq, Eq)]
@@ -113,6 +117,10 @@ pub struct Config {
     pub audit_signing_key_file: Option<PathBuf>,
     pub audit_checkpoint: Duration,
     pub audit_aggregation: Duration,
+    pub data_key_file: Option<PathBuf>,
+    pub payment_worker_interval: Duration,
+    pub rail_submit_delay: Duration,
+    pub rail_settle_delay: Duration,
 }
 
 /// Rate limits as configured: `(rate or count, burst or window seconds)`.
@@ -274,7 +282,20 @@ impl Config {
         let audit_signing_key_file = s.get("audit_signing_key_file").map(PathBuf::from);
         let audit_checkpoint = Duration::from_secs(s.parse("audit_checkpoint_secs", 60, positive(86_400))?);
         let audit_aggregation = Duration::from_secs(s.parse("audit_aggregation_secs", 10, positive(3_600))?);
+        let data_key_file = s.get("data_key_file").map(PathBuf::from);
+        let payment_worker_interval =
+            Duration::from_millis(s.parse("payment_worker_interval_ms", 500, positive(60_000))?);
+        let rail_submit_delay = Duration::from_millis(s.parse("rail_submit_delay_ms", 1_000, |t| {
+            t.parse::<u64>().ok().filter(|v| *v <= 3_600_000).ok_or_else(|| "must be 0 to 3600000".to_owned())
+        })?);
+        let rail_settle_delay = Duration::from_millis(s.parse("rail_settle_delay_ms", 2_000, |t| {
+            t.parse::<u64>().ok().filter(|v| *v <= 3_600_000).ok_or_else(|| "must be 0 to 3600000".to_owned())
+        })?);
         Ok(Self {
+            data_key_file,
+            payment_worker_interval,
+            rail_submit_delay,
+            rail_settle_delay,
             audit_signing_key_file,
             audit_checkpoint,
             audit_aggregation,

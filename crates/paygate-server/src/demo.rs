@@ -37,6 +37,15 @@ pub async fn prepare(store: &dyn OperatorStore, hasher: &KeyHasher, api_addr: So
     if revoked > 0 {
         tracing::info!(revoked, "revoked the previous demo keys");
     }
+    // One approval from 1,000.00 and two from 1,000,000.00 (EUR, USD, GBP).
+    let policy = paygate_domain::payment::ApprovalPolicy::demo();
+    let record = operator_entry(
+        "approval_policy.update",
+        company.id,
+        ("company", company.id.to_string()),
+        serde_json::to_value(&policy)?,
+    );
+    store.set_approval_policy(&operator_scope(store, company.id), &policy, &record).await?;
     let mut initiator_scopes = ScopeSet::all();
     initiator_scopes.remove(Scope::PaymentsApprove);
     let approver_scopes: ScopeSet = [Scope::PaymentsApprove, Scope::PaymentsRead].into_iter().collect();
@@ -80,6 +89,9 @@ pub async fn prepare(store: &dyn OperatorStore, hasher: &KeyHasher, api_addr: So
     println!();
     println!("  These keys are shown once. Try:");
     println!("    curl -s http://{host}/v1/me -H 'Authorization: Bearer {}'", &*initiator_text);
+    println!();
+    println!("  Approval policy: one approval from 1,000.00 and two from 1,000,000.00 (EUR, USD, GBP).");
+    println!("  A payment that needs approval, approved and settled on the simulated rail: see README, \"Payments\".");
     println!();
     Ok(())
 }

@@ -10,4 +10,5 @@ pub mod demo;
 pub mod http;
 pub mod ops;
 pub mod pepper;
+pub mod rail;
 pub mod telemetry;

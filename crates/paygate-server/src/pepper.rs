@@ -95,3 +95,35 @@ pub fn load_audit_signer(config: &Config, create: bool) -> anyhow::Result<paygat
         .map_err(|_| anyhow::anyhow!("audit_signing_key_file {}: must hold 64 hex characters", path.display()))?;
     Ok(paygate_domain::audit::AuditSigner::from_bytes(&seed))
 }
+
+/// The application data key (32 bytes, hex) that encrypts bank account
+/// numbers. Like the pepper: generated beside the SQLite database on first
+/// start, required as a file with PostgreSQL (every node needs the same key).
+pub fn load_data_key(config: &Config, create: bool) -> anyhow::Result<paygate_domain::bank::DataKey> {
+    let path = match (&config.data_key_file, &config.database) {
+        (Some(path), _) => path.clone(),
+        (None, crate::config::Database::Sqlite { path, .. }) => {
+            let beside = crate::config::beside(path, ".data-key");
+            if !beside.exists() {
+                if !create {
+                    bail!("no data key at {} (it is created by `paygate serve`)", beside.display());
+                }
+                create_secret_file(&beside, &Pepper::generate_hex(), "data key")?;
+            }
+            beside
+        }
+        (None, crate::config::Database::Postgres { .. }) => {
+            bail!("data_key_file (PAYGATE_DATA_KEY_FILE) is required with PostgreSQL")
+        }
+    };
+    let text = zeroize::Zeroizing::new(
+        std::fs::read_to_string(&path).with_context(|| format!("data_key_file: cannot read {}", path.display()))?,
+    );
+    let bytes = zeroize::Zeroizing::new(
+        hex::decode(text.trim())
+            .map_err(|_| anyhow::anyhow!("data_key_file {}: must hold hex characters", path.display()))?,
+    );
+    paygate_domain::bank::DataKey::new(&bytes).ok_or_else(|| {
+        anyhow::anyhow!("data_key_file {}: must hold at least 32 bytes (64 hex characters)", path.display())
+    })
+}

@@ -13,17 +13,22 @@ use std::time::Duration;
 use async_trait::async_trait;
 use paygate_domain::AuditEventId;
 use paygate_domain::audit::{ActorKind, AuditEntry, AuditRecord, Outcome as AuditOutcome};
+use paygate_domain::payment::{ApprovalPolicy, Payment};
 use paygate_domain::{
     AllowedCidrs, ApiKeyId, CompanyId, CompanyStatus, KeyMode, KeyPolicy, RateLimitOverride, ScopeSet, SecretHash,
 };
+use paygate_domain::{PayeeId, PaymentId};
 use paygate_store::{
     ApiKey, AuditFilter, Backend, Checkpoint, Company, CompanyScope, KeyAuthRecord, KeyUsage, NewApiKey, NewCompany,
-    OperatorStore, Page, PageRequest, Rotation, Store, StoreError, StoreResult,
+    NewPayee, OperatorStore, Page, PageRequest, Payee, PayeeStatus, PaymentCreate, PaymentCreated, PaymentFilter,
+    Rotation, Store, StoreError, StoreResult, StoredResponse,
 };
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous};
 use sqlx::{Row, SqliteConnection, SqlitePool};
 use time::OffsetDateTime;
 use uuid::Uuid;
+
+mod payments;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
@@ -133,8 +138,11 @@ fn key_from_row(row: &SqliteRow) -> StoreResult<ApiKey> {
     let ip: Option<String> = get(row, "last_used_ip")?;
     let replaces: Option<Uuid> = get(row, "replaces")?;
     let replaced_by: Option<Uuid> = get(row, "replaced_by")?;
+    let id = ApiKeyId::from_uuid(get(row, "id")?);
+    let principal: Option<Uuid> = get(row, "principal_id")?;
     Ok(ApiKey {
-        id: ApiKeyId::from_uuid(get(row, "id")?),
+        id,
+        principal: principal.map(ApiKeyId::from_uuid).unwrap_or(id),
         company_id: CompanyId::from_uuid(get(row, "company_id")?),
         name: get(row, "name")?,
         owner: get(row, "owner")?,
@@ -161,7 +169,7 @@ macro_rules! key_select {
         concat!(
             "SELECT k.id, k.company_id, k.name, k.owner, k.scopes, k.mode, k.created_at, k.expires_at, ",
             "k.revoked_at, k.last_used_at, k.last_used_ip, k.allowed_cidrs, k.replaces, k.replaced_by, ",
-            "k.rate_limit_rate, k.rate_limit_burst",
+            "k.rate_limit_rate, k.rate_limit_burst, k.principal_id",
             $extra,
             " FROM api_keys k ",
             $tail
@@ -185,8 +193,8 @@ async fn insert_key(
 ) -> StoreResult<()> {
     sqlx::query(
         "INSERT INTO api_keys (id, company_id, name, owner, scopes, mode, secret_hash, pepper_version, \
-         created_at, expires_at, allowed_cidrs, replaces, rate_limit_rate, rate_limit_burst) \
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+         created_at, expires_at, allowed_cidrs, replaces, rate_limit_rate, rate_limit_burst, principal_id) \
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
     )
     .bind(new.id.as_uuid())
     .bind(company_id.as_uuid())
@@ -202,6 +210,7 @@ async fn insert_key(
     .bind(replaces.map(|r| r.as_uuid()))
     .bind(new.rate_limit.map(|l| l.rate as i64))
     .bind(new.rate_limit.map(|l| l.burst as i64))
+    .bind(new.principal.map(|p| p.as_uuid()))
     .execute(conn)
     .await
     .map_err(map_err)?;
@@ -639,6 +648,89 @@ impl Store for SqliteStore {
         .map_err(map_err)?;
         row.as_ref().map(checkpoint_from_row).transpose()
     }
+
+    async fn approval_policy(&self, scope: &CompanyScope) -> StoreResult<ApprovalPolicy> {
+        self.approval_policy_of(scope).await
+    }
+
+    async fn set_approval_policy(
+        &self,
+        scope: &CompanyScope,
+        policy: &ApprovalPolicy,
+        audit: &AuditEntry,
+    ) -> StoreResult<()> {
+        self.write_approval_policy(scope, policy, audit).await
+    }
+
+    async fn create_payee(&self, scope: &CompanyScope, new: &NewPayee, audit: &AuditEntry) -> StoreResult<()> {
+        self.insert_payee(scope, new, audit).await
+    }
+
+    async fn list_payees(
+        &self,
+        scope: &CompanyScope,
+        mode: KeyMode,
+        status: Option<PayeeStatus>,
+        page: PageRequest<PayeeId>,
+    ) -> StoreResult<Page<Payee>> {
+        self.payees_page(scope, mode, status, page).await
+    }
+
+    async fn get_payee(&self, scope: &CompanyScope, mode: KeyMode, id: PayeeId) -> StoreResult<Option<Payee>> {
+        self.find_payee(scope, mode, id).await
+    }
+
+    async fn payee_sealed_account(
+        &self,
+        scope: &CompanyScope,
+        mode: KeyMode,
+        id: PayeeId,
+    ) -> StoreResult<Option<Vec<u8>>> {
+        self.sealed_account(scope, mode, id).await
+    }
+
+    async fn disable_payee(
+        &self,
+        scope: &CompanyScope,
+        mode: KeyMode,
+        id: PayeeId,
+        at: OffsetDateTime,
+        audit: &AuditEntry,
+    ) -> StoreResult<Option<Payee>> {
+        self.disable(scope, mode, id, at, audit).await
+    }
+
+    async fn create_payments(&self, items: &[PaymentCreate]) -> StoreResult<Vec<PaymentCreated>> {
+        self.create_payment_batch(items).await
+    }
+
+    async fn idempotent_response(&self, scope: &CompanyScope, key: &str) -> StoreResult<Option<StoredResponse>> {
+        self.find_stored_response(scope, key).await
+    }
+
+    async fn get_payment(&self, scope: &CompanyScope, mode: KeyMode, id: PaymentId) -> StoreResult<Option<Payment>> {
+        self.find_payment(scope, mode, id).await
+    }
+
+    async fn list_payments(
+        &self,
+        scope: &CompanyScope,
+        mode: KeyMode,
+        filter: &PaymentFilter,
+        page: PageRequest<PaymentId>,
+    ) -> StoreResult<Page<Payment>> {
+        self.payments_page(scope, mode, filter, page).await
+    }
+
+    async fn update_payment(
+        &self,
+        scope: &CompanyScope,
+        payment: &Payment,
+        expected_revision: u32,
+        audit: &AuditEntry,
+    ) -> StoreResult<bool> {
+        self.replace_payment(scope, payment, expected_revision, audit).await
+    }
 }
 
 #[async_trait]
@@ -787,6 +879,14 @@ impl OperatorStore for SqliteStore {
         audit: &AuditEntry,
     ) -> StoreResult<Option<ApiKey>> {
         self.revoke(None, id, at, audit).await
+    }
+
+    async fn due_payments(&self, now: OffsetDateTime, limit: u32) -> StoreResult<Vec<(CompanyId, Payment)>> {
+        self.due(now, limit).await
+    }
+
+    async fn purge_idempotency(&self, now: OffsetDateTime) -> StoreResult<u64> {
+        self.purge_idempotency_before(now).await
     }
 
     async fn audit_chains(&self) -> StoreResult<Vec<String>> {

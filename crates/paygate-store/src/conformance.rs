@@ -14,10 +14,13 @@ use time::{Duration, OffsetDateTime};
 use crate::auth::{AuthConfig, AuthError, Authenticator};
 use crate::{
     ApiKey, AuditFilter, Backend, Checkpoint, Company, CompanyScope, KeyAuthRecord, KeyUsage, NewApiKey, NewCompany,
-    OperatorStore, Page, PageRequest, Rotation, Store, StoreError, StoreResult, operator_scope,
+    NewPayee, OperatorStore, Page, PageRequest, Payee, PayeeStatus, PaymentCreate, PaymentCreated, PaymentFilter,
+    Rotation, Store, StoreError, StoreResult, StoredResponse, operator_scope,
 };
 use paygate_domain::AuditEventId;
 use paygate_domain::audit::{ActorKind, AuditEntry, AuditRecord, Outcome};
+use paygate_domain::payment::{ApprovalPolicy, Payment};
+use paygate_domain::{PayeeId, PaymentId};
 
 /// A store on a database that exists for one test; the guard removes it.
 pub struct TestStore {
@@ -142,6 +145,7 @@ async fn issue(
                 rate_limit: None,
                 secret_hash: generated.hash,
                 pepper_version: generated.pepper_version,
+                principal: None,
             },
             &noted("api_key.create"),
         )
@@ -221,6 +225,7 @@ pub async fn api_key_for_a_missing_company_is_not_found(store: Arc<dyn OperatorS
                 rate_limit: None,
                 secret_hash: generated.hash,
                 pepper_version: 1,
+                principal: None,
             },
             &noted("api_key.create"),
         )
@@ -491,6 +496,78 @@ impl Store for CountingStore {
         }
         self.inner.record_key_usage(usage).await
     }
+    // Payments: not counted (the counting tests are about authentication).
+    async fn approval_policy(&self, scope: &CompanyScope) -> StoreResult<ApprovalPolicy> {
+        self.inner.approval_policy(scope).await
+    }
+    async fn set_approval_policy(
+        &self,
+        scope: &CompanyScope,
+        p: &ApprovalPolicy,
+        audit: &AuditEntry,
+    ) -> StoreResult<()> {
+        self.inner.set_approval_policy(scope, p, audit).await
+    }
+    async fn create_payee(&self, scope: &CompanyScope, new: &NewPayee, audit: &AuditEntry) -> StoreResult<()> {
+        self.inner.create_payee(scope, new, audit).await
+    }
+    async fn list_payees(
+        &self,
+        scope: &CompanyScope,
+        mode: KeyMode,
+        status: Option<PayeeStatus>,
+        page: PageRequest<PayeeId>,
+    ) -> StoreResult<Page<Payee>> {
+        self.inner.list_payees(scope, mode, status, page).await
+    }
+    async fn get_payee(&self, scope: &CompanyScope, mode: KeyMode, id: PayeeId) -> StoreResult<Option<Payee>> {
+        self.inner.get_payee(scope, mode, id).await
+    }
+    async fn payee_sealed_account(
+        &self,
+        scope: &CompanyScope,
+        mode: KeyMode,
+        id: PayeeId,
+    ) -> StoreResult<Option<Vec<u8>>> {
+        self.inner.payee_sealed_account(scope, mode, id).await
+    }
+    async fn disable_payee(
+        &self,
+        scope: &CompanyScope,
+        mode: KeyMode,
+        id: PayeeId,
+        at: OffsetDateTime,
+        audit: &AuditEntry,
+    ) -> StoreResult<Option<Payee>> {
+        self.inner.disable_payee(scope, mode, id, at, audit).await
+    }
+    async fn create_payments(&self, items: &[PaymentCreate]) -> StoreResult<Vec<PaymentCreated>> {
+        self.inner.create_payments(items).await
+    }
+    async fn idempotent_response(&self, scope: &CompanyScope, key: &str) -> StoreResult<Option<StoredResponse>> {
+        self.inner.idempotent_response(scope, key).await
+    }
+    async fn get_payment(&self, scope: &CompanyScope, mode: KeyMode, id: PaymentId) -> StoreResult<Option<Payment>> {
+        self.inner.get_payment(scope, mode, id).await
+    }
+    async fn list_payments(
+        &self,
+        scope: &CompanyScope,
+        mode: KeyMode,
+        filter: &PaymentFilter,
+        page: PageRequest<PaymentId>,
+    ) -> StoreResult<Page<Payment>> {
+        self.inner.list_payments(scope, mode, filter, page).await
+    }
+    async fn update_payment(
+        &self,
+        scope: &CompanyScope,
+        p: &Payment,
+        rev: u32,
+        audit: &AuditEntry,
+    ) -> StoreResult<bool> {
+        self.inner.update_payment(scope, p, rev, audit).await
+    }
 }
 
 pub async fn authenticator_never_reads_the_store_for_malformed_keys(store: Arc<dyn OperatorStore>) {
@@ -580,6 +657,7 @@ fn new_key(mode: KeyMode, scopes: &str, cidrs: &str) -> (NewApiKey, String) {
         rate_limit: None,
         secret_hash: generated.hash,
         pepper_version: generated.pepper_version,
+        principal: None,
     };
     (new, generated.text.to_string())
 }

@@ -11,14 +11,19 @@
 pub mod auth;
 #[cfg(feature = "conformance")]
 pub mod conformance;
+mod payments;
 mod rows;
 mod scope;
 
 use async_trait::async_trait;
 use paygate_domain::audit::{AuditEntry, AuditRecord};
-use paygate_domain::{ApiKeyId, AuditEventId, CompanyId, CompanyStatus, KeyPolicy, RateLimitOverride};
+use paygate_domain::payment::{ApprovalPolicy, Payment};
+use paygate_domain::{
+    ApiKeyId, AuditEventId, CompanyId, CompanyStatus, KeyMode, KeyPolicy, PayeeId, PaymentId, RateLimitOverride,
+};
 use time::OffsetDateTime;
 
+pub use payments::*;
 pub use rows::*;
 pub use scope::{CompanyScope, operator_scope};
 
@@ -153,6 +158,82 @@ pub trait Store: Send + Sync + 'static {
     async fn audit_head(&self, scope: &CompanyScope) -> StoreResult<Option<(u64, [u8; 32])>>;
 
     async fn latest_checkpoint(&self, scope: &CompanyScope) -> StoreResult<Option<Checkpoint>>;
+
+    // -- Payees and payments: every read and change is scoped to the company
+    // and to the caller's mode (test data and live data never mix).
+
+    /// The company's approval policy (the default if it never set one).
+    async fn approval_policy(&self, scope: &CompanyScope) -> StoreResult<ApprovalPolicy>;
+
+    async fn set_approval_policy(
+        &self,
+        scope: &CompanyScope,
+        policy: &ApprovalPolicy,
+        audit: &AuditEntry,
+    ) -> StoreResult<()>;
+
+    async fn create_payee(&self, scope: &CompanyScope, new: &NewPayee, audit: &AuditEntry) -> StoreResult<()>;
+
+    /// Newest first.
+    async fn list_payees(
+        &self,
+        scope: &CompanyScope,
+        mode: KeyMode,
+        status: Option<PayeeStatus>,
+        page: PageRequest<PayeeId>,
+    ) -> StoreResult<Page<Payee>>;
+
+    async fn get_payee(&self, scope: &CompanyScope, mode: KeyMode, id: PayeeId) -> StoreResult<Option<Payee>>;
+
+    /// The sealed account number, for the rail.
+    async fn payee_sealed_account(
+        &self,
+        scope: &CompanyScope,
+        mode: KeyMode,
+        id: PayeeId,
+    ) -> StoreResult<Option<Vec<u8>>>;
+
+    /// Sets the status to disabled (the first `disabled_at` stands). `None` if
+    /// there is no such payee.
+    async fn disable_payee(
+        &self,
+        scope: &CompanyScope,
+        mode: KeyMode,
+        id: PayeeId,
+        at: OffsetDateTime,
+        audit: &AuditEntry,
+    ) -> StoreResult<Option<Payee>>;
+
+    /// Creates payments in one transaction (group commit), each in its own
+    /// savepoint: per item, the payee is checked, the idempotency key claimed,
+    /// the payment inserted and its audit record appended; an item that fails
+    /// leaves no trace and does not affect the others.
+    async fn create_payments(&self, items: &[PaymentCreate]) -> StoreResult<Vec<PaymentCreated>>;
+
+    /// The stored response of an idempotency key, if it is still kept.
+    async fn idempotent_response(&self, scope: &CompanyScope, key: &str) -> StoreResult<Option<StoredResponse>>;
+
+    async fn get_payment(&self, scope: &CompanyScope, mode: KeyMode, id: PaymentId) -> StoreResult<Option<Payment>>;
+
+    /// Newest first.
+    async fn list_payments(
+        &self,
+        scope: &CompanyScope,
+        mode: KeyMode,
+        filter: &PaymentFilter,
+        page: PageRequest<PaymentId>,
+    ) -> StoreResult<Page<Payment>>;
+
+    /// Replaces the payment's row with `payment` if its stored revision is still
+    /// `expected_revision`; appends `audit` in the same transaction. `false`
+    /// (nothing written) if another writer got there first.
+    async fn update_payment(
+        &self,
+        scope: &CompanyScope,
+        payment: &Payment,
+        expected_revision: u32,
+        audit: &AuditEntry,
+    ) -> StoreResult<bool>;
 }
 
 /// Platform-wide operations for operators (the CLI). Never handed to the HTTP API.
@@ -206,6 +287,13 @@ pub trait OperatorStore: Store {
         at: OffsetDateTime,
         audit: &AuditEntry,
     ) -> StoreResult<Option<ApiKey>>;
+
+    /// Payments the background workers must look at by `now`: pending approvals
+    /// past their deadline, and test-mode payments whose settlement step is due.
+    async fn due_payments(&self, now: OffsetDateTime, limit: u32) -> StoreResult<Vec<(CompanyId, Payment)>>;
+
+    /// Deletes idempotency records that expired before `now`. Returns how many.
+    async fn purge_idempotency(&self, now: OffsetDateTime) -> StoreResult<u64>;
 
     /// Every chain with at least one record.
     async fn audit_chains(&self) -> StoreResult<Vec<String>>;

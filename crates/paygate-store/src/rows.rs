@@ -55,6 +55,10 @@ pub struct ApiKey {
     pub replaced_by: Option<ApiKeyId>,
     /// Overrides the configured per-key limit.
     pub rate_limit: Option<RateLimitOverride>,
+    /// The operator-issued key this key descends from (itself for a key an
+    /// operator issued): keys created or rotated through the API inherit their
+    /// creator's principal, and four-eyes rules count a principal once.
+    pub principal: ApiKeyId,
 }
 
 impl ApiKey {
@@ -77,6 +81,8 @@ pub struct NewApiKey {
     pub rate_limit: Option<RateLimitOverride>,
     pub secret_hash: SecretHash,
     pub pepper_version: u16,
+    /// `None`: issued by an operator, the key is its own principal.
+    pub principal: Option<ApiKeyId>,
 }
 
 impl NewApiKey {
@@ -98,6 +104,7 @@ impl NewApiKey {
             replaces,
             replaced_by: None,
             rate_limit: self.rate_limit,
+            principal: self.principal.unwrap_or(self.id),
         }
     }
 }

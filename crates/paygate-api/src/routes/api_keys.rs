@@ -173,6 +173,12 @@ pub async fn create_api_key(
             format!("A key cannot grant scopes it does not hold: {}.", extra.join(", ")),
         ));
     }
+    if scopes.contains(Scope::PaymentsWrite) && scopes.contains(Scope::PaymentsApprove) {
+        let approval = state.store.approval_policy(auth.scope()).await?;
+        if !approval.allow_write_and_approve_keys {
+            return Err(conflicting_scopes());
+        }
+    }
     let policy = state.store.get_company(auth.scope()).await?.key_policy;
     let expires_at = policy.expiry_for(now, expires_at).map_err(lifetime_exceeded)?;
     let generated = state.auth.hasher().generate(caller.mode);
@@ -198,6 +204,8 @@ pub async fn create_api_key(
                 rate_limit: None,
                 secret_hash: generated.hash,
                 pepper_version: generated.pepper_version,
+                // A key issued through the API is the same pair of eyes as its issuer.
+                principal: Some(caller.principal),
             },
             &record,
         )
@@ -269,6 +277,19 @@ fn created(key: ApiKeyView, text: &str) -> Created {
 
 fn rfc3339(t: OffsetDateTime) -> String {
     t.format(&Rfc3339).unwrap_or_default()
+}
+
+/// One key may not both create and approve payments unless the company's
+/// approval policy allows it (four eyes need two credentials).
+pub fn conflicting_scopes() -> ApiError {
+    let mut error = ApiError::new(
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "conflicting_scopes",
+        "Conflicting scopes",
+        "A key may not hold both payments:write and payments:approve under this company's approval policy.",
+    );
+    error.errors = vec![FieldError::pointer("/scopes", "payments:write and payments:approve on one key")];
+    error
 }
 
 fn lifetime_exceeded(e: LifetimeExceedsPolicy) -> ApiError {
@@ -362,6 +383,7 @@ pub async fn rotate_api_key(
         rate_limit: old.rate_limit,
         secret_hash: generated.hash,
         pepper_version: generated.pepper_version,
+        principal: Some(old.principal),
     };
     let grace_until = now + time::Duration::seconds(grace);
     let invalid = |detail: &str| ApiError::new(StatusCode::CONFLICT, "invalid_state", "Invalid state", detail);

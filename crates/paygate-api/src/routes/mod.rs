@@ -1,3 +1,6 @@
 pub mod api_keys;
 pub mod audit;
 pub mod me;
+pub mod payees;
+pub mod payments;
+pub mod policy;

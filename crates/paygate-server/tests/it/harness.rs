@@ -114,6 +114,9 @@ impl TestApp {
                 let audit_key = dir.path().join("audit-key");
                 std::fs::write(&audit_key, paygate_domain::audit::AuditSigner::generate_hex().as_bytes()).unwrap();
                 env.insert("PAYGATE_AUDIT_SIGNING_KEY_FILE".into(), audit_key.display().to_string());
+                let data_key = dir.path().join("data-key");
+                std::fs::write(&data_key, paygate_domain::Pepper::generate_hex().as_bytes()).unwrap();
+                env.insert("PAYGATE_DATA_KEY_FILE".into(), data_key.display().to_string());
                 pg = Some(db);
                 // PostgreSQL runs with the Redis limiter, SQLite with the in-process one.
                 if let Some(redis) = redis_url() {
@@ -172,6 +175,16 @@ impl TestApp {
         expires_in: Option<time::Duration>,
     ) -> String {
         let scopes = ScopeSet::parse_list(scopes).unwrap();
+        if scopes.contains(paygate_domain::Scope::PaymentsWrite) && scopes.contains(paygate_domain::Scope::PaymentsApprove)
+        {
+            // Cases that want every scope on one key get a policy that allows it.
+            let scope = paygate_store::operator_scope(&*self.store, company);
+            let mut policy = self.store.approval_policy(&scope).await.unwrap();
+            if !policy.allow_write_and_approve_keys {
+                policy.allow_write_and_approve_keys = true;
+                self.store.set_approval_policy(&scope, &policy, &op("approval_policy.update", company)).await.unwrap();
+            }
+        }
         let (_, text) = paygate_server::admin::create_key(
             &*self.store,
             &self.hasher,
@@ -302,10 +315,13 @@ impl SharedDeployment {
         std::fs::write(&pepper, paygate_domain::Pepper::generate_hex().as_bytes()).unwrap();
         let audit_key = dir.path().join("audit-key");
         std::fs::write(&audit_key, paygate_domain::audit::AuditSigner::generate_hex().as_bytes()).unwrap();
+        let data_key = dir.path().join("data-key");
+        std::fs::write(&data_key, paygate_domain::Pepper::generate_hex().as_bytes()).unwrap();
         let env = vec![
             ("PAYGATE_DATABASE_URL".to_owned(), db.url.clone()),
             ("PAYGATE_KEY_PEPPER_FILE".to_owned(), pepper.display().to_string()),
             ("PAYGATE_AUDIT_SIGNING_KEY_FILE".to_owned(), audit_key.display().to_string()),
+            ("PAYGATE_DATA_KEY_FILE".to_owned(), data_key.display().to_string()),
         ];
         Self { env, _db: db, _dir: dir }
     }

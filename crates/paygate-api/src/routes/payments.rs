@@ -1,0 +1,706 @@
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Json, Response};
+use paygate_domain::payment::{
+    Actor, Approval, IdempotencyKey, Payment, PaymentDraft, PaymentEdit, PaymentError, PaymentStatus, StatusChange,
+    parse_execution_date, parse_reference, request_fingerprint,
+};
+use paygate_domain::{Amount, Currency, PayeeId, PaymentId};
+use paygate_store::auth::Authenticated;
+use paygate_store::{PaymentCreate, PaymentCreated, PaymentFilter, StoredResponse};
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+use utoipa::{IntoParams, ToSchema};
+
+use crate::AppState;
+use crate::audit::{AuditContext, AuditWritten};
+use crate::auth::{Authorized, scope};
+use crate::extract::{Json as JsonBody, OptionalJson, Query};
+use crate::pagination::{List, page_request};
+use crate::problem::{ApiError, FieldError, Problem};
+use crate::routes::payees::metadata_field;
+
+/// How long an idempotency key and its response are kept.
+pub const IDEMPOTENCY_TTL: time::Duration = time::Duration::hours(24);
+
+/// A payment, with its approvals and every status it went through.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct PaymentView {
+    #[schema(example = "payment")]
+    pub object: &'static str,
+    pub id: PaymentId,
+    pub payee_id: PayeeId,
+    /// Integer minor units of `currency` (1050 EUR = 10.50 EUR).
+    pub amount: u64,
+    /// ISO 4217.
+    #[schema(example = "EUR")]
+    pub currency: String,
+    pub reference: String,
+    #[schema(value_type = Option<String>, format = Date)]
+    pub requested_execution_date: Option<String>,
+    #[schema(value_type = std::collections::BTreeMap<String, String>)]
+    pub metadata: paygate_domain::payment::Metadata,
+    pub status: PaymentStatus,
+    /// Bumped by every status or content change.
+    pub version: u32,
+    pub livemode: bool,
+    pub approvals: ApprovalsView,
+    /// Why the payment failed or was returned.
+    pub failure_reason: Option<String>,
+    pub status_history: Vec<StatusChangeView>,
+    #[schema(value_type = String, format = DateTime)]
+    pub created_at: String,
+    #[schema(value_type = String, format = DateTime)]
+    pub updated_at: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ApprovalsView {
+    /// Approvals this payment needs (0: approved automatically).
+    pub required: u8,
+    /// Approvals that count: cast on the current version and content.
+    pub received: usize,
+    #[schema(value_type = String, format = DateTime)]
+    pub expires_at: String,
+    /// SHA-256 over payee, amount, currency and reference: what approvers agree to.
+    pub content_hash: String,
+    pub votes: Vec<VoteView>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct VoteView {
+    /// `approve` or `reject`.
+    pub decision: &'static str,
+    pub key_id: String,
+    pub owner: Option<String>,
+    #[schema(value_type = String, format = DateTime)]
+    pub at: String,
+    pub version: u32,
+    /// Whether the vote still counts (same version and content).
+    pub counts: bool,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct StatusChangeView {
+    pub status: PaymentStatus,
+    #[schema(value_type = String, format = DateTime)]
+    pub at: String,
+    /// `api_key` or `system`.
+    pub actor_type: String,
+    /// The key id, or the Paygate component (`rail:simulated`, `approval_expiry`).
+    pub actor_id: String,
+    pub reason: Option<String>,
+}
+
+/// Approved test-mode payments reach the simulated rail after its submit
+/// delay (never before their execution date).
+fn delay_settlement(state: &AppState, payment: &mut Payment, now: OffsetDateTime) {
+    if let (paygate_domain::KeyMode::Test, Some(at)) = (payment.mode, payment.rail_next_at.as_mut()) {
+        *at = (*at).max(now + state.rail_submit_delay);
+    }
+}
+
+fn rfc3339(t: OffsetDateTime) -> String {
+    t.format(&Rfc3339).unwrap_or_default()
+}
+
+impl From<&Payment> for PaymentView {
+    fn from(p: &Payment) -> Self {
+        let hash = p.content_hash();
+        let vote = |a: &Approval, decision: &'static str| VoteView {
+            decision,
+            key_id: a.actor.id.clone(),
+            owner: a.actor.owner.clone(),
+            at: rfc3339(a.at),
+            version: a.version,
+            counts: decision == "reject" || (a.version == p.version && a.content_hash == hash),
+        };
+        let mut votes: Vec<_> = p.approvals.iter().map(|a| vote(a, "approve")).collect();
+        votes.extend(p.rejection.iter().map(|a| vote(a, "reject")));
+        Self {
+            object: "payment",
+            id: p.id,
+            payee_id: p.payee_id,
+            amount: p.amount.minor_units(),
+            currency: p.currency.code().to_owned(),
+            reference: p.reference.clone(),
+            requested_execution_date: p.requested_execution_date.map(paygate_store::date_text),
+            metadata: p.metadata.clone(),
+            status: p.status,
+            version: p.version,
+            livemode: p.mode == paygate_domain::KeyMode::Live,
+            approvals: ApprovalsView {
+                required: p.required_approvals,
+                received: p.valid_approvals(),
+                expires_at: rfc3339(p.approval_expires_at),
+                content_hash: hash.clone(),
+                votes,
+            },
+            failure_reason: p.failure_reason.clone(),
+            status_history: p.status_history.iter().map(StatusChangeView::from).collect(),
+            created_at: rfc3339(p.created_at),
+            updated_at: rfc3339(p.updated_at),
+        }
+    }
+}
+
+impl From<&StatusChange> for StatusChangeView {
+    fn from(c: &StatusChange) -> Self {
+        Self {
+            status: c.status,
+            at: rfc3339(c.at),
+            actor_type: c.actor.kind.clone(),
+            actor_id: c.actor.id.clone(),
+            reason: c.reason.clone(),
+        }
+    }
+}
+
+/// Body of `POST /v1/payments`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreatePayment {
+    pub payee_id: String,
+    /// Integer minor units: > 0, ≤ 2^53 − 1.
+    #[schema(value_type = u64, minimum = 1, maximum = 9007199254740991_u64)]
+    pub amount: serde_json::Value,
+    /// ISO 4217 code, upper case.
+    pub currency: String,
+    /// 1–140 characters, shown to the payee.
+    pub reference: String,
+    /// `YYYY-MM-DD`, today or later (UTC), at most a year ahead.
+    pub requested_execution_date: Option<String>,
+    #[schema(value_type = Option<std::collections::BTreeMap<String, String>>)]
+    pub metadata: Option<serde_json::Value>,
+}
+
+fn caller_actor(caller: &Authenticated) -> Actor {
+    let key = &caller.record.key;
+    Actor::key(key.id, &key.owner, key.principal)
+}
+
+fn idempotency_problem(status: StatusCode, code: &'static str, title: &'static str, detail: &str) -> ApiError {
+    ApiError::new(status, code, title, detail.to_owned())
+}
+
+fn replay(stored: &StoredResponse, fingerprint: &str) -> Result<Response, ApiError> {
+    if stored.fingerprint != fingerprint {
+        return Err(idempotency_problem(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "idempotency_key_reused",
+            "Idempotency key reused",
+            "This Idempotency-Key was used with a different request body; use a new key for a new payment.",
+        ));
+    }
+    let status = StatusCode::from_u16(stored.status).unwrap_or(StatusCode::CREATED);
+    let mut response = (status, stored.body.clone()).into_response();
+    let headers = response.headers_mut();
+    headers.insert(axum::http::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    headers.insert("idempotent-replayed", HeaderValue::from_static("true"));
+    if let Ok(location) = HeaderValue::from_str(&format!("/v1/payments/{}", stored.payment_id)) {
+        headers.insert(axum::http::header::LOCATION, location);
+    }
+    Ok(response)
+}
+
+fn parse_draft(body: CreatePayment, now: OffsetDateTime) -> Result<PaymentDraft, ApiError> {
+    let mut errors = Vec::new();
+    let mut field = |pointer: &str, message: String| errors.push(FieldError::pointer(pointer, message));
+    let payee_id =
+        PayeeId::parse(&body.payee_id).map_err(|_| field("/payee_id", "must be a payee id (pye_…)".into())).ok();
+    let currency = Currency::parse(&body.currency).map_err(|e| field("/currency", e.to_string())).ok();
+    let amount = Amount::from_json(&body.amount).map_err(|e| field("/amount", e.to_string())).ok();
+    let reference = parse_reference(&body.reference).map_err(|e| field("/reference", e)).ok();
+    let date = match body.requested_execution_date.as_deref() {
+        None => Some(None),
+        Some(d) => parse_execution_date(d, now).map(Some).map_err(|e| field("/requested_execution_date", e)).ok(),
+    };
+    let metadata = metadata_field(&mut errors, "/metadata", body.metadata.as_ref()).unwrap_or_default();
+    match (payee_id, currency, amount, reference, date) {
+        (Some(payee_id), Some(currency), Some(amount), Some(reference), Some(requested_execution_date))
+            if errors.is_empty() =>
+        {
+            Ok(PaymentDraft { payee_id, amount, currency, reference, requested_execution_date, metadata })
+        }
+        _ => Err(ApiError::validation(errors)),
+    }
+}
+
+/// Create a payment. Requires an `Idempotency-Key` header: a retry with the
+/// same key and body replays the first response (`Idempotent-Replayed: true`)
+/// and creates nothing. The company's approval policy decides how many
+/// approvals the payment needs; below the first threshold it is approved at once.
+#[utoipa::path(
+    post,
+    path = "/payments",
+    tag = "payments",
+    security(("api_key" = ["payments:write"])),
+    params(("Idempotency-Key" = String, Header, description = "1–255 printable ASCII characters, unique per payment; kept 24 h")),
+    request_body = CreatePayment,
+    responses(
+        (status = 201, description = "The payment (also replayed for a retry)", body = PaymentView),
+        (status = 400, description = "`idempotency_key_missing`, `invalid_idempotency_key` or malformed JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Unauthenticated", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Missing `payments:write`", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "`idempotency_key_in_use`: the first request with this key is still running", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid fields, `payee_disabled`, or `idempotency_key_reused` with another body", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn create_payment(
+    auth: Authorized<scope::PaymentsWrite>,
+    State(state): State<AppState>,
+    audit: AuditContext,
+    headers: HeaderMap,
+    JsonBody(raw): JsonBody<serde_json::Value>,
+) -> Result<Response, ApiError> {
+    let key = match headers.get("idempotency-key") {
+        None => {
+            return Err(idempotency_problem(
+                StatusCode::BAD_REQUEST,
+                "idempotency_key_missing",
+                "Idempotency key missing",
+                "POST /v1/payments requires an Idempotency-Key header (e.g. a UUID per payment).",
+            ));
+        }
+        Some(v) => v.to_str().ok().and_then(IdempotencyKey::parse).ok_or_else(|| {
+            idempotency_problem(
+                StatusCode::BAD_REQUEST,
+                "invalid_idempotency_key",
+                "Invalid idempotency key",
+                "The Idempotency-Key must be 1 to 255 printable ASCII characters without spaces.",
+            )
+        })?,
+    };
+    let mode = auth.caller.record.key.mode;
+    let fingerprint = request_fingerprint("POST", &format!("/v1/payments {}", mode.as_str()), &raw);
+    let company = auth.scope().company_id();
+    let Some(_in_flight) = state.payments.claim(company, key.as_str()) else {
+        return Err(idempotency_problem(
+            StatusCode::CONFLICT,
+            "idempotency_key_in_use",
+            "Idempotency key in use",
+            "A request with this Idempotency-Key is still being processed; retry after it completes.",
+        ));
+    };
+    if let Some(stored) = state.store.idempotent_response(auth.scope(), key.as_str()).await? {
+        return replay(&stored, &fingerprint);
+    }
+    let body: CreatePayment =
+        serde_json::from_value(raw).map_err(|e| ApiError::validation(vec![FieldError::pointer("", e.to_string())]))?;
+    let now = paygate_domain::now();
+    let draft = parse_draft(body, now)?;
+    let policy = state.store.approval_policy(auth.scope()).await?;
+    let mut payment = Payment::create(draft, mode, caller_actor(&auth.caller), &policy, now);
+    delay_settlement(&state, &mut payment, now);
+    let view = PaymentView::from(&payment);
+    let response_body = serde_json::to_string(&view).map_err(|_| ApiError::internal())?;
+    let record = audit.entry(
+        "payment.create",
+        Some(("payment", payment.id.to_string())),
+        StatusCode::CREATED,
+        serde_json::json!({
+            "payee_id": payment.payee_id,
+            "amount": payment.amount,
+            "currency": payment.currency.code(),
+            "status": payment.status,
+            "required_approvals": payment.required_approvals,
+            "idempotency_key": key.as_str(),
+        }),
+    );
+    let payment_id = payment.id;
+    let outcome = state
+        .payments
+        .create(PaymentCreate {
+            scope: *auth.scope(),
+            mode,
+            payment,
+            idempotency_key: key.as_str().to_owned(),
+            response: StoredResponse {
+                fingerprint: fingerprint.clone(),
+                status: 201,
+                body: response_body.clone(),
+                payment_id,
+            },
+            expires_at: now + IDEMPOTENCY_TTL,
+            audit: record,
+        })
+        .await?;
+    match outcome {
+        PaymentCreated::Created => {
+            let mut response = (StatusCode::CREATED, AuditWritten, response_body).into_response();
+            let headers = response.headers_mut();
+            headers.insert(axum::http::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            if let Ok(location) = HeaderValue::from_str(&format!("/v1/payments/{payment_id}")) {
+                headers.insert(axum::http::header::LOCATION, location);
+            }
+            Ok(response)
+        }
+        PaymentCreated::Existing(stored) => replay(&stored, &fingerprint),
+        PaymentCreated::PayeeNotFound => {
+            Err(ApiError::validation(vec![FieldError::pointer("/payee_id", "no such payee")]))
+        }
+        PaymentCreated::PayeeDisabled => {
+            let mut e = ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "payee_disabled",
+                "Payee disabled",
+                "The payee is disabled; payments to it are refused.",
+            );
+            e.errors = vec![FieldError::pointer("/payee_id", "payee is disabled")];
+            Err(e)
+        }
+    }
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct PaymentListParams {
+    /// 1..=100, default 25.
+    #[param(value_type = Option<u32>)]
+    pub limit: Option<String>,
+    /// `next_cursor` of the previous page.
+    pub cursor: Option<String>,
+    /// One status, e.g. `pending_approval`.
+    pub status: Option<String>,
+    pub payee_id: Option<String>,
+    /// RFC 3339: created at or after.
+    pub created_from: Option<String>,
+    /// RFC 3339: created before.
+    pub created_before: Option<String>,
+}
+
+/// The company's payments (of the caller's mode), newest first.
+#[utoipa::path(
+    get,
+    path = "/payments",
+    tag = "payments",
+    security(("api_key" = ["payments:read"])),
+    params(PaymentListParams),
+    responses(
+        (status = 200, description = "A page of payments", body = List<PaymentView>),
+        (status = 400, description = "Invalid parameter", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Unauthenticated", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Missing `payments:read`", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn list_payments(
+    auth: Authorized<scope::PaymentsRead>,
+    State(state): State<AppState>,
+    Query(params): Query<PaymentListParams>,
+) -> Result<Json<List<PaymentView>>, ApiError> {
+    let mut errors = Vec::new();
+    let page =
+        page_request(&mut errors, params.limit.as_deref(), params.cursor.as_deref(), |c| PaymentId::parse(c).ok());
+    let mut filter = PaymentFilter::default();
+    if let Some(s) = params.status.as_deref() {
+        filter.status = PaymentStatus::parse(s);
+        if filter.status.is_none() {
+            errors.push(FieldError::parameter("status", "must be a payment status, e.g. pending_approval"));
+        }
+    }
+    if let Some(p) = params.payee_id.as_deref() {
+        // An id of the wrong shape filters to nothing, like an unknown id.
+        filter.payee_id = Some(PayeeId::parse(p).unwrap_or_else(|_| PayeeId::from_uuid(uuid::Uuid::nil())));
+    }
+    let mut time_param = |name: &str, value: Option<&str>| {
+        value.and_then(|v| {
+            let t = OffsetDateTime::parse(v, &Rfc3339).ok();
+            if t.is_none() {
+                errors.push(FieldError::parameter(name, "must be an RFC 3339 date-time"));
+            }
+            t
+        })
+    };
+    filter.created_from = time_param("created_from", params.created_from.as_deref());
+    filter.created_before = time_param("created_before", params.created_before.as_deref());
+    if !errors.is_empty() {
+        return Err(ApiError::invalid_parameter(errors));
+    }
+    let page = state.store.list_payments(auth.scope(), auth.caller.record.key.mode, &filter, page).await?;
+    let last = page.items.last().map(|p| p.id.to_string());
+    Ok(Json(List::new(page.items.iter().map(PaymentView::from).collect(), page.has_more, last)))
+}
+
+/// One payment. Another company's payment answers like one that does not exist.
+#[utoipa::path(
+    get,
+    path = "/payments/{id}",
+    tag = "payments",
+    security(("api_key" = ["payments:read"])),
+    params(("id" = String, Path, description = "The payment id (`pay_…`)")),
+    responses(
+        (status = 200, description = "The payment", body = PaymentView),
+        (status = 401, description = "Unauthenticated", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Missing `payments:read`", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such payment", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn get_payment(
+    auth: Authorized<scope::PaymentsRead>,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<PaymentView>, ApiError> {
+    let id = PaymentId::parse(&id).map_err(|_| ApiError::not_found("payment"))?;
+    let payment = state.store.get_payment(auth.scope(), auth.caller.record.key.mode, id).await?;
+    Ok(Json(PaymentView::from(&payment.ok_or_else(|| ApiError::not_found("payment"))?)))
+}
+
+fn payment_error(e: PaymentError) -> ApiError {
+    let detail = e.to_string();
+    match e {
+        PaymentError::InvalidState { .. } => {
+            ApiError::new(StatusCode::CONFLICT, "invalid_state", "Invalid state", detail)
+        }
+        PaymentError::ApproverIsInitiator => {
+            ApiError::new(StatusCode::FORBIDDEN, "approver_is_initiator", "Approver is initiator", detail)
+        }
+        PaymentError::AlreadyApproved => {
+            ApiError::new(StatusCode::CONFLICT, "already_approved", "Already approved", detail)
+        }
+        PaymentError::ApprovalExpired(_) => {
+            ApiError::new(StatusCode::CONFLICT, "approval_expired", "Approval window closed", detail)
+        }
+    }
+}
+
+/// Reads the payment, applies `change`, and writes it back if nobody else
+/// wrote in between (else reads again): concurrent approvals and cancels each
+/// see the result of the previous one.
+async fn change_payment(
+    state: &AppState,
+    auth: &Authenticated,
+    audit: AuditContext,
+    id: &str,
+    action: &'static str,
+    mut change: impl FnMut(&mut Payment) -> Result<(), PaymentError>,
+) -> Result<(AuditWritten, Json<PaymentView>), ApiError> {
+    let id = PaymentId::parse(id).map_err(|_| ApiError::not_found("payment"))?;
+    let mode = auth.record.key.mode;
+    for _ in 0..20 {
+        let mut payment =
+            state.store.get_payment(&auth.scope, mode, id).await?.ok_or_else(|| ApiError::not_found("payment"))?;
+        let read_revision = payment.revision;
+        let before = payment.status;
+        change(&mut payment).map_err(payment_error)?;
+        delay_settlement(state, &mut payment, paygate_domain::now());
+        let record = audit.clone().entry(
+            action,
+            Some(("payment", id.to_string())),
+            StatusCode::OK,
+            serde_json::json!({
+                "previous_status": before,
+                "status": payment.status,
+                "version": payment.version,
+                "content_hash": payment.content_hash(),
+                "approvals": payment.valid_approvals(),
+                "required_approvals": payment.required_approvals,
+            }),
+        );
+        if state.store.update_payment(&auth.scope, &payment, read_revision, &record).await? {
+            if payment.status == PaymentStatus::Approved
+                && before != PaymentStatus::Approved
+                && mode == paygate_domain::KeyMode::Live
+            {
+                tracing::info!(payment = %id, "live payment approved; it stays approved until a real rail is configured");
+            }
+            return Ok((AuditWritten, Json(PaymentView::from(&payment))));
+        }
+        tokio::task::yield_now().await;
+    }
+    Err(ApiError::new(
+        StatusCode::CONFLICT,
+        "concurrent_update",
+        "Concurrent update",
+        "The payment changed too often while this request ran; read it and retry.",
+    ))
+}
+
+/// Approve a payment (four eyes). Refused for the key that created or changed
+/// the payment, any key with the same owner, and any key of the same
+/// principal; one vote per owner. When enough approvals count, the payment
+/// becomes `approved`.
+#[utoipa::path(
+    post,
+    path = "/payments/{id}/approve",
+    tag = "payments",
+    security(("api_key" = ["payments:approve"])),
+    params(("id" = String, Path, description = "The payment id (`pay_…`)")),
+    responses(
+        (status = 200, description = "The payment after the vote", body = PaymentView),
+        (status = 401, description = "Unauthenticated", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Missing `payments:approve`, or `approver_is_initiator`", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such payment", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "`invalid_state`, `already_approved` or `approval_expired`", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn approve_payment(
+    auth: Authorized<scope::PaymentsApprove>,
+    State(state): State<AppState>,
+    audit: AuditContext,
+    Path(id): Path<String>,
+) -> Result<(AuditWritten, Json<PaymentView>), ApiError> {
+    let actor = caller_actor(&auth.caller);
+    change_payment(&state, &auth.caller, audit, &id, "payment.approve", |p| {
+        p.approve(actor.clone(), paygate_domain::now())
+    })
+    .await
+}
+
+/// Body of `POST /v1/payments/{id}/reject`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RejectPayment {
+    /// 1–500 characters.
+    pub reason: String,
+}
+
+/// Reject a payment. Any reject is final.
+#[utoipa::path(
+    post,
+    path = "/payments/{id}/reject",
+    tag = "payments",
+    security(("api_key" = ["payments:approve"])),
+    params(("id" = String, Path, description = "The payment id (`pay_…`)")),
+    request_body = RejectPayment,
+    responses(
+        (status = 200, description = "The rejected payment", body = PaymentView),
+        (status = 401, description = "Unauthenticated", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Missing `payments:approve`", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such payment", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "`invalid_state` or `approval_expired`", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Missing or invalid reason", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn reject_payment(
+    auth: Authorized<scope::PaymentsApprove>,
+    State(state): State<AppState>,
+    audit: AuditContext,
+    Path(id): Path<String>,
+    JsonBody(body): JsonBody<RejectPayment>,
+) -> Result<(AuditWritten, Json<PaymentView>), ApiError> {
+    let reason = body.reason.trim().to_owned();
+    if reason.is_empty() || reason.chars().count() > 500 || reason.chars().any(char::is_control) {
+        return Err(ApiError::validation(vec![FieldError::pointer(
+            "/reason",
+            "must be 1 to 500 characters without control characters",
+        )]));
+    }
+    let actor = caller_actor(&auth.caller);
+    change_payment(&state, &auth.caller, audit, &id, "payment.reject", |p| {
+        p.reject(actor.clone(), reason.clone(), paygate_domain::now())
+    })
+    .await
+}
+
+/// Cancel a payment that has not started settling (`pending_approval` or `approved`).
+#[utoipa::path(
+    post,
+    path = "/payments/{id}/cancel",
+    tag = "payments",
+    security(("api_key" = ["payments:write"])),
+    params(("id" = String, Path, description = "The payment id (`pay_…`)")),
+    responses(
+        (status = 200, description = "The canceled payment", body = PaymentView),
+        (status = 401, description = "Unauthenticated", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Missing `payments:write`", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such payment", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "`invalid_state`: already settling or final", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn cancel_payment(
+    auth: Authorized<scope::PaymentsWrite>,
+    State(state): State<AppState>,
+    audit: AuditContext,
+    Path(id): Path<String>,
+) -> Result<(AuditWritten, Json<PaymentView>), ApiError> {
+    let actor = caller_actor(&auth.caller);
+    change_payment(&state, &auth.caller, audit, &id, "payment.cancel", |p| {
+        p.cancel(actor.clone(), paygate_domain::now())
+    })
+    .await
+}
+
+/// Body of `PATCH /v1/payments/{id}`; every field optional.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdatePayment {
+    #[schema(value_type = Option<u64>)]
+    pub amount: Option<serde_json::Value>,
+    pub reference: Option<String>,
+    /// `YYYY-MM-DD`; `null` clears it.
+    #[serde(default, deserialize_with = "double_option")]
+    #[schema(value_type = Option<String>, format = Date)]
+    pub requested_execution_date: Option<Option<String>>,
+    #[schema(value_type = Option<std::collections::BTreeMap<String, String>>)]
+    pub metadata: Option<serde_json::Value>,
+}
+
+fn double_option<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<String>>, D::Error> {
+    Option::<String>::deserialize(d).map(Some)
+}
+
+/// Change a payment awaiting approval. Votes already cast stop counting (the
+/// version and content hash change), the number of approvals is recomputed
+/// with the policy snapshotted at creation, and the changing key joins the
+/// initiators, who cannot approve.
+#[utoipa::path(
+    patch,
+    path = "/payments/{id}",
+    tag = "payments",
+    security(("api_key" = ["payments:write"])),
+    params(("id" = String, Path, description = "The payment id (`pay_…`)")),
+    request_body = UpdatePayment,
+    responses(
+        (status = 200, description = "The changed payment", body = PaymentView),
+        (status = 401, description = "Unauthenticated", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Missing `payments:write`", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such payment", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "`invalid_state`: no longer pending approval", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid fields", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn update_payment(
+    auth: Authorized<scope::PaymentsWrite>,
+    State(state): State<AppState>,
+    audit: AuditContext,
+    Path(id): Path<String>,
+    OptionalJson(body): OptionalJson<UpdatePayment>,
+) -> Result<(AuditWritten, Json<PaymentView>), ApiError> {
+    let now = paygate_domain::now();
+    let mut errors = Vec::new();
+    let mut edit = PaymentEdit::default();
+    if let Some(a) = &body.amount {
+        edit.amount = Amount::from_json(a).map_err(|e| errors.push(FieldError::pointer("/amount", e.to_string()))).ok();
+    }
+    if let Some(r) = &body.reference {
+        edit.reference = parse_reference(r).map_err(|e| errors.push(FieldError::pointer("/reference", e))).ok();
+    }
+    match &body.requested_execution_date {
+        None => {}
+        Some(None) => edit.requested_execution_date = Some(None),
+        Some(Some(d)) => {
+            edit.requested_execution_date = parse_execution_date(d, now).map(|d| Some(Some(d))).unwrap_or_else(|e| {
+                errors.push(FieldError::pointer("/requested_execution_date", e));
+                None
+            })
+        }
+    }
+    edit.metadata = metadata_field(&mut errors, "/metadata", body.metadata.as_ref());
+    if !errors.is_empty() {
+        return Err(ApiError::validation(errors));
+    }
+    if edit.amount.is_none()
+        && edit.reference.is_none()
+        && edit.requested_execution_date.is_none()
+        && edit.metadata.is_none()
+    {
+        return Err(ApiError::validation(vec![FieldError::pointer("", "change at least one field")]));
+    }
+    let actor = caller_actor(&auth.caller);
+    change_payment(&state, &auth.caller, audit, &id, "payment.update", |p| {
+        p.edit(actor.clone(), edit.clone(), paygate_domain::now())
+    })
+    .await
+}
