@@ -221,6 +221,9 @@ pub struct Payment {
     pub status: PaymentStatus,
     /// Bumped by every status change and every content change.
     pub version: u32,
+    /// The version of the last content change (creation: 1). Votes cast
+    /// before it no longer count.
+    pub content_version: u32,
     /// Bumped by every write (also votes): the store's optimistic lock.
     pub revision: u32,
     pub required_approvals: u8,
@@ -269,6 +272,7 @@ impl Payment {
             metadata: draft.metadata,
             status: PaymentStatus::PendingApproval,
             version: 1,
+            content_version: 1,
             revision: 1,
             required_approvals: rule.required(draft.amount),
             approval_rule: rule,
@@ -313,10 +317,14 @@ impl Payment {
         hex::encode(h.finalize())
     }
 
-    /// Votes that still count: cast on this version and this content.
+    /// Whether a vote still counts: cast on the current content, after its last change.
+    pub fn vote_counts(&self, vote: &Approval) -> bool {
+        vote.version >= self.content_version && vote.content_hash == self.content_hash()
+    }
+
+    /// Votes that still count.
     pub fn valid_approvals(&self) -> usize {
-        let hash = self.content_hash();
-        self.approvals.iter().filter(|a| a.version == self.version && a.content_hash == hash).count()
+        self.approvals.iter().filter(|a| self.vote_counts(a)).count()
     }
 
     fn transition(&mut self, next: PaymentStatus, actor: Actor, now: OffsetDateTime, reason: Option<String>) {
@@ -362,8 +370,7 @@ impl Payment {
             return Err(PaymentError::ApproverIsInitiator);
         }
         let hash = self.content_hash();
-        let counted = |a: &&Approval| a.version == self.version && a.content_hash == hash;
-        if self.approvals.iter().filter(counted).any(|a| a.actor.same_eyes(&approver)) {
+        if self.approvals.iter().filter(|a| self.vote_counts(a)).any(|a| a.actor.same_eyes(&approver)) {
             return Err(PaymentError::AlreadyApproved);
         }
         self.approvals.push(Approval { actor: approver.clone(), at: now, version: self.version, content_hash: hash });
@@ -414,6 +421,7 @@ impl Payment {
             self.metadata = metadata;
         }
         self.version += 1;
+        self.content_version = self.version;
         self.revision += 1;
         self.updated_at = now;
         self.required_approvals = self.approval_rule.required(self.amount);

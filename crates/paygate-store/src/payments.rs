@@ -124,6 +124,8 @@ pub enum PaymentCreated {
 /// The parts of a payment kept in its JSON document column (not filtered on).
 #[derive(serde::Serialize, serde::Deserialize)]
 struct PaymentDoc {
+    #[serde(default = "first_version")]
+    content_version: u32,
     metadata: Metadata,
     required_approvals: u8,
     approval_rule: ApprovalRule,
@@ -134,8 +136,13 @@ struct PaymentDoc {
     failure_reason: Option<String>,
 }
 
+fn first_version() -> u32 {
+    1
+}
+
 pub fn payment_doc(p: &Payment) -> String {
     serde_json::to_string(&PaymentDoc {
+        content_version: p.content_version,
         metadata: p.metadata.clone(),
         required_approvals: p.required_approvals,
         approval_rule: p.approval_rule,
@@ -195,6 +202,7 @@ impl PaymentColumns {
             metadata: doc.metadata,
             status: PaymentStatus::parse(&self.status).ok_or_else(|| corrupt("payment status", &self.status))?,
             version: self.version as u32,
+            content_version: doc.content_version,
             revision: self.revision as u32,
             required_approvals: doc.required_approvals,
             approval_rule: doc.approval_rule,

@@ -114,7 +114,7 @@ impl From<&Payment> for PaymentView {
             owner: a.actor.owner.clone(),
             at: rfc3339(a.at),
             version: a.version,
-            counts: decision == "reject" || (a.version == p.version && a.content_hash == hash),
+            counts: decision == "reject" || p.vote_counts(a),
         };
         let mut votes: Vec<_> = p.approvals.iter().map(|a| vote(a, "approve")).collect();
         votes.extend(p.rejection.iter().map(|a| vote(a, "reject")));

@@ -131,6 +131,10 @@ impl TestApp {
         // authentication from 127.0.0.1. The throttle has its own cases
         // (`ratelimit::…`), which set their own allowance.
         env.insert("PAYGATE_AUTH_FAILURE_LIMIT".into(), "100000/1".into());
+        // Settlement on the simulated rail within a fraction of a second.
+        env.insert("PAYGATE_PAYMENT_WORKER_INTERVAL_MS".into(), "50".into());
+        env.insert("PAYGATE_RAIL_SUBMIT_DELAY_MS".into(), "100".into());
+        env.insert("PAYGATE_RAIL_SETTLE_DELAY_MS".into(), "100".into());
         for (k, v) in settings {
             env.insert(k.to_string(), v.to_string());
         }
@@ -148,6 +152,68 @@ impl TestApp {
             server: Some(server),
             _pg: pg,
         })
+    }
+
+    /// Stops the server and starts a new one on the same database and files
+    /// (a node restart). The API listens on a new port.
+    pub async fn restart(&mut self) {
+        if let Some(server) = self.server.take() {
+            server.shutdown().await;
+        }
+        let config = Config::from_sources(None, self.env.clone()).unwrap();
+        let server = app::start(&config, StartOptions::default()).await.unwrap();
+        self.base = format!("http://{}", server.api_addr);
+        self.ops = format!("http://{}", server.ops_addr);
+        self.store = server.store.clone();
+        self.server = Some(server);
+    }
+
+    /// Issues a key with its own owner (four-eyes cases need distinct owners).
+    pub async fn key_owned(&self, company: CompanyId, scopes: &str, owner: &str, mode: KeyMode) -> String {
+        let (_, text) = paygate_server::admin::create_key(
+            &*self.store,
+            &self.hasher,
+            paygate_server::admin::KeyRequest {
+                company,
+                name: "test key",
+                owner,
+                scopes: ScopeSet::parse_list(scopes).unwrap(),
+                mode,
+                expires_in: None,
+                allowed_cidrs: Default::default(),
+            },
+        )
+        .await
+        .unwrap();
+        text.to_string()
+    }
+
+    /// Everything the database holds, as text (PostgreSQL: every row of the
+    /// named tables; SQLite: the database and WAL files' raw bytes).
+    pub async fn raw_contents(&self, tables: &[&str]) -> String {
+        use sqlx::Connection;
+        match self.backend {
+            Backend::Sqlite => {
+                let mut all = String::new();
+                for entry in std::fs::read_dir(self.dir.path()).unwrap() {
+                    let path = entry.unwrap().path();
+                    if path.file_name().unwrap().to_string_lossy().starts_with("paygate.db") {
+                        all.push_str(&String::from_utf8_lossy(&std::fs::read(&path).unwrap()));
+                    }
+                }
+                all
+            }
+            Backend::Postgres => {
+                let mut conn = sqlx::PgConnection::connect(&self.env["PAYGATE_DATABASE_URL"]).await.unwrap();
+                let mut all = String::new();
+                for table in tables {
+                    let sql = format!("SELECT coalesce(string_agg(t::text, E'\\n'), '') FROM {table} t");
+                    let text: String = sqlx::query_scalar(sqlx::AssertSqlSafe(sql)).fetch_one(&mut conn).await.unwrap();
+                    all.push_str(&text);
+                }
+                all
+            }
+        }
     }
 
     pub async fn shutdown(mut self) {
@@ -175,7 +241,8 @@ impl TestApp {
         expires_in: Option<time::Duration>,
     ) -> String {
         let scopes = ScopeSet::parse_list(scopes).unwrap();
-        if scopes.contains(paygate_domain::Scope::PaymentsWrite) && scopes.contains(paygate_domain::Scope::PaymentsApprove)
+        if scopes.contains(paygate_domain::Scope::PaymentsWrite)
+            && scopes.contains(paygate_domain::Scope::PaymentsApprove)
         {
             // Cases that want every scope on one key get a policy that allows it.
             let scope = paygate_store::operator_scope(&*self.store, company);

@@ -12,6 +12,7 @@ mod keys;
 mod lifecycle;
 mod openapi;
 mod ops;
+mod payments;
 mod process;
 mod ratelimit;
 mod secrets;
