@@ -39,29 +39,36 @@ impl Drop for InFlight {
 }
 
 impl PaymentWriter {
+    /// One writer on SQLite (it has one write lock anyway); several on
+    /// PostgreSQL, whose batches can commit side by side.
     pub fn spawn(store: Arc<dyn Store>) -> Self {
-        let (tx, mut rx) = mpsc::channel::<Job>(QUEUE);
-        tokio::spawn(async move {
-            let mut jobs = Vec::with_capacity(MAX_BATCH);
-            while rx.recv_many(&mut jobs, MAX_BATCH).await > 0 {
-                let (items, replies): (Vec<_>, Vec<_>) = jobs.drain(..).unzip();
-                metrics::histogram!("paygate_payment_batch_size").record(items.len() as f64);
-                match store.create_payments(&items).await {
-                    Ok(outcomes) => {
-                        for (reply, outcome) in replies.into_iter().zip(outcomes) {
-                            let _ = reply.send(Ok(outcome));
-                        }
+        let writers = match store.backend() {
+            paygate_store::Backend::Sqlite => 1,
+            paygate_store::Backend::Postgres => 4,
+        };
+        Self::spawn_with(store, MAX_BATCH, writers)
+    }
+
+    /// With at most `max_batch` payments a transaction (1: no group commit;
+    /// the benchmark's comparison point) and `writers` batches in flight.
+    pub fn spawn_with(store: Arc<dyn Store>, max_batch: usize, writers: usize) -> Self {
+        let max_batch = max_batch.max(1);
+        let (tx, rx) = mpsc::channel::<Job>(QUEUE);
+        let rx = Arc::new(tokio::sync::Mutex::new(rx));
+        for _ in 0..writers.max(1) {
+            let (store, rx) = (store.clone(), rx.clone());
+            tokio::spawn(async move {
+                let mut jobs = Vec::with_capacity(max_batch);
+                loop {
+                    // Take what has queued up, then let another writer take the next batch.
+                    if rx.lock().await.recv_many(&mut jobs, max_batch).await == 0 {
+                        return;
                     }
-                    Err(e) => {
-                        tracing::error!(error = %e, batch = items.len(), "payment batch failed");
-                        let message = e.to_string();
-                        for reply in replies {
-                            let _ = reply.send(Err(StoreError::Unavailable(message.clone())));
-                        }
-                    }
+                    let (items, replies): (Vec<_>, Vec<_>) = jobs.drain(..).unzip();
+                    write_batch(&*store, items, replies).await;
                 }
-            }
-        });
+            });
+        }
         Self { tx, in_flight: Arc::default() }
     }
 
@@ -81,5 +88,27 @@ impl PaymentWriter {
         let (reply, answer) = oneshot::channel();
         self.tx.send((item, reply)).await.map_err(|_| StoreError::Unavailable("payment writer stopped".into()))?;
         answer.await.map_err(|_| StoreError::Unavailable("payment writer stopped".into()))?
+    }
+}
+
+async fn write_batch(
+    store: &dyn Store,
+    items: Vec<PaymentCreate>,
+    replies: Vec<oneshot::Sender<StoreResult<PaymentCreated>>>,
+) {
+    metrics::histogram!("paygate_payment_batch_size").record(items.len() as f64);
+    match store.create_payments(&items).await {
+        Ok(outcomes) => {
+            for (reply, outcome) in replies.into_iter().zip(outcomes) {
+                let _ = reply.send(Ok(outcome));
+            }
+        }
+        Err(e) => {
+            tracing::error!(error = %e, batch = items.len(), "payment batch failed");
+            let message = e.to_string();
+            for reply in replies {
+                let _ = reply.send(Err(StoreError::Unavailable(message.clone())));
+            }
+        }
     }
 }

@@ -89,9 +89,15 @@ async fn savepoint(conn: &mut PgConnection, sql: &'static str) -> StoreResult<()
     sqlx::query(sql).execute(conn).await.map_err(map_err).map(|_| ())
 }
 
-/// One item of a payment batch, inside its savepoint. `Ok(None)`: created.
+/// One item of a payment batch, inside its savepoint. Another node may claim
+/// the same key between the check and the insert: the insert then waits for
+/// it and finds the key taken (`ON CONFLICT DO NOTHING`), and the savepoint
+/// undoes this item's payment.
 async fn create_one(conn: &mut PgConnection, item: &PaymentCreate) -> StoreResult<PaymentCreated> {
     let company = item.scope.company_id();
+    if let Some(existing) = stored_response(&mut *conn, company, &item.idempotency_key).await? {
+        return Ok(PaymentCreated::Existing(existing));
+    }
     let payee: Option<String> =
         sqlx::query_scalar("SELECT status FROM payees WHERE id = $1 AND company_id = $2 AND mode = $3 FOR SHARE")
             .bind(item.payment.payee_id.as_uuid())

@@ -1,5 +1,7 @@
 //! Payees, payments, approval policy and idempotency records on SQLite.
 
+use std::collections::HashMap;
+
 use paygate_domain::audit::AuditEntry;
 use paygate_domain::payment::{ApprovalPolicy, Payment};
 use paygate_domain::{CompanyId, KeyMode, PayeeId, PaymentId};
@@ -85,30 +87,43 @@ async fn insert_payment(conn: &mut SqliteConnection, company: CompanyId, p: &Pay
     Ok(())
 }
 
-async fn savepoint(conn: &mut SqliteConnection, sql: &'static str) -> StoreResult<()> {
-    sqlx::query(sql).execute(conn).await.map_err(map_err).map(|_| ())
-}
-
-/// One item of a payment batch, inside its savepoint. `Ok(None)`: created.
-async fn create_one(conn: &mut SqliteConnection, item: &PaymentCreate) -> StoreResult<PaymentCreated> {
+/// One item of a payment batch. Every check comes before any write, and the
+/// transaction holds SQLite's write lock, so nothing can change between the
+/// checks and the inserts: no savepoint is needed.
+async fn create_one(
+    conn: &mut SqliteConnection,
+    item: &PaymentCreate,
+    payees: &mut HashMap<(CompanyId, PayeeId, KeyMode), Option<String>>,
+) -> StoreResult<PaymentCreated> {
     let company = item.scope.company_id();
-    let payee: Option<String> =
-        sqlx::query_scalar("SELECT status FROM payees WHERE id = ? AND company_id = ? AND mode = ?")
-            .bind(item.payment.payee_id.as_uuid())
-            .bind(company.as_uuid())
-            .bind(item.mode.as_str())
-            .fetch_optional(&mut *conn)
-            .await
-            .map_err(map_err)?;
-    match payee.as_deref() {
+    // A key already used (also by an earlier item of this batch) answers with its response.
+    if let Some(existing) = stored_response(&mut *conn, company, &item.idempotency_key).await? {
+        return Ok(PaymentCreated::Existing(existing));
+    }
+    let payee_key = (company, item.payment.payee_id, item.mode);
+    let status = match payees.entry(payee_key) {
+        std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+        std::collections::hash_map::Entry::Vacant(e) => {
+            let status: Option<String> =
+                sqlx::query_scalar("SELECT status FROM payees WHERE id = ? AND company_id = ? AND mode = ?")
+                    .bind(item.payment.payee_id.as_uuid())
+                    .bind(company.as_uuid())
+                    .bind(item.mode.as_str())
+                    .fetch_optional(&mut *conn)
+                    .await
+                    .map_err(map_err)?;
+            e.insert(status)
+        }
+    };
+    match status.as_deref() {
         None => return Ok(PaymentCreated::PayeeNotFound),
         Some("active") => {}
         Some(_) => return Ok(PaymentCreated::PayeeDisabled),
     }
     insert_payment(conn, company, &item.payment).await?;
-    let claimed = sqlx::query(
+    sqlx::query(
         "INSERT INTO idempotency_keys (company_id, key, fingerprint, response_status, response_body, payment_id, \
-         created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+         created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
     )
     .bind(company.as_uuid())
     .bind(&item.idempotency_key)
@@ -120,12 +135,7 @@ async fn create_one(conn: &mut SqliteConnection, item: &PaymentCreate) -> StoreR
     .bind(micros(item.expires_at))
     .execute(&mut *conn)
     .await
-    .map_err(map_err)?
-    .rows_affected();
-    if claimed == 0 {
-        let existing = stored_response(conn, company, &item.idempotency_key).await?;
-        return existing.map(PaymentCreated::Existing).ok_or_else(|| StoreError::Internal("idempotency race".into()));
-    }
+    .map_err(map_err)?;
     Ok(PaymentCreated::Created)
 }
 
@@ -309,31 +319,15 @@ impl SqliteStore {
 
     pub(crate) async fn create_payment_batch(&self, items: &[PaymentCreate]) -> StoreResult<Vec<PaymentCreated>> {
         let mut tx = self.begin_write().await?;
-        let mut outcomes = vec![PaymentCreated::Created; items.len()];
+        let mut outcomes = Vec::with_capacity(items.len());
         let mut records = Vec::with_capacity(items.len());
-        // Keys are claimed in one global order, so two batches that share keys
-        // wait for each other instead of deadlocking.
-        let mut order: Vec<usize> = (0..items.len()).collect();
-        order.sort_by(|&a, &b| {
-            (items[a].scope.company_id().as_uuid(), &items[a].idempotency_key)
-                .cmp(&(items[b].scope.company_id().as_uuid(), &items[b].idempotency_key))
-        });
-        for i in order {
-            let item = &items[i];
-            savepoint(&mut tx, "SAVEPOINT payment").await?;
-            let outcome = create_one(&mut tx, item).await;
-            match outcome {
-                Ok(PaymentCreated::Created) => {
-                    savepoint(&mut tx, "RELEASE payment").await?;
-                    records.push(item.audit.clone());
-                }
-                Ok(other) => {
-                    savepoint(&mut tx, "ROLLBACK TO payment").await?;
-                    savepoint(&mut tx, "RELEASE payment").await?;
-                    outcomes[i] = other;
-                }
-                Err(e) => return Err(e),
+        let mut payees = HashMap::new();
+        for item in items {
+            let outcome = create_one(&mut tx, item, &mut payees).await?;
+            if outcome == PaymentCreated::Created {
+                records.push(item.audit.clone());
             }
+            outcomes.push(outcome);
         }
         if !records.is_empty() {
             append_in(&mut tx, &records).await?;

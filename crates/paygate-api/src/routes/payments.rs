@@ -283,13 +283,20 @@ pub async fn create_payment(
             "A request with this Idempotency-Key is still being processed; retry after it completes.",
         ));
     };
-    if let Some(stored) = state.store.idempotent_response(auth.scope(), key.as_str()).await? {
-        return replay(&stored, &fingerprint);
-    }
-    let body: CreatePayment =
-        serde_json::from_value(raw).map_err(|e| ApiError::validation(vec![FieldError::pointer("", e.to_string())]))?;
     let now = paygate_domain::now();
-    let draft = parse_draft(body, now)?;
+    let parsed = serde_json::from_value::<CreatePayment>(raw)
+        .map_err(|e| ApiError::validation(vec![FieldError::pointer("", e.to_string())]))
+        .and_then(|body| parse_draft(body, now));
+    let draft = match parsed {
+        Ok(draft) => draft,
+        // A retry of a request that succeeded replays it even if it would no
+        // longer validate (an execution date now in the past). New keys skip
+        // this read: the batch checks the key inside its transaction.
+        Err(error) => match state.store.idempotent_response(auth.scope(), key.as_str()).await? {
+            Some(stored) => return replay(&stored, &fingerprint),
+            None => return Err(error),
+        },
+    };
     let policy = state.store.approval_policy(auth.scope()).await?;
     let mut payment = Payment::create(draft, mode, caller_actor(&auth.caller), &policy, now);
     delay_settlement(&state, &mut payment, now);
