@@ -3,6 +3,7 @@
 //! drives each scenario with oha (pinned to CPU 1) in interleaved rounds, and
 //! prints one table of medians plus a JSON file. See docs/benchmarks.md.
 
+mod callgrind;
 mod hello;
 mod keys;
 mod oha;
@@ -56,6 +57,16 @@ enum Command {
     Peer,
     /// Scenario 2 at a fixed offered rate (--open-loop-rate).
     OpenLoop,
+    /// Instructions per request of the baseline and of scenario 2 (SQLite), under
+    /// valgrind's callgrind, with the functions of highest inclusive cost.
+    Callgrind {
+        /// Requests measured per server (after a warm-up of a fifth as many).
+        #[arg(long, default_value_t = 5000)]
+        requests: u64,
+        /// Function lines of callgrind_annotate to print per server.
+        #[arg(long, default_value_t = 40)]
+        top: usize,
+    },
     /// The bare axum server of scenario 1 (started by the harness itself).
     #[command(hide = true)]
     HelloServer {
@@ -119,6 +130,15 @@ fn main() -> std::process::ExitCode {
                 Ok(()) => std::process::ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("hello server: {e:#}");
+                    std::process::ExitCode::FAILURE
+                }
+            };
+        }
+        Command::Callgrind { requests, top } => {
+            return match run_callgrind(&cli.options, requests, top) {
+                Ok(()) => std::process::ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("paygate-bench: {e:#}");
                     std::process::ExitCode::FAILURE
                 }
             };
@@ -194,7 +214,7 @@ fn run(options: &Options, mut wanted: Vec<Scenario>) -> anyhow::Result<()> {
     }
 
     // Servers, all on the server CPU.
-    let hello = Hello::start(server_cpu)?;
+    let hello = Hello::start(server_cpu, &[])?;
     let peer_key = keys::unknown_key();
     let nginx =
         if scenarios.contains(&Scenario::Peer) { Nginx::start(server_cpu, hello.addr, &peer_key)? } else { None };
@@ -205,9 +225,9 @@ fn run(options: &Options, mut wanted: Vec<Scenario>) -> anyhow::Result<()> {
     let needs_postgres = scenarios.iter().any(|s| s.server() == Server::Paygate { also_postgres: true });
     let mut paygates = Vec::new();
     if needs_paygate {
-        paygates.push(Paygate::start(&paygate, Backend::Sqlite, server_cpu, &options.log_level)?);
+        paygates.push(Paygate::start(&paygate, Backend::Sqlite, server_cpu, &options.log_level, &[])?);
         if let (Some(pg), true) = (&postgres, needs_postgres) {
-            paygates.push(Paygate::start(&paygate, pg.clone(), server_cpu, &options.log_level)?);
+            paygates.push(Paygate::start(&paygate, pg.clone(), server_cpu, &options.log_level, &[])?);
         }
     }
 
@@ -325,6 +345,45 @@ fn run(options: &Options, mut wanted: Vec<Scenario>) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn run_callgrind(options: &Options, requests: u64, top: usize) -> anyhow::Result<()> {
+    if oha::on_path("valgrind").is_none() || oha::on_path("callgrind_control").is_none() {
+        bail!("valgrind not found: apt-get install -y valgrind");
+    }
+    let paygate = servers::build_paygate(&workspace_root())?;
+    let target_dir = paygate.parent().and_then(Path::parent).context("paygate executable path")?.to_path_buf();
+    let oha = oha::locate_or_install(&target_dir.join("bench-tools"))?;
+    let dir = target_dir.join("bench-callgrind");
+    std::fs::create_dir_all(&dir)?;
+    let none = Keys { valid: "", bad_checksum: "", unknown: "", over_limit: "" };
+    let mut profiles = Vec::new();
+    {
+        let hello = Hello::start(None, &callgrind::wrapper(&dir, "baseline"))?;
+        let request = scenarios::request(Scenario::Baseline, &format!("http://{}", hello.addr), &none, None)?;
+        profiles.push(callgrind::profile("baseline", hello.pid(), &dir, &oha, &request, requests)?);
+    }
+    {
+        let p = Paygate::start(&paygate, Backend::Sqlite, None, &options.log_level, &callgrind::wrapper(&dir, "me"))?;
+        let keys = Keys { valid: &p.seed.key, ..none };
+        let request = scenarios::request(Scenario::Me, &format!("http://{}", p.addr), &keys, None)?;
+        profiles.push(callgrind::profile("me", p.pids()[0], &dir, &oha, &request, requests)?);
+    }
+    for p in &profiles {
+        println!(
+            "\n== {}: {:.0} instructions/request ({} instructions, {} requests; {})",
+            p.name,
+            p.per_request(),
+            p.instructions,
+            p.requests,
+            p.file.display()
+        );
+        println!("{}", callgrind::top_inclusive(&p.file, top)?);
+    }
+    if let [base, me] = &profiles[..] {
+        println!("\nGET /v1/me ÷ baseline: {:.2}× the instructions per request", me.per_request() / base.per_request());
+    }
+    Ok(())
+}
+
 /// Warm up, then measure one scenario once.
 fn measure(
     oha: &Path,
@@ -333,7 +392,7 @@ fn measure(
     round: u32,
     options: &Options,
 ) -> anyhow::Result<Sample> {
-    let warm = oha::run(oha, load_cpu, &target.request, target.load, options.warmup)?;
+    let warm = oha::run(oha, load_cpu, &target.request, target.load, oha::Stop::After(options.warmup))?;
     let expected = target.scenario.expected_status();
     if warm.statuses.get(&expected).copied().unwrap_or(0) == 0 {
         bail!(
@@ -345,7 +404,7 @@ fn measure(
         );
     }
     let before = procstat::cpu_seconds(&target.pids)?;
-    let outcome = oha::run(oha, load_cpu, &target.request, target.load, options.duration)?;
+    let outcome = oha::run(oha, load_cpu, &target.request, target.load, oha::Stop::After(options.duration))?;
     let after = procstat::cpu_seconds(&target.pids)?;
     let responses = outcome.responses();
     Ok(Sample {

@@ -87,10 +87,20 @@ pub fn parse_report(json: &str) -> anyhow::Result<Outcome> {
     })
 }
 
-/// The oha command line for `request` under `load` for `duration`.
-pub fn arguments(request: &Request, load: Load, duration: Duration) -> Vec<String> {
+/// When a run ends.
+#[derive(Debug, Clone, Copy)]
+pub enum Stop {
+    After(Duration),
+    Requests(u64),
+}
+
+/// The oha command line for `request` under `load` until `stop`.
+pub fn arguments(request: &Request, load: Load, stop: Stop) -> Vec<String> {
     let mut args: Vec<String> = vec!["--no-tui".into(), "--output-format".into(), "json".into()];
-    args.extend(["-z".into(), format!("{}ms", duration.as_millis())]);
+    match stop {
+        Stop::After(duration) => args.extend(["-z".into(), format!("{}ms", duration.as_millis())]),
+        Stop::Requests(n) => args.extend(["-n".into(), n.to_string()]),
+    }
     match load {
         Load::Closed { connections } => args.extend(["-c".into(), connections.to_string()]),
         Load::Open { connections, rate } => {
@@ -110,8 +120,8 @@ pub fn arguments(request: &Request, load: Load, duration: Duration) -> Vec<Strin
 }
 
 /// Runs oha pinned to `cpu` (when taskset is available) and parses its report.
-pub fn run(oha: &Path, cpu: Option<u32>, request: &Request, load: Load, duration: Duration) -> anyhow::Result<Outcome> {
-    let args = arguments(request, load, duration);
+pub fn run(oha: &Path, cpu: Option<u32>, request: &Request, load: Load, stop: Stop) -> anyhow::Result<Outcome> {
+    let args = arguments(request, load, stop);
     let mut command = match cpu {
         Some(cpu) => {
             let mut c = Command::new("taskset");
@@ -199,12 +209,12 @@ mod tests {
             headers: vec![("Authorization".into(), "Bearer k".into())],
             body: None,
         };
-        let closed = arguments(&request, Load::Closed { connections: 50 }, Duration::from_secs(10));
+        let closed = arguments(&request, Load::Closed { connections: 50 }, Stop::After(Duration::from_secs(10)));
         assert_eq!(
             closed.join(" "),
             "--no-tui --output-format json -z 10000ms -c 50 -m GET -H Authorization: Bearer k http://127.0.0.1:1/v1/me"
         );
-        let open = arguments(&request, Load::Open { connections: 100, rate: 10_000 }, Duration::from_secs(1));
-        assert!(open.join(" ").contains("-c 100 -q 10000 --latency-correction"));
+        let open = arguments(&request, Load::Open { connections: 100, rate: 10_000 }, Stop::Requests(7));
+        assert!(open.join(" ").contains("-n 7 -c 100 -q 10000 --latency-correction"));
     }
 }

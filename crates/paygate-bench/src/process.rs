@@ -59,17 +59,19 @@ impl Drop for Owned {
     }
 }
 
-/// `command` prefixed with `taskset -c CPU` when a CPU is given. taskset execs
-/// the program, so the child's pid is the program's.
-pub fn pinned(cpu: Option<u32>, program: &Path) -> Command {
-    match cpu {
-        Some(cpu) => {
-            let mut c = Command::new("taskset");
-            c.args(["-c", &cpu.to_string()]).arg(program);
-            c
-        }
-        None => Command::new(program),
+/// `program` prefixed with `taskset -c CPU` when a CPU is given, and with
+/// `wrapper` (e.g. valgrind and its options) when not empty. taskset and
+/// valgrind exec the program, so the child's pid is the program's.
+pub fn launch(cpu: Option<u32>, wrapper: &[String], program: &Path) -> Command {
+    let mut words: Vec<std::ffi::OsString> = Vec::new();
+    if let Some(cpu) = cpu {
+        words.extend(["taskset".into(), "-c".into(), cpu.to_string().into()]);
     }
+    words.extend(wrapper.iter().map(Into::into));
+    words.push(program.into());
+    let mut c = Command::new(&words[0]);
+    c.args(&words[1..]);
+    c
 }
 
 /// Spawns `command` and waits for the first stdout line containing `marker`; returns it.

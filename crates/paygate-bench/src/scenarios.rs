@@ -125,11 +125,12 @@ pub fn request(scenario: Scenario, base: &str, keys: &Keys<'_>, payment_id: Opti
             Request { method: "GET", url: format!("{base}/v1/payments/{id}"), headers: bearer(keys.valid), body: None }
         }
         Scenario::PaymentCreate => {
-            // Hook: every request needs a fresh `Idempotency-Key`, which oha
-            // cannot vary per request in a header. When payments land, either
-            // give oha one request per line from a file (oha's body/URL
-            // randomisation flags; check `oha --help` of the installed
-            // version) or put a small generator here.
+            // Hook: every request needs a fresh `Idempotency-Key` header, and
+            // oha 1.16 varies only URLs (`--rand-regex-url`, `--urls-from-file`)
+            // and bodies (`-Z`, one body per line), not headers. When payments
+            // land, send this scenario with a small closed-loop generator of
+            // our own (hyper client, a fresh key per request, same pinning and
+            // the same Outcome), or check whether a newer oha varies headers.
             anyhow::bail!("scenario 4 needs per-request Idempotency-Key generation; not written yet (payments API)")
         }
     })

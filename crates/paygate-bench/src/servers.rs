@@ -143,7 +143,14 @@ impl Paygate {
         vec![self.server.pid()]
     }
 
-    pub fn start(paygate: &Path, backend: Backend, cpu: Option<u32>, log_level: &str) -> anyhow::Result<Self> {
+    /// `wrapper`: a command the server runs under (valgrind for instruction counts).
+    pub fn start(
+        paygate: &Path,
+        backend: Backend,
+        cpu: Option<u32>,
+        log_level: &str,
+        wrapper: &[String],
+    ) -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new().prefix("paygate-bench-").tempdir()?;
         let run_id = format!("{}_{}", std::process::id(), unix_millis());
         let pepper = dir.path().join("pepper");
@@ -179,7 +186,7 @@ impl Paygate {
             env.push(("PAYGATE_REDIS_PREFIX", format!("paygate-bench-{run_id}:")));
         }
         let cli = |args: &[&str]| -> anyhow::Result<String> {
-            let mut c = paygate_command(paygate, None, &env);
+            let mut c = paygate_command(paygate, None, &[], &env);
             c.args(args).env("PAYGATE_LOG_LEVEL", "warn");
             process::output(c, &format!("paygate {}", args.join(" ")))
         };
@@ -213,10 +220,10 @@ impl Paygate {
         cli(&["admin", "key", "set-limits", &limited_id, "--rate", &limited_rate.to_string(), "--burst", "1"])?;
 
         let log = dir.path().join("server.log");
-        let mut command = paygate_command(paygate, cpu, &env);
+        let mut command = paygate_command(paygate, cpu, wrapper, &env);
         command.arg("serve").stderr(std::fs::File::create(&log)?);
         let (server, line) =
-            process::spawn_watching_log("paygate", command, &log, "paygate listening", Duration::from_secs(60))?;
+            process::spawn_watching_log("paygate", command, &log, "paygate listening", Duration::from_secs(300))?;
         let addr = listen_address(&line).with_context(|| format!("no api= address in {line:?}"))?;
         println!("paygate ({}) on {addr}, pid {}, log {}", backend.name(), server.pid(), log.display());
         Ok(Self {
@@ -230,8 +237,8 @@ impl Paygate {
     }
 }
 
-fn paygate_command(paygate: &Path, cpu: Option<u32>, env: &[(&str, String)]) -> Command {
-    let mut c = process::pinned(cpu, paygate);
+fn paygate_command(paygate: &Path, cpu: Option<u32>, wrapper: &[String], env: &[(&str, String)]) -> Command {
+    let mut c = process::launch(cpu, wrapper, paygate);
     // Only the settings chosen here: nothing from the caller's PAYGATE_* environment.
     for (name, _) in std::env::vars_os().filter_map(|(k, v)| Some((k.into_string().ok()?, v))) {
         if name.starts_with("PAYGATE_") {
@@ -266,9 +273,9 @@ pub struct Hello {
 }
 
 impl Hello {
-    pub fn start(cpu: Option<u32>) -> anyhow::Result<Self> {
+    pub fn start(cpu: Option<u32>, wrapper: &[String]) -> anyhow::Result<Self> {
         let exe = std::env::current_exe()?;
-        let mut command = process::pinned(cpu, &exe);
+        let mut command = process::launch(cpu, wrapper, &exe);
         command.args(["hello-server", "--listen", "127.0.0.1:0"]);
         let (server, line) = process::spawn_reading_stdout("hello server", command, "listening on")?;
         let addr = line.rsplit(' ').next().unwrap_or_default().parse().context("hello server address")?;
@@ -304,6 +311,7 @@ http {{
     fastcgi_temp_path {d}/fastcgi;
     uwsgi_temp_path {d}/uwsgi;
     scgi_temp_path {d}/scgi;
+    map_hash_bucket_size 256;
     map $http_authorization $api_key_allowed {{
         default 0;
         "Bearer {key}" 1;
@@ -343,7 +351,7 @@ impl Nginx {
         let listen = free_port()?;
         let conf = dir.path().join("nginx.conf");
         std::fs::write(&conf, nginx_config(dir.path(), listen, upstream, key))?;
-        let mut command = process::pinned(cpu, &nginx);
+        let mut command = process::launch(cpu, &[], &nginx);
         command.arg("-p").arg(dir.path()).arg("-c").arg(&conf).args(["-g", "daemon off;"]);
         command.stderr(Stdio::inherit());
         let server = Owned::spawn("nginx", command)?;
