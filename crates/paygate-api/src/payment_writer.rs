@@ -10,7 +10,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use parking_lot::Mutex;
-use paygate_domain::CompanyId;
+use paygate_domain::{CompanyId, KeyMode};
 use paygate_store::{PaymentCreate, PaymentCreated, Store, StoreError, StoreResult};
 use tokio::sync::{mpsc, oneshot};
 
@@ -23,13 +23,13 @@ const MAX_BATCH: usize = 256;
 #[derive(Clone)]
 pub struct PaymentWriter {
     tx: mpsc::Sender<Job>,
-    in_flight: Arc<Mutex<HashSet<(CompanyId, String)>>>,
+    in_flight: Arc<Mutex<HashSet<(CompanyId, KeyMode, String)>>>,
 }
 
 /// Holds an idempotency key as "being processed on this node" until dropped.
 pub struct InFlight {
-    set: Arc<Mutex<HashSet<(CompanyId, String)>>>,
-    key: (CompanyId, String),
+    set: Arc<Mutex<HashSet<(CompanyId, KeyMode, String)>>>,
+    key: (CompanyId, KeyMode, String),
 }
 
 impl Drop for InFlight {
@@ -75,8 +75,8 @@ impl PaymentWriter {
     /// Claims an idempotency key on this node; `None` if a request with the same
     /// key is already being processed here. Other nodes are excluded by the
     /// key's primary key in the database.
-    pub fn claim(&self, company: CompanyId, key: &str) -> Option<InFlight> {
-        let entry = (company, key.to_owned());
+    pub fn claim(&self, company: CompanyId, mode: KeyMode, key: &str) -> Option<InFlight> {
+        let entry = (company, mode, key.to_owned());
         let mut set = self.in_flight.lock();
         if !set.insert(entry.clone()) {
             return None;

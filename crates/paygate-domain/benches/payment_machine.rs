@@ -29,7 +29,7 @@ fn payment_machine(c: &mut Criterion) {
     let account = BankAccount::parse(&input).unwrap();
     let company = CompanyId::generate();
     group.bench_function("seal_and_fingerprint", |b| {
-        b.iter(|| (key.seal(&account, company, "pye_1"), key.fingerprint(&account, company)))
+        b.iter(|| (key.seal(&account, company, "pye_1"), key.fingerprint(&account, company, KeyMode::Test)))
     });
     let policy = ApprovalPolicy::demo();
     let draft = PaymentDraft {

@@ -16,7 +16,8 @@ use crate::CompanyId;
 pub type FieldProblem = (&'static str, String);
 
 /// The bank account as sent by the client (`bank_account` in `POST /v1/payees`).
-#[derive(Debug, Default, Clone, serde::Deserialize, utoipa::ToSchema)]
+/// `Debug` never shows the account number or IBAN.
+#[derive(Default, Clone, serde::Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BankAccountInput {
     /// `iban` or `us_ach`.
@@ -31,6 +32,12 @@ pub struct BankAccountInput {
     pub account_number: Option<String>,
     /// scheme `us_ach`: `checking` or `savings`.
     pub account_type: Option<String>,
+}
+
+impl std::fmt::Debug for BankAccountInput {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BankAccountInput").field("scheme", &self.scheme).finish_non_exhaustive()
+    }
 }
 
 /// A validated bank account. Holds the full account number; drop it once the
@@ -322,10 +329,13 @@ impl DataKey {
         String::from_utf8(plain).map(Zeroizing::new).map_err(|_| DecryptError)
     }
 
-    /// `fp_` + 32 hex characters of HMAC(fingerprint key, company ‖ account).
-    pub fn fingerprint(&self, account: &BankAccount, company: CompanyId) -> String {
+    /// `fp_` + 32 hex characters of HMAC(fingerprint key, company ‖ mode ‖
+    /// account): test-mode payees (which anyone with a test key can create)
+    /// cannot be used to confirm guesses about live accounts.
+    pub fn fingerprint(&self, account: &BankAccount, company: CompanyId, mode: crate::KeyMode) -> String {
         let mut mac = self.fingerprint.clone();
         mac.update(company.as_uuid().as_bytes());
+        mac.update(mode.as_str().as_bytes());
         mac.update(account.identity().as_bytes());
         let digest = mac.finalize().into_bytes();
         format!("fp_{}", hex::encode(&digest[..16]))
@@ -398,6 +408,7 @@ mod tests {
 
     #[test]
     fn sealed_numbers_open_only_for_their_row_and_fingerprints_are_per_company() {
+        const T: crate::KeyMode = crate::KeyMode::Test;
         let key = DataKey::new(&[7u8; 32]).unwrap();
         let account = iban("DE89370400440532013000").unwrap();
         let (a, b) = (CompanyId::generate(), CompanyId::generate());
@@ -407,8 +418,12 @@ mod tests {
         assert!(key.open(&sealed, a, "pye_2").is_err());
         assert!(key.open(&sealed, b, "pye_1").is_err());
         assert!(DataKey::new(&[8u8; 32]).unwrap().open(&sealed, a, "pye_1").is_err());
-        assert_eq!(key.fingerprint(&account, a), key.fingerprint(&iban("DE89 3704 0044 0532 0130 00").unwrap(), a));
-        assert_ne!(key.fingerprint(&account, a), key.fingerprint(&account, b));
+        assert_eq!(
+            key.fingerprint(&account, a, T),
+            key.fingerprint(&iban("DE89 3704 0044 0532 0130 00").unwrap(), a, T)
+        );
+        assert_ne!(key.fingerprint(&account, a, T), key.fingerprint(&account, b, T));
+        assert_ne!(key.fingerprint(&account, a, T), key.fingerprint(&account, a, crate::KeyMode::Live));
         assert!(DataKey::new(&[1u8; 31]).is_none());
     }
 }

@@ -102,13 +102,20 @@ impl Actor {
     }
 
     /// Same key, same owner, or same principal: the same pair of eyes.
+    /// Owners compare without case and with runs of white space as one, so
+    /// "Alice" and "alice " are one person.
     pub fn same_eyes(&self, other: &Actor) -> bool {
+        let owner = |a: &Actor| a.owner.as_deref().map(normalize_owner);
         self.kind == "api_key"
             && other.kind == "api_key"
             && (self.id == other.id
-                || (self.owner.is_some() && self.owner == other.owner)
+                || (self.owner.is_some() && owner(self) == owner(other))
                 || (self.principal.is_some() && self.principal == other.principal))
     }
+}
+
+fn normalize_owner(owner: &str) -> String {
+    owner.split_whitespace().collect::<Vec<_>>().join(" ").to_lowercase()
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -163,7 +170,9 @@ pub struct ApprovalPolicy {
     pub rules: BTreeMap<String, ApprovalRule>,
     /// How long a payment waits for its approvals before it expires.
     pub approval_ttl_seconds: u32,
-    /// Whether one key may hold both `payments:write` and `payments:approve`.
+    /// Whether one key may hold `payments:write` together with
+    /// `payments:approve` or `policy:manage` (either lets one credential
+    /// create a payment and also approve it, or waive its approval).
     pub allow_write_and_approve_keys: bool,
 }
 
@@ -171,6 +180,16 @@ impl Default for ApprovalPolicy {
     fn default() -> Self {
         Self { rules: BTreeMap::new(), approval_ttl_seconds: Self::DEFAULT_TTL, allow_write_and_approve_keys: false }
     }
+}
+
+/// Scopes that, together on one key, let that key both create a payment and
+/// approve it or waive its approval. `None` if `scopes` has no such pair.
+pub fn conflicting_scopes(scopes: crate::ScopeSet) -> Option<(crate::Scope, crate::Scope)> {
+    use crate::Scope::{PaymentsApprove, PaymentsWrite, PolicyManage};
+    if !scopes.contains(PaymentsWrite) {
+        return None;
+    }
+    [PaymentsApprove, PolicyManage].into_iter().find(|s| scopes.contains(*s)).map(|s| (PaymentsWrite, s))
 }
 
 impl ApprovalPolicy {
@@ -656,6 +675,11 @@ mod tests {
         let mut p = Payment::create(draft(200_000_000), crate::KeyMode::Test, key_actor(1, "erp"), &policy, now());
         assert_eq!(p.approve(key_actor(1, "erp"), now()), Err(PaymentError::ApproverIsInitiator), "same key");
         assert_eq!(p.approve(key_actor(2, "erp"), now()), Err(PaymentError::ApproverIsInitiator), "same owner");
+        assert_eq!(
+            p.approve(key_actor(2, " ERP "), now()),
+            Err(PaymentError::ApproverIsInitiator),
+            "same owner, other case"
+        );
         let mut same_principal = key_actor(3, "someone else");
         same_principal.principal = Some("key_1".into());
         assert_eq!(p.approve(same_principal, now()), Err(PaymentError::ApproverIsInitiator), "same principal");

@@ -182,13 +182,13 @@ pub async fn create_key(
     let name = Label::parse(name).map_err(|e| anyhow!("--name {e}"))?;
     let owner = Label::parse(owner).map_err(|e| anyhow!("--owner {e}"))?;
     let scope = operator_scope(store, company);
-    if scopes.contains(paygate_domain::Scope::PaymentsWrite) && scopes.contains(paygate_domain::Scope::PaymentsApprove)
-    {
-        let policy = store.approval_policy(&scope).await?;
+    if let Some((a, b)) = paygate_domain::payment::conflicting_scopes(scopes) {
+        let policy = store.approval_policy(&scope, mode).await?;
         if !policy.allow_write_and_approve_keys {
             bail!(
-                "conflicting_scopes: this company's approval policy does not allow one key to hold both \
-                 payments:write and payments:approve (four eyes need two keys)"
+                "conflicting_scopes: this company's {} approval policy does not allow one key to hold both {a} and {b} \
+                 (four eyes need two keys)",
+                mode.as_str()
             );
         }
     }

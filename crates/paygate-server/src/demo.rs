@@ -45,9 +45,11 @@ pub async fn prepare(store: &dyn OperatorStore, hasher: &KeyHasher, api_addr: So
         ("company", company.id.to_string()),
         serde_json::to_value(&policy)?,
     );
-    store.set_approval_policy(&operator_scope(store, company.id), &policy, &record).await?;
+    store.set_approval_policy(&operator_scope(store, company.id), KeyMode::Test, &policy, &record).await?;
+    // Four eyes: the initiator can neither approve nor change the approval policy.
     let mut initiator_scopes = ScopeSet::all();
     initiator_scopes.remove(Scope::PaymentsApprove);
+    initiator_scopes.remove(Scope::PolicyManage);
     let approver_scopes: ScopeSet = [Scope::PaymentsApprove, Scope::PaymentsRead].into_iter().collect();
     let (initiator, initiator_text) = create_key(
         store,

@@ -32,9 +32,17 @@ pub trait Rail: Send + Sync {
     fn name(&self) -> &'static str;
 
     /// The next step for a payment in `approved`, `processing` or `completed`;
-    /// `None` when nothing more will happen. `account` is the decrypted
-    /// account number (IBAN or ACH account).
-    async fn next_step(&self, payment: &Payment, account: &str) -> anyhow::Result<Option<RailDecision>>;
+    /// `None` when nothing more will happen. Must not move money: it may run
+    /// on several nodes for the same payment. For `approved` the step is
+    /// `Submitted`, and the money moves only in [`Rail::submit`].
+    async fn next_step(&self, payment: &Payment) -> anyhow::Result<Option<RailDecision>>;
+
+    /// Hands the payment to the rail. Called only by the node whose write of
+    /// `processing` won, after that write committed; must be idempotent by
+    /// payment id (a crash after the write and before this call is followed,
+    /// at the next step, by the rail saying it does not know the payment, and
+    /// the worker submitting again). `account` is the decrypted account number.
+    async fn submit(&self, payment: &Payment, account: &str) -> anyhow::Result<()>;
 }
 
 /// The test-mode rail. Outcomes follow the amount's last two digits (minor units):
@@ -58,7 +66,11 @@ impl Rail for SimulatedRail {
         "simulated"
     }
 
-    async fn next_step(&self, payment: &Payment, _account: &str) -> anyhow::Result<Option<RailDecision>> {
+    async fn submit(&self, _payment: &Payment, _account: &str) -> anyhow::Result<()> {
+        Ok(())
+    }
+
+    async fn next_step(&self, payment: &Payment) -> anyhow::Result<Option<RailDecision>> {
         let cents = payment.amount.minor_units() % 100;
         let decision = match payment.status {
             PaymentStatus::Approved => {
@@ -135,13 +147,35 @@ impl PaymentWorker {
         let due = self.store.due_payments(now, 200).await?;
         let mut taken = 0;
         for (company, payment) in due {
+            let id = payment.id;
             match self.advance(company, payment, now).await {
                 Ok(true) => taken += 1,
                 Ok(false) => {}
-                Err(error) => tracing::warn!(%error, company = %company, "payment step failed; will retry"),
+                Err(error) => {
+                    metrics::counter!("paygate_payment_step_failures_total").increment(1);
+                    tracing::warn!(%error, company = %company, payment = %id, "payment step failed; retrying in 60 s");
+                    if let Err(error) = self.defer(company, id, &error.to_string()).await {
+                        tracing::warn!(%error, payment = %id, "could not defer the failed payment step");
+                    }
+                }
             }
         }
         Ok(taken)
+    }
+
+    /// Moves a payment whose step failed to the back of the queue, so one
+    /// broken payment cannot hold up the others, and records the failure.
+    async fn defer(&self, company: CompanyId, id: paygate_domain::PaymentId, error: &str) -> anyhow::Result<()> {
+        let scope = operator_scope(self.store.as_ref(), company);
+        let Some(mut payment) = self.store.get_payment(&scope, KeyMode::Test, id).await? else { return Ok(()) };
+        let read_revision = payment.revision;
+        payment.revision += 1;
+        payment.rail_next_at = Some(paygate_domain::now() + Duration::from_secs(60));
+        let mut record =
+            system_entry("rail", company, &payment, serde_json::json!({"outcome": "retry_later", "error": error}));
+        record.outcome = Outcome::Failed;
+        self.store.update_payment(&scope, &payment, read_revision, &record).await?;
+        Ok(())
     }
 
     async fn advance(
@@ -162,12 +196,7 @@ impl PaymentWorker {
             payment.revision += 1;
             system_entry("rail:none", company, &payment, serde_json::json!({"outcome": "no_rail_configured"}))
         } else {
-            let sealed =
-                self.store.payee_sealed_account(&scope, payment.mode, payment.payee_id).await?.ok_or_else(|| {
-                    anyhow::anyhow!("payee {} of payment {} is missing", payment.payee_id, payment.id)
-                })?;
-            let account = self.data_key.open(&sealed, company, &payment.payee_id.to_string())?;
-            let Some(decision) = self.rail.next_step(&payment, &account).await? else {
+            let Some(decision) = self.rail.next_step(&payment).await? else {
                 payment.rail_next_at = None;
                 payment.revision += 1;
                 let record = system_entry("rail", company, &payment, serde_json::json!({"outcome": "nothing_due"}));
@@ -179,12 +208,27 @@ impl PaymentWorker {
                 SettlementStep::Failed(r) | SettlementStep::Returned(r) => Some(r.clone()),
                 _ => None,
             };
-            system_entry(
+            let record = system_entry(
                 &format!("rail:{}", self.rail.name()),
                 company,
                 &payment,
                 serde_json::json!({"previous_status": previous, "status": payment.status, "reason": reason}),
-            )
+            );
+            if decision.step == SettlementStep::Submitted {
+                // Record `processing` first; only the node whose write won submits.
+                if !self.store.update_payment(&scope, &payment, read_revision, &record).await? {
+                    return Ok(false);
+                }
+                let sealed =
+                    self.store.payee_sealed_account(&scope, payment.mode, payment.payee_id).await?.ok_or_else(
+                        || anyhow::anyhow!("payee {} of payment {} is missing", payment.payee_id, payment.id),
+                    )?;
+                let account = self.data_key.open(&sealed, company, &payment.payee_id.to_string())?;
+                self.rail.submit(&payment, &account).await?;
+                tracing::info!(payment = %payment.id, from = previous.as_str(), "payment submitted to the rail");
+                return Ok(true);
+            }
+            record
         };
         let written = self.store.update_payment(&scope, &payment, read_revision, &record).await?;
         if written {

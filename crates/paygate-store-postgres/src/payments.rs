@@ -16,7 +16,7 @@ use uuid::Uuid;
 use crate::{PostgresStore, append_in, commit_change, corrupt, get, map_err};
 
 const PAYEE_COLUMNS: &str =
-    "id, mode, name, kind, email, bank_account, metadata, status, created_at, disabled_at FROM payees";
+    "id, mode, name, kind, email, bank_account, metadata, status, created_at, disabled_at, created_by FROM payees";
 const PAYMENT_COLUMNS: &str = "id, company_id, mode, payee_id, amount, currency, reference, requested_execution_date, \
      status, version, revision, approval_expires_at, rail_next_at, created_at, updated_at, doc FROM payments";
 
@@ -32,6 +32,7 @@ fn payee_from_row(row: &PgRow) -> StoreResult<Payee> {
         status: get(row, "status")?,
         created_at: get(row, "created_at")?,
         disabled_at: get(row, "disabled_at")?,
+        created_by: get(row, "created_by")?,
     }
     .into_payee()
 }
@@ -95,7 +96,7 @@ async fn savepoint(conn: &mut PgConnection, sql: &'static str) -> StoreResult<()
 /// undoes this item's payment.
 async fn create_one(conn: &mut PgConnection, item: &PaymentCreate) -> StoreResult<PaymentCreated> {
     let company = item.scope.company_id();
-    if let Some(existing) = stored_response(&mut *conn, company, &item.idempotency_key).await? {
+    if let Some(existing) = stored_response(&mut *conn, company, item.mode, &item.idempotency_key).await? {
         return Ok(PaymentCreated::Existing(existing));
     }
     let payee: Option<String> =
@@ -113,10 +114,11 @@ async fn create_one(conn: &mut PgConnection, item: &PaymentCreate) -> StoreResul
     }
     insert_payment(conn, company, &item.payment).await?;
     let claimed = sqlx::query(
-        "INSERT INTO idempotency_keys (company_id, key, fingerprint, response_status, response_body, payment_id, \
-         created_at, expires_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT DO NOTHING",
+        "INSERT INTO idempotency_keys (company_id, mode, key, fingerprint, response_status, response_body, \
+         payment_id, created_at, expires_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT DO NOTHING",
     )
     .bind(company.as_uuid())
+    .bind(item.mode.as_str())
     .bind(&item.idempotency_key)
     .bind(&item.response.fingerprint)
     .bind(item.response.status as i32)
@@ -129,7 +131,7 @@ async fn create_one(conn: &mut PgConnection, item: &PaymentCreate) -> StoreResul
     .map_err(map_err)?
     .rows_affected();
     if claimed == 0 {
-        let existing = stored_response(conn, company, &item.idempotency_key).await?;
+        let existing = stored_response(conn, company, item.mode, &item.idempotency_key).await?;
         return existing.map(PaymentCreated::Existing).ok_or_else(|| StoreError::Internal("idempotency race".into()));
     }
     Ok(PaymentCreated::Created)
@@ -138,13 +140,15 @@ async fn create_one(conn: &mut PgConnection, item: &PaymentCreate) -> StoreResul
 async fn stored_response(
     conn: &mut PgConnection,
     company: CompanyId,
+    mode: KeyMode,
     key: &str,
 ) -> StoreResult<Option<StoredResponse>> {
     let row = sqlx::query(
         "SELECT fingerprint, response_status, response_body, payment_id FROM idempotency_keys \
-         WHERE company_id = $1 AND key = $2",
+         WHERE company_id = $1 AND mode = $2 AND key = $3",
     )
     .bind(company.as_uuid())
+    .bind(mode.as_str())
     .bind(key)
     .fetch_optional(conn)
     .await
@@ -161,32 +165,35 @@ async fn stored_response(
 }
 
 impl PostgresStore {
-    pub(crate) async fn approval_policy_of(&self, scope: &CompanyScope) -> StoreResult<ApprovalPolicy> {
-        let text: Option<Option<String>> = sqlx::query_scalar("SELECT approval_policy FROM companies WHERE id = $1")
-            .bind(scope.company_id().as_uuid())
-            .fetch_optional(self.pool())
-            .await
-            .map_err(map_err)?;
-        policy_from_text(text.ok_or(StoreError::NotFound("company"))?)
+    pub(crate) async fn approval_policy_of(&self, scope: &CompanyScope, mode: KeyMode) -> StoreResult<ApprovalPolicy> {
+        let text: Option<String> =
+            sqlx::query_scalar("SELECT policy FROM approval_policies WHERE company_id = $1 AND mode = $2")
+                .bind(scope.company_id().as_uuid())
+                .bind(mode.as_str())
+                .fetch_optional(self.pool())
+                .await
+                .map_err(map_err)?;
+        policy_from_text(text)
     }
 
     pub(crate) async fn write_approval_policy(
         &self,
         scope: &CompanyScope,
+        mode: KeyMode,
         policy: &ApprovalPolicy,
         audit: &AuditEntry,
     ) -> StoreResult<()> {
         let mut tx = self.begin_write().await?;
-        let changed = sqlx::query("UPDATE companies SET approval_policy = $1 WHERE id = $2")
-            .bind(policy_text(policy))
-            .bind(scope.company_id().as_uuid())
-            .execute(&mut *tx)
-            .await
-            .map_err(map_err)?
-            .rows_affected();
-        if changed == 0 {
-            return Err(StoreError::NotFound("company"));
-        }
+        sqlx::query(
+            "INSERT INTO approval_policies (company_id, mode, policy) VALUES ($1, $2, $3) \
+             ON CONFLICT (company_id, mode) DO UPDATE SET policy = excluded.policy",
+        )
+        .bind(scope.company_id().as_uuid())
+        .bind(mode.as_str())
+        .bind(policy_text(policy))
+        .execute(&mut *tx)
+        .await
+        .map_err(map_err)?;
         commit_change(tx, audit).await
     }
 
@@ -197,11 +204,11 @@ impl PostgresStore {
         audit: &AuditEntry,
     ) -> StoreResult<()> {
         let p = &new.payee;
-        let (bank_account, metadata) = p.json_columns();
+        let (bank_account, metadata, created_by) = p.json_columns();
         let mut tx = self.begin_write().await?;
         sqlx::query(
             "INSERT INTO payees (id, company_id, mode, name, kind, email, bank_account, fingerprint, account_sealed, \
-             metadata, status, created_at, disabled_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, NULL)",
+             metadata, status, created_at, disabled_at, created_by) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, NULL, $13)",
         )
         .bind(p.id.as_uuid())
         .bind(scope.company_id().as_uuid())
@@ -215,6 +222,7 @@ impl PostgresStore {
         .bind(metadata)
         .bind(p.status.as_str())
         .bind(p.created_at)
+        .bind(created_by)
         .execute(&mut *tx)
         .await
         .map_err(map_err)?;
@@ -351,10 +359,11 @@ impl PostgresStore {
     pub(crate) async fn find_stored_response(
         &self,
         scope: &CompanyScope,
+        mode: KeyMode,
         key: &str,
     ) -> StoreResult<Option<StoredResponse>> {
         let mut conn = self.pool().acquire().await.map_err(map_err)?;
-        stored_response(&mut conn, scope.company_id(), key).await
+        stored_response(&mut conn, scope.company_id(), mode, key).await
     }
 
     pub(crate) async fn find_payment(
@@ -442,9 +451,13 @@ impl PostgresStore {
     }
 
     pub(crate) async fn due(&self, now: OffsetDateTime, limit: u32) -> StoreResult<Vec<(CompanyId, Payment)>> {
+        // Two index range scans (one per partial index), oldest deadline first,
+        // rather than one OR that the planner may answer with a table scan.
         let sql = format!(
-            "SELECT {PAYMENT_COLUMNS} WHERE (status = 'pending_approval' AND approval_expires_at <= $1) \
-             OR (rail_next_at IS NOT NULL AND rail_next_at <= $1) ORDER BY id LIMIT $2"
+            "SELECT * FROM (SELECT {PAYMENT_COLUMNS} WHERE status = 'pending_approval' AND approval_expires_at <= $1 \
+             ORDER BY approval_expires_at LIMIT $2) AS expiring \
+             UNION ALL SELECT * FROM (SELECT {PAYMENT_COLUMNS} WHERE rail_next_at IS NOT NULL AND rail_next_at <= $1 \
+             ORDER BY rail_next_at LIMIT $2) AS settling"
         );
         let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(now)

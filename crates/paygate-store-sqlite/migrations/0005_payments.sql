@@ -4,8 +4,14 @@
 -- The operator-issued key a key descends from (NULL: the key itself).
 ALTER TABLE api_keys ADD COLUMN principal_id BLOB REFERENCES api_keys (id);
 
--- JSON; NULL means the default policy.
-ALTER TABLE companies ADD COLUMN approval_policy TEXT;
+-- One approval policy per company and mode (JSON); none means the default.
+-- Per mode, so a test key can never loosen the rules for live payments.
+CREATE TABLE approval_policies (
+    company_id  BLOB NOT NULL REFERENCES companies (id),
+    mode        TEXT NOT NULL CHECK (mode IN ('live', 'test')),
+    policy      TEXT NOT NULL,
+    PRIMARY KEY (company_id, mode)
+) STRICT;
 
 CREATE TABLE payees (
     id              BLOB PRIMARY KEY,
@@ -20,6 +26,8 @@ CREATE TABLE payees (
     -- The account number, ChaCha20-Poly1305 under the application data key.
     account_sealed  BLOB NOT NULL,
     metadata        TEXT NOT NULL,
+    -- The key that created the payee (JSON actor): it may not approve payments to it.
+    created_by      TEXT,
     status          TEXT NOT NULL CHECK (status IN ('active', 'disabled')),
     created_at      INTEGER NOT NULL,
     disabled_at     INTEGER
@@ -54,9 +62,10 @@ CREATE INDEX payments_by_payee ON payments (company_id, payee_id, id DESC);
 CREATE INDEX payments_pending_deadline ON payments (approval_expires_at) WHERE status = 'pending_approval';
 CREATE INDEX payments_rail_due ON payments (rail_next_at) WHERE rail_next_at IS NOT NULL;
 
--- One row per (company, Idempotency-Key), committed with the payment it created.
+-- One row per (company, mode, Idempotency-Key), committed with the payment it created.
 CREATE TABLE idempotency_keys (
     company_id       BLOB NOT NULL REFERENCES companies (id),
+    mode             TEXT NOT NULL,
     key              TEXT NOT NULL,
     fingerprint      TEXT NOT NULL,
     response_status  INTEGER NOT NULL,
@@ -64,7 +73,7 @@ CREATE TABLE idempotency_keys (
     payment_id       BLOB NOT NULL REFERENCES payments (id),
     created_at       INTEGER NOT NULL,
     expires_at       INTEGER NOT NULL,
-    PRIMARY KEY (company_id, key)
+    PRIMARY KEY (company_id, mode, key)
 ) STRICT;
 
 CREATE INDEX idempotency_keys_expiry ON idempotency_keys (expires_at);

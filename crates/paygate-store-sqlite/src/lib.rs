@@ -649,17 +649,18 @@ impl Store for SqliteStore {
         row.as_ref().map(checkpoint_from_row).transpose()
     }
 
-    async fn approval_policy(&self, scope: &CompanyScope) -> StoreResult<ApprovalPolicy> {
-        self.approval_policy_of(scope).await
+    async fn approval_policy(&self, scope: &CompanyScope, mode: KeyMode) -> StoreResult<ApprovalPolicy> {
+        self.approval_policy_of(scope, mode).await
     }
 
     async fn set_approval_policy(
         &self,
         scope: &CompanyScope,
+        mode: KeyMode,
         policy: &ApprovalPolicy,
         audit: &AuditEntry,
     ) -> StoreResult<()> {
-        self.write_approval_policy(scope, policy, audit).await
+        self.write_approval_policy(scope, mode, policy, audit).await
     }
 
     async fn create_payee(&self, scope: &CompanyScope, new: &NewPayee, audit: &AuditEntry) -> StoreResult<()> {
@@ -704,8 +705,13 @@ impl Store for SqliteStore {
         self.create_payment_batch(items).await
     }
 
-    async fn idempotent_response(&self, scope: &CompanyScope, key: &str) -> StoreResult<Option<StoredResponse>> {
-        self.find_stored_response(scope, key).await
+    async fn idempotent_response(
+        &self,
+        scope: &CompanyScope,
+        mode: KeyMode,
+        key: &str,
+    ) -> StoreResult<Option<StoredResponse>> {
+        self.find_stored_response(scope, mode, key).await
     }
 
     async fn get_payment(&self, scope: &CompanyScope, mode: KeyMode, id: PaymentId) -> StoreResult<Option<Payment>> {

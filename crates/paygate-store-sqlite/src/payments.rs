@@ -7,8 +7,7 @@ use paygate_domain::payment::{ApprovalPolicy, Payment};
 use paygate_domain::{CompanyId, KeyMode, PayeeId, PaymentId};
 use paygate_store::{
     CompanyScope, NewPayee, Page, PageRequest, Payee, PayeeColumns, PayeeStatus, PaymentColumns, PaymentCreate,
-    PaymentCreated, PaymentFilter, StoreError, StoreResult, StoredResponse, date_text, payment_doc, policy_from_text,
-    policy_text,
+    PaymentCreated, PaymentFilter, StoreResult, StoredResponse, date_text, payment_doc, policy_from_text, policy_text,
 };
 use sqlx::SqliteConnection;
 use sqlx::sqlite::SqliteRow;
@@ -18,7 +17,7 @@ use uuid::Uuid;
 use crate::{SqliteStore, append_in, commit_change, corrupt, from_micros, get, map_err, micros, opt_from_micros};
 
 const PAYEE_COLUMNS: &str =
-    "id, mode, name, kind, email, bank_account, metadata, status, created_at, disabled_at FROM payees";
+    "id, mode, name, kind, email, bank_account, metadata, status, created_at, disabled_at, created_by FROM payees";
 const PAYMENT_COLUMNS: &str = "id, company_id, mode, payee_id, amount, currency, reference, requested_execution_date, \
      status, version, revision, approval_expires_at, rail_next_at, created_at, updated_at, doc FROM payments";
 
@@ -34,6 +33,7 @@ fn payee_from_row(row: &SqliteRow) -> StoreResult<Payee> {
         status: get(row, "status")?,
         created_at: from_micros(get(row, "created_at")?)?,
         disabled_at: opt_from_micros(get(row, "disabled_at")?)?,
+        created_by: get(row, "created_by")?,
     }
     .into_payee()
 }
@@ -97,7 +97,7 @@ async fn create_one(
 ) -> StoreResult<PaymentCreated> {
     let company = item.scope.company_id();
     // A key already used (also by an earlier item of this batch) answers with its response.
-    if let Some(existing) = stored_response(&mut *conn, company, &item.idempotency_key).await? {
+    if let Some(existing) = stored_response(&mut *conn, company, item.mode, &item.idempotency_key).await? {
         return Ok(PaymentCreated::Existing(existing));
     }
     let payee_key = (company, item.payment.payee_id, item.mode);
@@ -122,10 +122,11 @@ async fn create_one(
     }
     insert_payment(conn, company, &item.payment).await?;
     sqlx::query(
-        "INSERT INTO idempotency_keys (company_id, key, fingerprint, response_status, response_body, payment_id, \
-         created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO idempotency_keys (company_id, mode, key, fingerprint, response_status, response_body, \
+         payment_id, created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
     )
     .bind(company.as_uuid())
+    .bind(item.mode.as_str())
     .bind(&item.idempotency_key)
     .bind(&item.response.fingerprint)
     .bind(item.response.status as i64)
@@ -142,13 +143,15 @@ async fn create_one(
 async fn stored_response(
     conn: &mut SqliteConnection,
     company: CompanyId,
+    mode: KeyMode,
     key: &str,
 ) -> StoreResult<Option<StoredResponse>> {
     let row = sqlx::query(
         "SELECT fingerprint, response_status, response_body, payment_id FROM idempotency_keys \
-         WHERE company_id = ? AND key = ?",
+         WHERE company_id = ? AND mode = ? AND key = ?",
     )
     .bind(company.as_uuid())
+    .bind(mode.as_str())
     .bind(key)
     .fetch_optional(conn)
     .await
@@ -165,32 +168,35 @@ async fn stored_response(
 }
 
 impl SqliteStore {
-    pub(crate) async fn approval_policy_of(&self, scope: &CompanyScope) -> StoreResult<ApprovalPolicy> {
-        let text: Option<Option<String>> = sqlx::query_scalar("SELECT approval_policy FROM companies WHERE id = ?")
-            .bind(scope.company_id().as_uuid())
-            .fetch_optional(self.pool())
-            .await
-            .map_err(map_err)?;
-        policy_from_text(text.ok_or(StoreError::NotFound("company"))?)
+    pub(crate) async fn approval_policy_of(&self, scope: &CompanyScope, mode: KeyMode) -> StoreResult<ApprovalPolicy> {
+        let text: Option<String> =
+            sqlx::query_scalar("SELECT policy FROM approval_policies WHERE company_id = ? AND mode = ?")
+                .bind(scope.company_id().as_uuid())
+                .bind(mode.as_str())
+                .fetch_optional(self.pool())
+                .await
+                .map_err(map_err)?;
+        policy_from_text(text)
     }
 
     pub(crate) async fn write_approval_policy(
         &self,
         scope: &CompanyScope,
+        mode: KeyMode,
         policy: &ApprovalPolicy,
         audit: &AuditEntry,
     ) -> StoreResult<()> {
         let mut tx = self.begin_write().await?;
-        let changed = sqlx::query("UPDATE companies SET approval_policy = ? WHERE id = ?")
-            .bind(policy_text(policy))
-            .bind(scope.company_id().as_uuid())
-            .execute(&mut *tx)
-            .await
-            .map_err(map_err)?
-            .rows_affected();
-        if changed == 0 {
-            return Err(StoreError::NotFound("company"));
-        }
+        sqlx::query(
+            "INSERT INTO approval_policies (company_id, mode, policy) VALUES (?, ?, ?) \
+             ON CONFLICT (company_id, mode) DO UPDATE SET policy = excluded.policy",
+        )
+        .bind(scope.company_id().as_uuid())
+        .bind(mode.as_str())
+        .bind(policy_text(policy))
+        .execute(&mut *tx)
+        .await
+        .map_err(map_err)?;
         commit_change(tx, audit).await
     }
 
@@ -201,11 +207,11 @@ impl SqliteStore {
         audit: &AuditEntry,
     ) -> StoreResult<()> {
         let p = &new.payee;
-        let (bank_account, metadata) = p.json_columns();
+        let (bank_account, metadata, created_by) = p.json_columns();
         let mut tx = self.begin_write().await?;
         sqlx::query(
             "INSERT INTO payees (id, company_id, mode, name, kind, email, bank_account, fingerprint, account_sealed, \
-             metadata, status, created_at, disabled_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL)",
+             metadata, status, created_at, disabled_at, created_by) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, ?)",
         )
         .bind(p.id.as_uuid())
         .bind(scope.company_id().as_uuid())
@@ -219,6 +225,7 @@ impl SqliteStore {
         .bind(metadata)
         .bind(p.status.as_str())
         .bind(micros(p.created_at))
+        .bind(created_by)
         .execute(&mut *tx)
         .await
         .map_err(map_err)?;
@@ -339,10 +346,11 @@ impl SqliteStore {
     pub(crate) async fn find_stored_response(
         &self,
         scope: &CompanyScope,
+        mode: KeyMode,
         key: &str,
     ) -> StoreResult<Option<StoredResponse>> {
         let mut conn = self.pool().acquire().await.map_err(map_err)?;
-        stored_response(&mut conn, scope.company_id(), key).await
+        stored_response(&mut conn, scope.company_id(), mode, key).await
     }
 
     pub(crate) async fn find_payment(
@@ -430,9 +438,13 @@ impl SqliteStore {
     }
 
     pub(crate) async fn due(&self, now: OffsetDateTime, limit: u32) -> StoreResult<Vec<(CompanyId, Payment)>> {
+        // Two index range scans (one per partial index), oldest deadline first,
+        // rather than one OR that the planner may answer with a table scan.
         let sql = format!(
-            "SELECT {PAYMENT_COLUMNS} WHERE (status = 'pending_approval' AND approval_expires_at <= ?1) \
-             OR (rail_next_at IS NOT NULL AND rail_next_at <= ?1) ORDER BY id LIMIT ?2"
+            "SELECT * FROM (SELECT {PAYMENT_COLUMNS} WHERE status = 'pending_approval' AND approval_expires_at <= ?1 \
+             ORDER BY approval_expires_at LIMIT ?2) AS expiring \
+             UNION ALL SELECT * FROM (SELECT {PAYMENT_COLUMNS} WHERE rail_next_at IS NOT NULL AND rail_next_at <= ?1 \
+             ORDER BY rail_next_at LIMIT ?2) AS settling"
         );
         let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(micros(now))

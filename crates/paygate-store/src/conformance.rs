@@ -500,16 +500,17 @@ impl Store for CountingStore {
         self.inner.record_key_usage(usage).await
     }
     // Payments: not counted (the counting tests are about authentication).
-    async fn approval_policy(&self, scope: &CompanyScope) -> StoreResult<ApprovalPolicy> {
-        self.inner.approval_policy(scope).await
+    async fn approval_policy(&self, scope: &CompanyScope, mode: KeyMode) -> StoreResult<ApprovalPolicy> {
+        self.inner.approval_policy(scope, mode).await
     }
     async fn set_approval_policy(
         &self,
         scope: &CompanyScope,
+        mode: KeyMode,
         p: &ApprovalPolicy,
         audit: &AuditEntry,
     ) -> StoreResult<()> {
-        self.inner.set_approval_policy(scope, p, audit).await
+        self.inner.set_approval_policy(scope, mode, p, audit).await
     }
     async fn create_payee(&self, scope: &CompanyScope, new: &NewPayee, audit: &AuditEntry) -> StoreResult<()> {
         self.inner.create_payee(scope, new, audit).await
@@ -547,8 +548,13 @@ impl Store for CountingStore {
     async fn create_payments(&self, items: &[PaymentCreate]) -> StoreResult<Vec<PaymentCreated>> {
         self.inner.create_payments(items).await
     }
-    async fn idempotent_response(&self, scope: &CompanyScope, key: &str) -> StoreResult<Option<StoredResponse>> {
-        self.inner.idempotent_response(scope, key).await
+    async fn idempotent_response(
+        &self,
+        scope: &CompanyScope,
+        mode: KeyMode,
+        key: &str,
+    ) -> StoreResult<Option<StoredResponse>> {
+        self.inner.idempotent_response(scope, mode, key).await
     }
     async fn get_payment(&self, scope: &CompanyScope, mode: KeyMode, id: PaymentId) -> StoreResult<Option<Payment>> {
         self.inner.get_payment(scope, mode, id).await
@@ -1059,11 +1065,12 @@ fn new_payee(mode: KeyMode) -> NewPayee {
             name: "Supplier".into(),
             kind: crate::PayeeType::Business,
             email: None,
-            bank_account: account.details(key.fingerprint(&account, company)),
+            bank_account: account.details(key.fingerprint(&account, company, mode)),
             metadata: Default::default(),
             status: PayeeStatus::Active,
             created_at: paygate_domain::now(),
             disabled_at: None,
+            created_by: None,
         },
         sealed_account: key.seal(&account, company, &id.to_string()),
     }
@@ -1147,8 +1154,9 @@ pub async fn payment_batches_isolate_items_and_commit_records(store: Arc<dyn Ope
     assert_eq!(got, ok1, "a payment reads back as written");
     assert!(store.get_payment(&scope(&*store, b.id), KeyMode::Test, ok1.id).await.unwrap().is_none());
     assert!(store.get_payment(&sa, KeyMode::Live, ok1.id).await.unwrap().is_none());
-    assert_eq!(store.idempotent_response(&sa, "k1").await.unwrap().unwrap().payment_id, ok1.id);
-    assert!(store.idempotent_response(&scope(&*store, b.id), "k1").await.unwrap().is_none());
+    assert_eq!(store.idempotent_response(&sa, KeyMode::Test, "k1").await.unwrap().unwrap().payment_id, ok1.id);
+    assert!(store.idempotent_response(&scope(&*store, b.id), KeyMode::Test, "k1").await.unwrap().is_none());
+    assert!(store.idempotent_response(&sa, KeyMode::Live, "k1").await.unwrap().is_none(), "keys are per mode");
     // Records only for what was created: 3 payee changes + 2 payments on A's chain.
     let records = assert_chain_intact(&*store, &a.id.to_string()).await;
     assert_eq!(records, 6, "3 payees created, 1 disabled, 2 payments");
@@ -1210,5 +1218,5 @@ pub async fn due_payments_and_idempotency_purge(store: Arc<dyn OperatorStore>) {
     assert_eq!(due, vec![pending.id, auto.id]);
     assert_eq!(store.purge_idempotency(now).await.unwrap(), 0);
     assert_eq!(store.purge_idempotency(now + Duration::hours(25)).await.unwrap(), 2);
-    assert!(store.idempotent_response(&sa, "p").await.unwrap().is_none());
+    assert!(store.idempotent_response(&sa, KeyMode::Test, "p").await.unwrap().is_none());
 }

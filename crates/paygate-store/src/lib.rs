@@ -162,12 +162,13 @@ pub trait Store: Send + Sync + 'static {
     // -- Payees and payments: every read and change is scoped to the company
     // and to the caller's mode (test data and live data never mix).
 
-    /// The company's approval policy (the default if it never set one).
-    async fn approval_policy(&self, scope: &CompanyScope) -> StoreResult<ApprovalPolicy>;
+    /// The company's approval policy for `mode` (the default if it never set one).
+    async fn approval_policy(&self, scope: &CompanyScope, mode: KeyMode) -> StoreResult<ApprovalPolicy>;
 
     async fn set_approval_policy(
         &self,
         scope: &CompanyScope,
+        mode: KeyMode,
         policy: &ApprovalPolicy,
         audit: &AuditEntry,
     ) -> StoreResult<()>;
@@ -210,8 +211,13 @@ pub trait Store: Send + Sync + 'static {
     /// leaves no trace and does not affect the others.
     async fn create_payments(&self, items: &[PaymentCreate]) -> StoreResult<Vec<PaymentCreated>>;
 
-    /// The stored response of an idempotency key, if it is still kept.
-    async fn idempotent_response(&self, scope: &CompanyScope, key: &str) -> StoreResult<Option<StoredResponse>>;
+    /// The stored response of an idempotency key of `mode`, if it is still kept.
+    async fn idempotent_response(
+        &self,
+        scope: &CompanyScope,
+        mode: KeyMode,
+        key: &str,
+    ) -> StoreResult<Option<StoredResponse>>;
 
     async fn get_payment(&self, scope: &CompanyScope, mode: KeyMode, id: PaymentId) -> StoreResult<Option<Payment>>;
 

@@ -72,6 +72,9 @@ pub struct Payee {
     pub status: PayeeStatus,
     pub created_at: OffsetDateTime,
     pub disabled_at: Option<OffsetDateTime>,
+    /// Who created it: payments to a payee cannot be approved by the same eyes
+    /// (one person adding their own account and approving payments to it).
+    pub created_by: Option<Actor>,
 }
 
 /// A payee to insert: the row plus the sealed account number.
@@ -231,6 +234,7 @@ pub struct PayeeColumns {
     pub status: String,
     pub created_at: OffsetDateTime,
     pub disabled_at: Option<OffsetDateTime>,
+    pub created_by: Option<String>,
 }
 
 impl PayeeColumns {
@@ -246,6 +250,10 @@ impl PayeeColumns {
             status: PayeeStatus::parse(&self.status).ok_or_else(|| corrupt("payee status", &self.status))?,
             created_at: self.created_at,
             disabled_at: self.disabled_at,
+            created_by: self
+                .created_by
+                .map(|t| serde_json::from_str(&t).map_err(|e| corrupt("payee creator", e)))
+                .transpose()?,
         })
     }
 }
@@ -263,11 +271,12 @@ pub fn policy_from_text(text: Option<String>) -> StoreResult<ApprovalPolicy> {
 }
 
 impl Payee {
-    /// The `bank_account` and `metadata` columns (JSON).
-    pub fn json_columns(&self) -> (String, String) {
+    /// The `bank_account`, `metadata` and `created_by` columns (JSON).
+    pub fn json_columns(&self) -> (String, String, Option<String>) {
         (
             serde_json::to_string(&self.bank_account).expect("account details serialize"),
             serde_json::to_string(&self.metadata).expect("metadata serializes"),
+            self.created_by.as_ref().map(|a| serde_json::to_string(a).expect("an actor serializes")),
         )
     }
 }

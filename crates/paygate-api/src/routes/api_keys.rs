@@ -173,10 +173,10 @@ pub async fn create_api_key(
             format!("A key cannot grant scopes it does not hold: {}.", extra.join(", ")),
         ));
     }
-    if scopes.contains(Scope::PaymentsWrite) && scopes.contains(Scope::PaymentsApprove) {
-        let approval = state.store.approval_policy(auth.scope()).await?;
+    if let Some(pair) = paygate_domain::payment::conflicting_scopes(scopes) {
+        let approval = state.store.approval_policy(auth.scope(), caller.mode).await?;
         if !approval.allow_write_and_approve_keys {
-            return Err(conflicting_scopes());
+            return Err(conflicting_scopes(pair));
         }
     }
     let policy = state.store.get_company(auth.scope()).await?.key_policy;
@@ -279,16 +279,17 @@ fn rfc3339(t: OffsetDateTime) -> String {
     t.format(&Rfc3339).unwrap_or_default()
 }
 
-/// One key may not both create and approve payments unless the company's
-/// approval policy allows it (four eyes need two credentials).
-pub fn conflicting_scopes() -> ApiError {
+/// One key may not both create payments and approve them (or waive their
+/// approval) unless the company's approval policy allows it: four eyes need
+/// two credentials.
+pub fn conflicting_scopes((a, b): (Scope, Scope)) -> ApiError {
     let mut error = ApiError::new(
         StatusCode::UNPROCESSABLE_ENTITY,
         "conflicting_scopes",
         "Conflicting scopes",
-        "A key may not hold both payments:write and payments:approve under this company's approval policy.",
+        format!("A key may not hold both {a} and {b} under this company's approval policy."),
     );
-    error.errors = vec![FieldError::pointer("/scopes", "payments:write and payments:approve on one key")];
+    error.errors = vec![FieldError::pointer("/scopes", format!("{a} and {b} on one key"))];
     error
 }
 
@@ -383,7 +384,10 @@ pub async fn rotate_api_key(
         rate_limit: old.rate_limit,
         secret_hash: generated.hash,
         pepper_version: generated.pepper_version,
-        principal: Some(old.principal),
+        // Whoever receives the new secret holds the key: rotating another
+        // principal's key hands the successor to the caller's principal, so a
+        // key with keys:manage cannot collect a second pair of eyes by rotation.
+        principal: Some(if old.principal == caller.principal { old.principal } else { caller.principal }),
     };
     let grace_until = now + time::Duration::seconds(grace);
     let invalid = |detail: &str| ApiError::new(StatusCode::CONFLICT, "invalid_state", "Invalid state", detail);

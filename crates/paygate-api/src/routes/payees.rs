@@ -131,8 +131,13 @@ pub async fn create_payee(
                 }
             })
             .ok(),
-        Err(e) => {
-            errors.push(FieldError::pointer("/bank_account", e.to_string()));
+        // serde's message can quote the value, which may be an account
+        // number: say what was expected, never what was sent.
+        Err(_) => {
+            errors.push(FieldError::pointer(
+                "/bank_account",
+                "must be an object of strings: scheme, and iban/bic or routing_number/account_number/account_type",
+            ));
             None
         }
     };
@@ -143,7 +148,7 @@ pub async fn create_payee(
     let now = paygate_domain::now();
     let id = PayeeId::generate();
     let company = auth.scope().company_id();
-    let fingerprint = state.data_key.fingerprint(&account, company);
+    let fingerprint = state.data_key.fingerprint(&account, company, auth.caller.record.key.mode);
     let sealed_account = state.data_key.seal(&account, company, &id.to_string());
     let payee = Payee {
         id,
@@ -156,6 +161,7 @@ pub async fn create_payee(
         status: PayeeStatus::Active,
         created_at: now,
         disabled_at: None,
+        created_by: Some(crate::routes::payments::caller_actor(&auth.caller)),
     };
     let record = audit.entry(
         "payee.create",

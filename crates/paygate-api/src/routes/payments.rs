@@ -175,7 +175,7 @@ pub struct CreatePayment {
     pub metadata: Option<serde_json::Value>,
 }
 
-fn caller_actor(caller: &Authenticated) -> Actor {
+pub(crate) fn caller_actor(caller: &Authenticated) -> Actor {
     let key = &caller.record.key;
     Actor::key(key.id, &key.owner, key.principal)
 }
@@ -275,7 +275,7 @@ pub async fn create_payment(
     let mode = auth.caller.record.key.mode;
     let fingerprint = request_fingerprint("POST", &format!("/v1/payments {}", mode.as_str()), &raw);
     let company = auth.scope().company_id();
-    let Some(_in_flight) = state.payments.claim(company, key.as_str()) else {
+    let Some(_in_flight) = state.payments.claim(company, mode, key.as_str()) else {
         return Err(idempotency_problem(
             StatusCode::CONFLICT,
             "idempotency_key_in_use",
@@ -292,12 +292,12 @@ pub async fn create_payment(
         // A retry of a request that succeeded replays it even if it would no
         // longer validate (an execution date now in the past). New keys skip
         // this read: the batch checks the key inside its transaction.
-        Err(error) => match state.store.idempotent_response(auth.scope(), key.as_str()).await? {
+        Err(error) => match state.store.idempotent_response(auth.scope(), mode, key.as_str()).await? {
             Some(stored) => return replay(&stored, &fingerprint),
             None => return Err(error),
         },
     };
-    let policy = state.store.approval_policy(auth.scope()).await?;
+    let policy = state.store.approval_policy(auth.scope(), mode).await?;
     let mut payment = Payment::create(draft, mode, caller_actor(&auth.caller), &policy, now);
     delay_settlement(&state, &mut payment, now);
     let view = PaymentView::from(&payment);
@@ -475,19 +475,49 @@ fn payment_error(e: PaymentError) -> ApiError {
 /// Reads the payment, applies `change`, and writes it back if nobody else
 /// wrote in between (else reads again): concurrent approvals and cancels each
 /// see the result of the previous one.
+/// Whether a change is bound to the version its caller saw.
+#[derive(Debug, Clone, Copy)]
+enum Binding {
+    /// Re-apply on whatever the payment has become (cancel, edit).
+    Latest,
+    /// A vote: only on this version (the client's, or the one first read by
+    /// this request); a payment that changed meanwhile is 409 `payment_changed`.
+    Version(Option<u32>),
+}
+
+fn payment_changed(expected: u32, actual: u32) -> ApiError {
+    ApiError::new(
+        StatusCode::CONFLICT,
+        "payment_changed",
+        "Payment changed",
+        format!("The payment is at version {actual}, not {expected}: read it again and decide on what it is now."),
+    )
+}
+
 async fn change_payment(
     state: &AppState,
     auth: &Authenticated,
     audit: AuditContext,
     id: &str,
     action: &'static str,
+    binding: Binding,
     mut change: impl FnMut(&mut Payment) -> Result<(), PaymentError>,
 ) -> Result<(AuditWritten, Json<PaymentView>), ApiError> {
     let id = PaymentId::parse(id).map_err(|_| ApiError::not_found("payment"))?;
     let mode = auth.record.key.mode;
+    let mut bound = match binding {
+        Binding::Latest => None,
+        Binding::Version(v) => Some(v),
+    };
     for _ in 0..20 {
         let mut payment =
             state.store.get_payment(&auth.scope, mode, id).await?.ok_or_else(|| ApiError::not_found("payment"))?;
+        if let Some(expected) = &mut bound {
+            let expected = *expected.get_or_insert(payment.version);
+            if payment.version != expected {
+                return Err(payment_changed(expected, payment.version));
+            }
+        }
         let read_revision = payment.revision;
         let before = payment.status;
         change(&mut payment).map_err(payment_error)?;
@@ -534,12 +564,13 @@ async fn change_payment(
     tag = "payments",
     security(("api_key" = ["payments:approve"])),
     params(("id" = String, Path, description = "The payment id (`pay_…`)")),
+    request_body(content = Option<Vote>, description = "Optional: the version the approver reviewed"),
     responses(
         (status = 200, description = "The payment after the vote", body = PaymentView),
         (status = 401, description = "Unauthenticated", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "Missing `payments:approve`, or `approver_is_initiator`", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such payment", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "`invalid_state`, `already_approved` or `approval_expired`", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "`invalid_state`, `already_approved`, `approval_expired`, or `payment_changed` since the given version", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub async fn approve_payment(
@@ -547,12 +578,34 @@ pub async fn approve_payment(
     State(state): State<AppState>,
     audit: AuditContext,
     Path(id): Path<String>,
+    OptionalJson(body): OptionalJson<Vote>,
 ) -> Result<(AuditWritten, Json<PaymentView>), ApiError> {
     let actor = caller_actor(&auth.caller);
-    change_payment(&state, &auth.caller, audit, &id, "payment.approve", |p| {
+    // Whoever created the payee (e.g. added their own account) is not a second pair of eyes.
+    if let Ok(payment_id) = PaymentId::parse(&id) {
+        let mode = auth.caller.record.key.mode;
+        if let Some(p) = state.store.get_payment(auth.scope(), mode, payment_id).await? {
+            let payee = state.store.get_payee(auth.scope(), mode, p.payee_id).await?;
+            if payee.and_then(|p| p.created_by).is_some_and(|creator| creator.same_eyes(&actor)) {
+                return Err(payment_error(PaymentError::ApproverIsInitiator));
+            }
+        }
+    }
+    change_payment(&state, &auth.caller, audit, &id, "payment.approve", Binding::Version(body.version), |p| {
         p.approve(actor.clone(), paygate_domain::now())
     })
     .await
+}
+
+/// Optional body of `POST /v1/payments/{id}/approve`.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Vote {
+    /// The version the approver reviewed. Recommended: if the payment has
+    /// changed since, the vote is refused with 409 `payment_changed` instead
+    /// of approving something the approver has not seen. Omitted: the version
+    /// this request reads first.
+    pub version: Option<u32>,
 }
 
 /// Body of `POST /v1/payments/{id}/reject`.
@@ -561,6 +614,8 @@ pub async fn approve_payment(
 pub struct RejectPayment {
     /// 1–500 characters.
     pub reason: String,
+    /// The version the reviewer saw (see approve).
+    pub version: Option<u32>,
 }
 
 /// Reject a payment. Any reject is final.
@@ -576,7 +631,7 @@ pub struct RejectPayment {
         (status = 401, description = "Unauthenticated", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "Missing `payments:approve`", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such payment", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "`invalid_state` or `approval_expired`", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "`invalid_state`, `approval_expired` or `payment_changed`", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Missing or invalid reason", body = Problem, content_type = "application/problem+json"),
     )
 )]
@@ -595,7 +650,7 @@ pub async fn reject_payment(
         )]));
     }
     let actor = caller_actor(&auth.caller);
-    change_payment(&state, &auth.caller, audit, &id, "payment.reject", |p| {
+    change_payment(&state, &auth.caller, audit, &id, "payment.reject", Binding::Version(body.version), |p| {
         p.reject(actor.clone(), reason.clone(), paygate_domain::now())
     })
     .await
@@ -623,7 +678,7 @@ pub async fn cancel_payment(
     Path(id): Path<String>,
 ) -> Result<(AuditWritten, Json<PaymentView>), ApiError> {
     let actor = caller_actor(&auth.caller);
-    change_payment(&state, &auth.caller, audit, &id, "payment.cancel", |p| {
+    change_payment(&state, &auth.caller, audit, &id, "payment.cancel", Binding::Latest, |p| {
         p.cancel(actor.clone(), paygate_domain::now())
     })
     .await
@@ -706,7 +761,7 @@ pub async fn update_payment(
         return Err(ApiError::validation(vec![FieldError::pointer("", "change at least one field")]));
     }
     let actor = caller_actor(&auth.caller);
-    change_payment(&state, &auth.caller, audit, &id, "payment.update", |p| {
+    change_payment(&state, &auth.caller, audit, &id, "payment.update", Binding::Latest, |p| {
         p.edit(actor.clone(), edit.clone(), paygate_domain::now())
     })
     .await

@@ -34,12 +34,13 @@ pub struct PutApprovalPolicy {
     pub rules: BTreeMap<String, serde_json::Value>,
     /// 1 to 2592000 (30 days); default 259200 (72 h).
     pub approval_ttl_seconds: Option<i64>,
-    /// Default `false`: key creation with both `payments:write` and
-    /// `payments:approve` is refused with `conflicting_scopes`.
+    /// Default `false`: key creation with `payments:write` together with
+    /// `payments:approve` or `policy:manage` is refused with `conflicting_scopes`.
     pub allow_write_and_approve_keys: Option<bool>,
 }
 
-/// The company's approval policy.
+/// The company's approval policy for the caller's mode (test and live
+/// payments each have their own).
 #[utoipa::path(
     get,
     path = "/approval-policy",
@@ -55,7 +56,7 @@ pub async fn get_approval_policy(
     auth: Authorized<scope::PolicyManage>,
     State(state): State<AppState>,
 ) -> Result<Json<ApprovalPolicyView>, ApiError> {
-    let policy = state.store.approval_policy(auth.scope()).await?;
+    let policy = state.store.approval_policy(auth.scope(), auth.caller.record.key.mode).await?;
     Ok(Json(ApprovalPolicyView { object: "approval_policy", policy }))
 }
 
@@ -131,6 +132,6 @@ pub async fn put_approval_policy(
     };
     let record =
         audit.entry("approval_policy.update", None, StatusCode::OK, serde_json::to_value(&policy).unwrap_or_default());
-    state.store.set_approval_policy(auth.scope(), &policy, &record).await?;
+    state.store.set_approval_policy(auth.scope(), auth.caller.record.key.mode, &policy, &record).await?;
     Ok((AuditWritten, Json(ApprovalPolicyView { object: "approval_policy", policy })))
 }

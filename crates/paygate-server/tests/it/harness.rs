@@ -241,15 +241,14 @@ impl TestApp {
         expires_in: Option<time::Duration>,
     ) -> String {
         let scopes = ScopeSet::parse_list(scopes).unwrap();
-        if scopes.contains(paygate_domain::Scope::PaymentsWrite)
-            && scopes.contains(paygate_domain::Scope::PaymentsApprove)
-        {
+        if paygate_domain::payment::conflicting_scopes(scopes).is_some() {
             // Cases that want every scope on one key get a policy that allows it.
             let scope = paygate_store::operator_scope(&*self.store, company);
-            let mut policy = self.store.approval_policy(&scope).await.unwrap();
+            let mut policy = self.store.approval_policy(&scope, mode).await.unwrap();
             if !policy.allow_write_and_approve_keys {
                 policy.allow_write_and_approve_keys = true;
-                self.store.set_approval_policy(&scope, &policy, &op("approval_policy.update", company)).await.unwrap();
+                let record = op("approval_policy.update", company);
+                self.store.set_approval_policy(&scope, mode, &policy, &record).await.unwrap();
             }
         }
         let (_, text) = paygate_server::admin::create_key(

@@ -30,14 +30,21 @@ backend_tests!(
     test_and_live_data_never_mix,
     approval_policy_is_validated_and_snapshotted,
     one_key_cannot_write_and_approve_by_default,
+    rotating_another_principals_key_does_not_add_a_pair_of_eyes,
+    a_vote_is_bound_to_the_version_reviewed,
+    test_keys_cannot_change_the_live_policy,
+    whoever_created_the_payee_cannot_approve_payments_to_it,
+    errors_never_echo_an_account_number,
 );
 
 const IBAN: &str = "DE89370400440532013000";
 
 struct Company {
     id: paygate_domain::CompanyId,
-    /// payments:write, payees:*, payments:read, policy:manage, keys:manage (owner "erp").
+    /// payments:write, payees:*, payments:read, keys:manage, audit:read (owner "erp").
     initiator: String,
+    /// policy:manage (owner "admin"): a writer may not also manage the policy.
+    admin: String,
     /// payments:approve + payments:read, owners "alice" and "bob".
     alice: String,
     bob: String,
@@ -45,10 +52,11 @@ struct Company {
 
 async fn company(app: &TestApp, name: &str) -> Company {
     let c = app.company(name).await;
-    let scopes = "payments:write,payments:read,payees:write,payees:read,policy:manage,keys:manage,audit:read";
+    let scopes = "payments:write,payments:read,payees:write,payees:read,keys:manage,audit:read";
     Company {
         id: c.id,
         initiator: app.key_owned(c.id, scopes, "erp", KeyMode::Test).await,
+        admin: app.key_owned(c.id, "policy:manage,audit:read", "admin", KeyMode::Test).await,
         alice: app.key_owned(c.id, "payments:approve,payments:read", "alice", KeyMode::Test).await,
         bob: app.key_owned(c.id, "payments:approve,payments:read", "bob", KeyMode::Test).await,
     }
@@ -401,7 +409,7 @@ async fn fifty_concurrent_identical_requests_create_one_payment(app: TestApp) {
 
 async fn four_eyes_rules(app: TestApp) {
     let c = company(&app, "Acme").await;
-    demo_policy(&app, &c.initiator).await;
+    demo_policy(&app, &c.admin).await;
     let payee_id = payee(&app, &c.initiator).await;
     let p = new_payment(&app, &c.initiator, &payee_id, 200_000_000).await;
     let id = p["id"].as_str().unwrap();
@@ -465,7 +473,7 @@ async fn four_eyes_rules(app: TestApp) {
 
 async fn a_content_change_voids_votes(app: TestApp) {
     let c = company(&app, "Acme").await;
-    demo_policy(&app, &c.initiator).await;
+    demo_policy(&app, &c.admin).await;
     let payee_id = payee(&app, &c.initiator).await;
     let p = new_payment(&app, &c.initiator, &payee_id, 200_000_000).await;
     let id = p["id"].as_str().unwrap();
@@ -511,7 +519,7 @@ async fn a_content_change_voids_votes(app: TestApp) {
 
 async fn reject_is_final_and_cancel_follows_the_machine(app: TestApp) {
     let c = company(&app, "Acme").await;
-    demo_policy(&app, &c.initiator).await;
+    demo_policy(&app, &c.admin).await;
     let payee_id = payee(&app, &c.initiator).await;
     let p = new_payment(&app, &c.initiator, &payee_id, 500_000).await;
     let id = p["id"].as_str().unwrap();
@@ -589,7 +597,7 @@ async fn reject_is_final_and_cancel_follows_the_machine(app: TestApp) {
 async fn unapproved_payments_expire(app: TestApp) {
     let c = company(&app, "Acme").await;
     let body = json!({"rules": {}, "approval_ttl_seconds": 1});
-    body_of(send(&app, Method::PUT, "/v1/approval-policy", &c.initiator, Some(body)).await, StatusCode::OK).await;
+    body_of(send(&app, Method::PUT, "/v1/approval-policy", &c.admin, Some(body)).await, StatusCode::OK).await;
     let payee_id = payee(&app, &c.initiator).await;
     let p = new_payment(&app, &c.initiator, &payee_id, 100).await;
     let id = p["id"].as_str().unwrap();
@@ -602,7 +610,7 @@ async fn unapproved_payments_expire(app: TestApp) {
 
 async fn concurrent_approvals_reach_the_quorum_once(app: TestApp) {
     let c = company(&app, "Acme").await;
-    demo_policy(&app, &c.initiator).await;
+    demo_policy(&app, &c.admin).await;
     let payee_id = payee(&app, &c.initiator).await;
     for _ in 0..5 {
         let p = new_payment(&app, &c.initiator, &payee_id, 200_000_000).await;
@@ -623,7 +631,7 @@ async fn concurrent_approvals_reach_the_quorum_once(app: TestApp) {
 
 async fn approve_and_cancel_race_to_one_end(app: TestApp) {
     let c = company(&app, "Acme").await;
-    demo_policy(&app, &c.initiator).await;
+    demo_policy(&app, &c.admin).await;
     // Slow rail: the approved payment stays approved long enough to be canceled.
     let payee_id = payee(&app, &c.initiator).await;
     for _ in 0..6 {
@@ -651,7 +659,7 @@ async fn approve_and_cancel_race_to_one_end(app: TestApp) {
 async fn every_rail_branch_settles_through_the_worker(app: TestApp) {
     let c = company(&app, "Acme").await;
     let body = json!({"rules": {"EUR": {"one_approval_from": 100000}}});
-    body_of(send(&app, Method::PUT, "/v1/approval-policy", &c.initiator, Some(body)).await, StatusCode::OK).await;
+    body_of(send(&app, Method::PUT, "/v1/approval-policy", &c.admin, Some(body)).await, StatusCode::OK).await;
     let payee_id = payee(&app, &c.initiator).await;
     let ok = new_payment(&app, &c.initiator, &payee_id, 5000).await;
     let fail = new_payment(&app, &c.initiator, &payee_id, 5013).await;
@@ -696,7 +704,7 @@ async fn every_rail_branch_settles_through_the_worker(app: TestApp) {
 async fn settlement_survives_a_restart(mut app: TestApp) {
     let c = company(&app, "Acme").await;
     let body = json!({"rules": {"EUR": {"one_approval_from": 100000}}});
-    body_of(send(&app, Method::PUT, "/v1/approval-policy", &c.initiator, Some(body)).await, StatusCode::OK).await;
+    body_of(send(&app, Method::PUT, "/v1/approval-policy", &c.admin, Some(body)).await, StatusCode::OK).await;
     let payee_id = payee(&app, &c.initiator).await;
     let mut ids = Vec::new();
     for amount in [7000, 7013, 7066] {
@@ -720,7 +728,7 @@ async fn live_payments_stop_at_approved(app: TestApp) {
     let scope = paygate_store::operator_scope(&*app.store, acme.id);
     let policy = paygate_domain::payment::ApprovalPolicy::demo();
     app.store
-        .set_approval_policy(&scope, &policy, &crate::harness::op("approval_policy.update", acme.id))
+        .set_approval_policy(&scope, KeyMode::Live, &policy, &crate::harness::op("approval_policy.update", acme.id))
         .await
         .unwrap();
     let payee_id = payee(&app, &live).await;
@@ -770,7 +778,7 @@ async fn approval_policy_is_validated_and_snapshotted(app: TestApp) {
     ];
     for (body, pointer) in bad {
         let p = problem(
-            send(&app, Method::PUT, "/v1/approval-policy", &a.initiator, Some(body.clone())).await,
+            send(&app, Method::PUT, "/v1/approval-policy", &a.admin, Some(body.clone())).await,
             StatusCode::UNPROCESSABLE_ENTITY,
             "validation_failed",
         )
@@ -783,16 +791,16 @@ async fn approval_policy_is_validated_and_snapshotted(app: TestApp) {
         "insufficient_scope",
     )
     .await;
-    let default = body_of(app.get("/v1/approval-policy", &a.initiator).send().await.unwrap(), StatusCode::OK).await;
+    let default = body_of(app.get("/v1/approval-policy", &a.admin).send().await.unwrap(), StatusCode::OK).await;
     assert_eq!(default["approval_ttl_seconds"], 259200);
     assert_eq!(default["allow_write_and_approve_keys"], false);
     // A payment keeps the rule it was created under.
-    demo_policy(&app, &a.initiator).await;
+    demo_policy(&app, &a.admin).await;
     let payee_id = payee(&app, &a.initiator).await;
     let p = new_payment(&app, &a.initiator, &payee_id, 150_000).await;
     assert_eq!(p["approvals"]["required"], 1);
     let stricter = json!({"rules": {"EUR": {"one_approval_from": 0, "two_approvals_from": 0}}});
-    body_of(send(&app, Method::PUT, "/v1/approval-policy", &a.initiator, Some(stricter)).await, StatusCode::OK).await;
+    body_of(send(&app, Method::PUT, "/v1/approval-policy", &a.admin, Some(stricter)).await, StatusCode::OK).await;
     let approved = body_of(
         send(&app, Method::POST, &format!("/v1/payments/{}/approve", p["id"].as_str().unwrap()), &a.alice, None).await,
         StatusCode::OK,
@@ -801,7 +809,7 @@ async fn approval_policy_is_validated_and_snapshotted(app: TestApp) {
     assert_eq!(approved["status"], "approved", "one approval, as when it was created");
     assert_eq!(new_payment(&app, &a.initiator, &payee_id, 1).await["approvals"]["required"], 2);
     // B's policy is its own.
-    let b_policy = body_of(app.get("/v1/approval-policy", &b.initiator).send().await.unwrap(), StatusCode::OK).await;
+    let b_policy = body_of(app.get("/v1/approval-policy", &b.admin).send().await.unwrap(), StatusCode::OK).await;
     assert_eq!(b_policy["rules"], json!({}));
     let audit = body_of(
         app.get("/v1/audit-events?action=approval_policy.update&outcome=success", &a.initiator).send().await.unwrap(),
@@ -816,7 +824,7 @@ async fn one_key_cannot_write_and_approve_by_default(app: TestApp) {
     // The harness allows combined keys to issue this one; then the policy forbids them again.
     let manager = app.key(c.id, "keys:manage,payments:write,payments:approve").await;
     let forbid = json!({"rules": {}, "allow_write_and_approve_keys": false});
-    body_of(send(&app, Method::PUT, "/v1/approval-policy", &c.initiator, Some(forbid)).await, StatusCode::OK).await;
+    body_of(send(&app, Method::PUT, "/v1/approval-policy", &c.admin, Some(forbid)).await, StatusCode::OK).await;
     let body = json!({"name": "both", "owner": "x", "scopes": ["payments:write", "payments:approve"]});
     let p = problem(
         send(&app, Method::POST, "/v1/api-keys", &manager, Some(body.clone())).await,
@@ -826,7 +834,7 @@ async fn one_key_cannot_write_and_approve_by_default(app: TestApp) {
     .await;
     assert_eq!(pointers(&p), ["/scopes"]);
     let allow = json!({"rules": {}, "allow_write_and_approve_keys": true});
-    body_of(send(&app, Method::PUT, "/v1/approval-policy", &c.initiator, Some(allow)).await, StatusCode::OK).await;
+    body_of(send(&app, Method::PUT, "/v1/approval-policy", &c.admin, Some(allow)).await, StatusCode::OK).await;
     let both = body_of(send(&app, Method::POST, "/v1/api-keys", &manager, Some(body)).await, StatusCode::CREATED).await;
     // Even then, the same key cannot approve what it created.
     let key = both["secret"].as_str().unwrap();
@@ -862,4 +870,131 @@ async fn one_key_cannot_write_and_approve_by_default(app: TestApp) {
         send(&app, Method::POST, &format!("/v1/payments/{}/approve", theirs["id"].as_str().unwrap()), &c.alice, None)
             .await;
     assert_eq!(body_of(ok, StatusCode::OK).await["status"], "approved");
+}
+
+async fn rotating_another_principals_key_does_not_add_a_pair_of_eyes(app: TestApp) {
+    let c = company(&app, "Acme").await;
+    demo_policy(&app, &c.admin).await;
+    let payee_id = payee(&app, &c.initiator).await;
+    let p = new_payment(&app, &c.initiator, &payee_id, 200_000_000).await;
+    let id = p["id"].as_str().unwrap();
+    let mallory =
+        app.key_owned(c.id, "keys:manage,keys:read,payments:approve,payments:read", "mallory", KeyMode::Test).await;
+    body_of(send(&app, Method::POST, &format!("/v1/payments/{id}/approve"), &mallory, None).await, StatusCode::OK)
+        .await;
+    // Mallory rotates Alice's approver key and receives its successor's secret.
+    let keys = body_of(app.get("/v1/api-keys?limit=100", &mallory).send().await.unwrap(), StatusCode::OK).await;
+    let alice_key = keys["data"].as_array().unwrap().iter().find(|k| k["owner"] == "alice").unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let rotated = body_of(
+        send(&app, Method::POST, &format!("/v1/api-keys/{alice_key}/rotate"), &mallory, None).await,
+        StatusCode::CREATED,
+    )
+    .await;
+    let successor = rotated["secret"].as_str().unwrap();
+    let second = send(&app, Method::POST, &format!("/v1/payments/{id}/approve"), successor, None).await;
+    assert!(second.status() == StatusCode::FORBIDDEN || second.status() == StatusCode::CONFLICT, "{}", second.status());
+    assert_eq!(get_payment(&app, &c.initiator, id).await["status"], "pending_approval", "one credential, one vote");
+    // Alice herself (her old key, in its grace period) is still another pair of eyes.
+    let done =
+        body_of(send(&app, Method::POST, &format!("/v1/payments/{id}/approve"), &c.alice, None).await, StatusCode::OK)
+            .await;
+    assert_eq!(done["status"], "approved");
+}
+
+async fn a_vote_is_bound_to_the_version_reviewed(app: TestApp) {
+    let c = company(&app, "Acme").await;
+    demo_policy(&app, &c.admin).await;
+    let payee_id = payee(&app, &c.initiator).await;
+    let p = new_payment(&app, &c.initiator, &payee_id, 100_000).await;
+    let id = p["id"].as_str().unwrap();
+    let seen = p["version"].as_u64().unwrap();
+    // The initiator changes the amount after Alice looked at it.
+    body_of(
+        send(&app, Method::PATCH, &format!("/v1/payments/{id}"), &c.initiator, Some(json!({"amount": 99_999_999})))
+            .await,
+        StatusCode::OK,
+    )
+    .await;
+    let stale =
+        send(&app, Method::POST, &format!("/v1/payments/{id}/approve"), &c.alice, Some(json!({"version": seen}))).await;
+    problem(stale, StatusCode::CONFLICT, "payment_changed").await;
+    let stale = send(
+        &app,
+        Method::POST,
+        &format!("/v1/payments/{id}/reject"),
+        &c.alice,
+        Some(json!({"reason": "no", "version": seen})),
+    )
+    .await;
+    problem(stale, StatusCode::CONFLICT, "payment_changed").await;
+    assert_eq!(get_payment(&app, &c.initiator, id).await["status"], "pending_approval");
+    let ok =
+        send(&app, Method::POST, &format!("/v1/payments/{id}/approve"), &c.alice, Some(json!({"version": seen + 1})))
+            .await;
+    assert_eq!(body_of(ok, StatusCode::OK).await["status"], "approved");
+    let bad =
+        send(&app, Method::POST, &format!("/v1/payments/{id}/approve"), &c.bob, Some(json!({"version": "x"}))).await;
+    problem(bad, StatusCode::UNPROCESSABLE_ENTITY, "validation_failed").await;
+}
+
+async fn test_keys_cannot_change_the_live_policy(app: TestApp) {
+    let c = company(&app, "Acme").await;
+    let live_admin = app.key_owned(c.id, "policy:manage", "admin", KeyMode::Live).await;
+    let loose = json!({"rules": {"EUR": {"one_approval_from": 9007199254740991u64}}});
+    body_of(send(&app, Method::PUT, "/v1/approval-policy", &c.admin, Some(loose)).await, StatusCode::OK).await;
+    let live = body_of(app.get("/v1/approval-policy", &live_admin).send().await.unwrap(), StatusCode::OK).await;
+    assert_eq!(live["rules"], json!({}), "the test key changed only the test policy");
+    let live_writer = app.key_owned(c.id, "payments:write,payments:read,payees:write", "erp", KeyMode::Live).await;
+    let payee_id = payee(&app, &live_writer).await;
+    let p = new_payment(&app, &live_writer, &payee_id, 500_000_000).await;
+    assert_eq!(p["status"], "pending_approval");
+    // A writer may not also manage the policy (it could waive its own approvals).
+    let manager = app.key_owned(c.id, "keys:manage,payments:write,payees:write", "root", KeyMode::Test).await;
+    let both = json!({"name": "x", "owner": "x", "scopes": ["payments:write", "keys:manage"]});
+    body_of(send(&app, Method::POST, "/v1/api-keys", &manager, Some(both)).await, StatusCode::CREATED).await;
+    let policy_admin = app.key(c.id, "keys:manage,payments:write,policy:manage").await;
+    let forbid = json!({"rules": {}, "allow_write_and_approve_keys": false});
+    body_of(send(&app, Method::PUT, "/v1/approval-policy", &c.admin, Some(forbid)).await, StatusCode::OK).await;
+    let combined = json!({"name": "x", "owner": "x", "scopes": ["payments:write", "policy:manage"]});
+    let p = problem(
+        send(&app, Method::POST, "/v1/api-keys", &policy_admin, Some(combined)).await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "conflicting_scopes",
+    )
+    .await;
+    assert!(p["detail"].as_str().unwrap().contains("policy:manage"));
+}
+
+async fn whoever_created_the_payee_cannot_approve_payments_to_it(app: TestApp) {
+    let c = company(&app, "Acme").await;
+    let mallory =
+        app.key_owned(c.id, "payees:write,payees:read,payments:approve,payments:read", "mallory", KeyMode::Test).await;
+    let own_account = payee(&app, &mallory).await;
+    let p = new_payment(&app, &c.initiator, &own_account, 700).await;
+    let id = p["id"].as_str().unwrap();
+    let r = send(&app, Method::POST, &format!("/v1/payments/{id}/approve"), &mallory, None).await;
+    problem(r, StatusCode::FORBIDDEN, "approver_is_initiator").await;
+    let ok = send(&app, Method::POST, &format!("/v1/payments/{id}/approve"), &c.alice, None).await;
+    assert_eq!(body_of(ok, StatusCode::OK).await["status"], "approved");
+}
+
+async fn errors_never_echo_an_account_number(app: TestApp) {
+    let c = company(&app, "Acme").await;
+    let bodies = [
+        json!({"name": "X", "type": "business", "bank_account": {"scheme": "us_ach", "routing_number": "021000021", "account_number": 987654321012u64, "account_type": "checking"}}),
+        json!({"name": "X", "type": "business", "bank_account": {"scheme": "iban", "iban": 98765432101234u64}}),
+        json!({"name": "X", "type": "business", "bank_account": {"scheme": "iban", "iban": "DE89370400440532013001"}}),
+        json!({"name": "X", "type": "business", "bank_account": {"scheme": "us_ach", "routing_number": "021000021", "account_number": "98765432101x", "account_type": "checking"}}),
+    ];
+    for body in bodies {
+        let r = send(&app, Method::POST, "/v1/payees", &c.initiator, Some(body.clone())).await;
+        let p = problem(r, StatusCode::UNPROCESSABLE_ENTITY, "validation_failed").await;
+        let text = p.to_string();
+        for secret in ["987654321012", "98765432101234", "370400440532013001", "98765432101x"] {
+            assert!(!text.contains(secret), "{secret} echoed: {text}");
+        }
+    }
 }
