@@ -119,7 +119,7 @@ fn metric(text: &str, name: &str) -> f64 {
 }
 
 #[tokio::test]
-async fn served_binary_never_logs_secrets_and_shuts_down_gracefully() {
+async fn served_binary_never_logs_secrets_runs_the_payments_walkthrough_and_shuts_down_gracefully() {
     let dir = tempfile::tempdir().unwrap();
     let server = start(dir.path(), &["serve", "--demo"], "trace");
     let (initiator, approver, _) = server.demo_keys();
@@ -140,7 +140,61 @@ async fn served_binary_never_logs_secrets_and_shuts_down_gracefully() {
     for key in [&approver, &issued, &with_other_secret(&initiator), &format!("{}x", &initiator)] {
         http.get(format!("{}/v1/api-keys", server.api)).bearer_auth(key).send().await.unwrap();
     }
+    // The README's payments walk-through on the demo: a payee, a payment that
+    // needs one approval (2,500.00 EUR under the demo policy), the approver's
+    // vote, and settlement on the simulated rail.
+    let iban = "DE89370400440532013000";
+    let payee: Value = http
+        .post(format!("{}/v1/payees", server.api))
+        .bearer_auth(&initiator)
+        .json(&serde_json::json!({"name": "Lieferant GmbH", "type": "business",
+            "bank_account": {"scheme": "iban", "iban": "DE89 3704 0044 0532 0130 00", "bic": "COBADEFFXXX"}}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let payment: Value = http
+        .post(format!("{}/v1/payments", server.api))
+        .bearer_auth(&initiator)
+        .header("Idempotency-Key", "inv-2026-0042")
+        .json(&serde_json::json!({"payee_id": payee["id"], "amount": 250000, "currency": "EUR", "reference": "Invoice 2026-0042"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(payment["status"], "pending_approval", "{payment}");
+    assert_eq!(payment["approvals"]["required"], 1);
+    let url = format!("{}/v1/payments/{}", server.api, payment["id"].as_str().unwrap());
+    let own = http.post(format!("{url}/approve")).bearer_auth(&initiator).send().await.unwrap();
+    assert_eq!(own.status(), StatusCode::FORBIDDEN);
+    let approved: Value = http
+        .post(format!("{url}/approve"))
+        .bearer_auth(&approver)
+        .json(&serde_json::json!({"version": 1}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(approved["status"], "approved", "{approved}");
+    let started = std::time::Instant::now();
+    loop {
+        let p: Value = http.get(&url).bearer_auth(&approver).send().await.unwrap().json().await.unwrap();
+        if p["status"] == "completed" {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(15), "the demo payment never completed: {p}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let (status, _, logs) = server.terminate();
+    for line in &logs {
+        assert!(!line.contains(iban) && !line.contains("0532 0130"), "an account number reached the logs: {line}");
+    }
     assert!(status.success(), "graceful shutdown exits 0, got {status:?}");
     assert!(logs.len() > 10, "trace logging produced lines");
     let request_line = logs
