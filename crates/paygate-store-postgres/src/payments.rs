@@ -346,6 +346,13 @@ impl PostgresStore {
                     savepoint(&mut tx, "RELEASE payment").await?;
                     outcomes[i] = other;
                 }
+                Err(StoreError::Internal(e) | StoreError::Conflict(e)) => {
+                    // One item's failure stays with that item.
+                    tracing::warn!(error = %e, "payment batch item failed; rolled back alone");
+                    savepoint(&mut tx, "ROLLBACK TO payment").await?;
+                    savepoint(&mut tx, "RELEASE payment").await?;
+                    outcomes[i] = PaymentCreated::Failed(e);
+                }
                 Err(e) => return Err(e),
             }
         }
@@ -469,14 +476,22 @@ impl PostgresStore {
     }
 
     pub(crate) async fn purge_idempotency_before(&self, now: OffsetDateTime) -> StoreResult<u64> {
-        let mut tx = self.begin_write().await?;
-        let n = sqlx::query("DELETE FROM idempotency_keys WHERE expires_at < $1")
+        // In slices, so no single statement holds locks on a large backlog.
+        let mut total = 0;
+        loop {
+            let n = sqlx::query(
+                "DELETE FROM idempotency_keys WHERE ctid IN \
+                 (SELECT ctid FROM idempotency_keys WHERE expires_at < $1 LIMIT 1000)",
+            )
             .bind(now)
-            .execute(&mut *tx)
+            .execute(self.pool())
             .await
             .map_err(map_err)?
             .rows_affected();
-        tx.commit().await.map_err(map_err)?;
-        Ok(n)
+            total += n;
+            if n < 1000 {
+                return Ok(total);
+            }
+        }
     }
 }

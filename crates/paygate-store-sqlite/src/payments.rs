@@ -456,14 +456,24 @@ impl SqliteStore {
     }
 
     pub(crate) async fn purge_idempotency_before(&self, now: OffsetDateTime) -> StoreResult<u64> {
-        let mut tx = self.begin_write().await?;
-        let n = sqlx::query("DELETE FROM idempotency_keys WHERE expires_at < ?")
+        // In slices: each holds the write lock only briefly.
+        let mut total = 0;
+        loop {
+            let mut tx = self.begin_write().await?;
+            let n = sqlx::query(
+                "DELETE FROM idempotency_keys WHERE rowid IN \
+                 (SELECT rowid FROM idempotency_keys WHERE expires_at < ? LIMIT 1000)",
+            )
             .bind(micros(now))
             .execute(&mut *tx)
             .await
             .map_err(map_err)?
             .rows_affected();
-        tx.commit().await.map_err(map_err)?;
-        Ok(n)
+            tx.commit().await.map_err(map_err)?;
+            total += n;
+            if n < 1000 {
+                return Ok(total);
+            }
+        }
     }
 }
