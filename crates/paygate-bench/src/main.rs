@@ -5,12 +5,14 @@
 
 mod callgrind;
 mod hello;
+mod http1;
 mod keys;
 mod oha;
 mod process;
 mod procstat;
 mod report;
 mod scenarios;
+mod sender;
 mod servers;
 
 use std::net::SocketAddr;
@@ -22,7 +24,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::oha::{Load, Request};
 use crate::report::{Case, Sample};
-use crate::scenarios::{Keys, Scenario, Server};
+use crate::scenarios::{Keys, PaymentSeed, Scenario, Server};
 use crate::servers::{Backend, Hello, Nginx, Paygate};
 
 #[derive(Debug, Parser)]
@@ -72,6 +74,23 @@ enum Command {
     HelloServer {
         #[arg(long)]
         listen: SocketAddr,
+    },
+    /// Scenario 4's closed-loop sender, a fresh Idempotency-Key per request
+    /// (started by the harness itself under taskset); prints its outcome as JSON.
+    #[command(hide = true)]
+    FreshKeyLoad {
+        #[arg(long)]
+        url: String,
+        #[arg(long, default_value = "POST")]
+        method: String,
+        #[arg(long = "header", value_parser = sender::parse_header)]
+        headers: Vec<(String, String)>,
+        #[arg(long, allow_hyphen_values = true)]
+        body: Option<String>,
+        #[arg(long)]
+        load_connections: u32,
+        #[arg(long)]
+        load_duration_ms: u64,
     },
 }
 
@@ -130,6 +149,27 @@ fn main() -> std::process::ExitCode {
                 Ok(()) => std::process::ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("hello server: {e:#}");
+                    std::process::ExitCode::FAILURE
+                }
+            };
+        }
+        Command::FreshKeyLoad { url, method, headers, body, load_connections, load_duration_ms } => {
+            let plan = sender::split_url(&url).map(|(addr, path)| sender::Plan {
+                addr,
+                method,
+                path,
+                headers,
+                body,
+                connections: load_connections,
+                duration: Duration::from_millis(load_duration_ms),
+            });
+            return match plan.and_then(sender::run_here) {
+                Ok(outcome) => {
+                    println!("{}", sender::to_json(&outcome));
+                    std::process::ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("fresh-key-load: {e:#}");
                     std::process::ExitCode::FAILURE
                 }
             };
@@ -231,6 +271,13 @@ fn run(options: &Options, mut wanted: Vec<Scenario>) -> anyhow::Result<()> {
         }
     }
 
+    // One payee and one payment per Paygate, for scenarios 3 and 4.
+    let wants_payments = scenarios.iter().any(|s| matches!(s, Scenario::PaymentGet | Scenario::PaymentCreate));
+    let mut seeds = Vec::new();
+    for p in &paygates {
+        seeds.push(if wants_payments { Some(seed_payment(p.addr, &p.seed.key)?) } else { None });
+    }
+
     let unknown = keys::unknown_key();
     let mut targets = Vec::new();
     for &scenario in &scenarios {
@@ -250,7 +297,7 @@ fn run(options: &Options, mut wanted: Vec<Scenario>) -> anyhow::Result<()> {
                 targets.push(Target { scenario, backend: "-".into(), request, load, pids, allowance: None });
             }
             Server::Paygate { also_postgres } => {
-                for p in &paygates {
+                for (p, seed) in paygates.iter().zip(&seeds) {
                     if matches!(p.backend, Backend::Postgres { .. }) && !also_postgres {
                         continue;
                     }
@@ -262,9 +309,7 @@ fn run(options: &Options, mut wanted: Vec<Scenario>) -> anyhow::Result<()> {
                         over_limit: &p.seed.limited_key,
                     };
                     let base = format!("http://{}", p.addr);
-                    let payment =
-                        if scenario == Scenario::PaymentGet { Some(seed_payment(&base, &p.seed.key)?) } else { None };
-                    let request = scenarios::request(scenario, &base, &keys, payment.as_deref())?;
+                    let request = scenarios::request(scenario, &base, &keys, seed.as_ref())?;
                     let allowance = (scenario == Scenario::FloodOverLimit).then(|| {
                         let seconds = (options.duration + options.warmup).as_secs() + 1;
                         (200, p.seed.limited_rate as u64 * seconds + 1)
@@ -384,6 +429,18 @@ fn run_callgrind(options: &Options, requests: u64, top: usize) -> anyhow::Result
     Ok(())
 }
 
+/// One run of the scenario's load: oha, or our own sender where every request
+/// needs a fresh Idempotency-Key (closed loop only).
+fn generate(oha: &Path, load_cpu: Option<u32>, target: &Target, duration: Duration) -> anyhow::Result<oha::Outcome> {
+    match (target.scenario.fresh_idempotency_keys(), target.load) {
+        (false, _) => oha::run(oha, load_cpu, &target.request, target.load, oha::Stop::After(duration)),
+        (true, Load::Closed { connections }) => {
+            sender::run_pinned(&std::env::current_exe()?, load_cpu, &target.request, connections, duration)
+        }
+        (true, Load::Open { .. }) => bail!("{}: the fresh-key sender has no open loop", target.scenario.name()),
+    }
+}
+
 /// Warm up, then measure one scenario once.
 fn measure(
     oha: &Path,
@@ -392,7 +449,7 @@ fn measure(
     round: u32,
     options: &Options,
 ) -> anyhow::Result<Sample> {
-    let warm = oha::run(oha, load_cpu, &target.request, target.load, oha::Stop::After(options.warmup))?;
+    let warm = generate(oha, load_cpu, target, options.warmup)?;
     let expected = target.scenario.expected_status();
     if warm.statuses.get(&expected).copied().unwrap_or(0) == 0 {
         bail!(
@@ -404,7 +461,7 @@ fn measure(
         );
     }
     let before = procstat::cpu_seconds(&target.pids)?;
-    let outcome = oha::run(oha, load_cpu, &target.request, target.load, oha::Stop::After(options.duration))?;
+    let outcome = generate(oha, load_cpu, target, options.duration)?;
     let after = procstat::cpu_seconds(&target.pids)?;
     let responses = outcome.responses();
     Ok(Sample {
@@ -435,11 +492,34 @@ fn unexpected(outcome: &oha::Outcome, expected: u16, allowance: Option<(u16, u64
     wrong + errors
 }
 
-/// Scenario 3's payment. Written when the payments API lands (a POST with a
-/// fixed Idempotency-Key, returning the `pay_…` id); until then the scenario
-/// is skipped by the probe before this is reached.
-fn seed_payment(_base: &str, _key: &str) -> anyhow::Result<String> {
-    bail!("seeding a payment for scenario 3 is not written yet: add it in seed_payment (crates/paygate-bench)")
+/// Scenarios 3 and 4's data, over HTTP with the bench key: one payee
+/// (`POST /v1/payees`) and one payment to it (`POST /v1/payments`, a fixed
+/// Idempotency-Key). A new company's policy wants one approval for any amount,
+/// so the payment stays `pending_approval`; that is fine for reading it.
+fn seed_payment(addr: SocketAddr, key: &str) -> anyhow::Result<PaymentSeed> {
+    let headers = vec![("Authorization".to_owned(), format!("Bearer {key}"))];
+    let payee = serde_json::json!({
+        "name": "Bench Supplier",
+        "type": "business",
+        "bank_account": {"scheme": "iban", "iban": "DE89370400440532013000"},
+    });
+    let payee_id = created_id(http1::call(addr, "POST", "/v1/payees", &headers, Some(&payee.to_string())), "payee")?;
+    let mut headers = headers;
+    headers.push(("Idempotency-Key".to_owned(), "bench-seed-1".to_owned()));
+    let body = scenarios::payment_body(&payee_id);
+    let payment_id = created_id(http1::call(addr, "POST", "/v1/payments", &headers, Some(&body)), "payment")?;
+    println!("seeded payee {payee_id} and payment {payment_id} on {addr}");
+    Ok(PaymentSeed { payee_id, payment_id })
+}
+
+/// The `id` of a 201 answer.
+fn created_id(answer: anyhow::Result<(u16, String)>, what: &str) -> anyhow::Result<String> {
+    let (status, body) = answer.with_context(|| format!("seeding a {what}"))?;
+    if status != 201 {
+        bail!("seeding a {what}: status {status}: {body}");
+    }
+    let value: serde_json::Value = serde_json::from_str(&body).with_context(|| format!("seeding a {what}: {body}"))?;
+    value["id"].as_str().map(str::to_owned).with_context(|| format!("seeding a {what}: no id in {body}"))
 }
 
 /// Server on CPU 0, generator on CPU 1, when taskset and two CPUs are there.

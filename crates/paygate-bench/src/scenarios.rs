@@ -84,6 +84,11 @@ impl Scenario {
         }
     }
 
+    /// Sent by our own sender with a fresh `Idempotency-Key` per request, not by oha.
+    pub fn fresh_idempotency_keys(self) -> bool {
+        self == Self::PaymentCreate
+    }
+
     /// API paths that must exist in the `paygate` build for the scenario to run.
     pub fn needs_paths(self) -> &'static [&'static str] {
         match self {
@@ -102,9 +107,26 @@ pub struct Keys<'a> {
     pub over_limit: &'a str,
 }
 
+/// What `seed_payment` left on a Paygate for scenarios 3 and 4.
+#[derive(Debug, Clone)]
+pub struct PaymentSeed {
+    pub payee_id: String,
+    pub payment_id: String,
+}
+
+/// The body of scenario 4's payments (each request gets its own Idempotency-Key).
+pub fn payment_body(payee_id: &str) -> String {
+    serde_json::json!({"payee_id": payee_id, "amount": 1234, "currency": "EUR", "reference": "bench"}).to_string()
+}
+
 /// The request of `scenario` against a server at `base` (`http://host:port`).
-/// Payments: `payment_id` is the payment seeded for scenario 3.
-pub fn request(scenario: Scenario, base: &str, keys: &Keys<'_>, payment_id: Option<&str>) -> anyhow::Result<Request> {
+/// Payments: `payments` is what was seeded for scenarios 3 and 4.
+pub fn request(
+    scenario: Scenario,
+    base: &str,
+    keys: &Keys<'_>,
+    payments: Option<&PaymentSeed>,
+) -> anyhow::Result<Request> {
     let bearer = |key: &str| vec![("Authorization".to_owned(), format!("Bearer {key}"))];
     Ok(match scenario {
         Scenario::Baseline => Request { method: "GET", url: format!("{base}/"), ..Request::default() },
@@ -121,17 +143,20 @@ pub fn request(scenario: Scenario, base: &str, keys: &Keys<'_>, payment_id: Opti
             Request { method: "GET", url: format!("{base}/v1/me"), headers: bearer(keys.over_limit), body: None }
         }
         Scenario::PaymentGet => {
-            let id = payment_id.ok_or_else(|| anyhow::anyhow!("no payment seeded for scenario 3"))?;
-            Request { method: "GET", url: format!("{base}/v1/payments/{id}"), headers: bearer(keys.valid), body: None }
+            let seed = payments.ok_or_else(|| anyhow::anyhow!("no payment seeded for scenario 3"))?;
+            let url = format!("{base}/v1/payments/{}", seed.payment_id);
+            Request { method: "GET", url, headers: bearer(keys.valid), body: None }
         }
         Scenario::PaymentCreate => {
-            // Hook: every request needs a fresh `Idempotency-Key` header, and
-            // oha 1.16 varies only URLs (`--rand-regex-url`, `--urls-from-file`)
-            // and bodies (`-Z`, one body per line), not headers. When payments
-            // land, send this scenario with a small closed-loop generator of
-            // our own (hyper client, a fresh key per request, same pinning and
-            // the same Outcome), or check whether a newer oha varies headers.
-            anyhow::bail!("scenario 4 needs per-request Idempotency-Key generation; not written yet (payments API)")
+            // The Idempotency-Key is added per request by our own sender
+            // (`sender.rs`): oha 1.16 varies URLs and bodies, not headers.
+            let seed = payments.ok_or_else(|| anyhow::anyhow!("no payee seeded for scenario 4"))?;
+            Request {
+                method: "POST",
+                url: format!("{base}/v1/payments"),
+                headers: bearer(keys.valid),
+                body: Some(payment_body(&seed.payee_id)),
+            }
         }
     })
 }
@@ -167,6 +192,22 @@ mod tests {
         let r = request(Scenario::Baseline, "http://h", &keys, None).unwrap();
         assert!(r.headers.is_empty() && r.url == "http://h/");
         assert!(request(Scenario::PaymentGet, "http://h", &keys, None).is_err());
+        assert!(request(Scenario::PaymentCreate, "http://h", &keys, None).is_err());
+    }
+
+    #[test]
+    fn payment_requests() {
+        let keys = Keys { valid: "V", bad_checksum: "B", unknown: "U", over_limit: "L" };
+        let seed = PaymentSeed { payee_id: "pye_1".into(), payment_id: "pay_2".into() };
+        let r = request(Scenario::PaymentGet, "http://h", &keys, Some(&seed)).unwrap();
+        assert_eq!((r.method, r.url.as_str(), r.body), ("GET", "http://h/v1/payments/pay_2", None));
+        let r = request(Scenario::PaymentCreate, "http://h", &keys, Some(&seed)).unwrap();
+        assert_eq!((r.method, r.url.as_str()), ("POST", "http://h/v1/payments"));
+        assert_eq!(r.headers[0].1, "Bearer V");
+        let body: serde_json::Value = serde_json::from_str(r.body.as_deref().unwrap()).unwrap();
+        assert_eq!(body["payee_id"], "pye_1");
+        assert_eq!(body["amount"], 1234);
+        assert!(Scenario::PaymentCreate.fresh_idempotency_keys() && !Scenario::PaymentGet.fresh_idempotency_keys());
     }
 
     #[test]

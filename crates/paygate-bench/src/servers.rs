@@ -155,7 +155,8 @@ impl Paygate {
         let run_id = format!("{}_{}", std::process::id(), unix_millis());
         let pepper = dir.path().join("pepper");
         let signing = dir.path().join("audit-key");
-        for file in [&pepper, &signing] {
+        let data_key = dir.path().join("data-key");
+        for file in [&pepper, &signing, &data_key] {
             write_secret(file, &Pepper::generate_hex())?;
         }
         let (database, database_url, redis) = match &backend {
@@ -171,6 +172,8 @@ impl Paygate {
             ("PAYGATE_DATABASE_URL", database_url),
             ("PAYGATE_KEY_PEPPER_FILE", pepper.display().to_string()),
             ("PAYGATE_AUDIT_SIGNING_KEY_FILE", signing.display().to_string()),
+            // Seals payees' bank account numbers; required with PostgreSQL.
+            ("PAYGATE_DATA_KEY_FILE", data_key.display().to_string()),
             ("PAYGATE_LISTEN", "127.0.0.1:0".into()),
             ("PAYGATE_OPS_LISTEN", "127.0.0.1:0".into()),
             ("PAYGATE_LOG_LEVEL", log_level.into()),
@@ -194,7 +197,8 @@ impl Paygate {
             serde_json::from_str(&cli(&["admin", "company", "create", "--name", "Bench Co", "--json"])?)?;
         let company = company["id"].as_str().context("company id")?.to_owned();
         let create_key = |name: &str| -> anyhow::Result<(String, String)> {
-            let scopes = "payments:read,payments:write,payees:read,keys:read";
+            // Never payments:approve: a key may not both create and approve payments.
+            let scopes = "payments:read,payments:write,payees:read,payees:write,keys:read";
             let out = cli(&[
                 "admin",
                 "key",
