@@ -1,10 +1,12 @@
 //! Group commit of payment creations. SQLite with `synchronous=FULL` pays one
 //! fsync per transaction, so one transaction per payment caps a node at a few
 //! hundred payments a second. Concurrent `POST /v1/payments` requests hand
-//! their creation to one writer task, which commits whatever has queued up as
-//! one transaction (each payment in its own savepoint, so one bad item does
-//! not fail the others); every request still gets its answer only after its
-//! payment, idempotency record and audit record are durable.
+//! their creation to a writer task (one on SQLite, four on PostgreSQL), which
+//! commits whatever has queued up as one transaction. An item refused for its
+//! payee or a used key leaves no trace and does not fail the others (SQLite
+//! checks everything before any write; PostgreSQL gives each item a
+//! savepoint). Every request gets its answer only after its payment,
+//! idempotency record and audit record are durable.
 
 use std::collections::HashSet;
 use std::sync::Arc;
