@@ -71,6 +71,7 @@ async fn run(name: &str, store: Arc<dyn OperatorStore>, seconds: u64, concurrenc
     let company = store.create_company(new, &record).await.unwrap();
     let mut scopes = ScopeSet::all();
     scopes.remove(paygate_domain::Scope::PaymentsApprove);
+    scopes.remove(paygate_domain::Scope::PolicyManage);
     let request = KeyRequest {
         company: company.id,
         name: "bench",
