@@ -59,85 +59,78 @@ fn payment_from_row(row: &SqliteRow) -> StoreResult<Payment> {
     .into_payment()
 }
 
-async fn insert_payment(conn: &mut SqliteConnection, company: CompanyId, p: &Payment) -> StoreResult<()> {
-    sqlx::query(
-        "INSERT INTO payments (id, company_id, mode, payee_id, amount, currency, reference, requested_execution_date, \
-         status, version, revision, approval_expires_at, rail_next_at, created_at, updated_at, doc) \
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-    )
-    .bind(p.id.as_uuid())
-    .bind(company.as_uuid())
-    .bind(p.mode.as_str())
-    .bind(p.payee_id.as_uuid())
-    .bind(p.amount.minor_units() as i64)
-    .bind(p.currency.code())
-    .bind(&p.reference)
-    .bind(p.requested_execution_date.map(date_text))
-    .bind(p.status.as_str())
-    .bind(p.version as i64)
-    .bind(p.revision as i64)
-    .bind(micros(p.approval_expires_at))
-    .bind(p.rail_next_at.map(micros))
-    .bind(micros(p.created_at))
-    .bind(micros(p.updated_at))
-    .bind(payment_doc(p))
-    .execute(conn)
-    .await
-    .map_err(map_err)?;
-    Ok(())
+type UsedKeys = HashMap<(CompanyId, KeyMode, String), StoredResponse>;
+
+/// The stored responses of the batch's keys that are already used, in one read.
+async fn used_keys(conn: &mut SqliteConnection, items: &[PaymentCreate]) -> StoreResult<UsedKeys> {
+    let mut query = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+        "SELECT company_id, mode, key, fingerprint, response_status, response_body, payment_id \
+         FROM idempotency_keys WHERE (company_id, mode, key) IN (",
+    );
+    let mut list = query.separated(", ");
+    for item in items {
+        list.push("(")
+            .push_bind_unseparated(item.scope.company_id().as_uuid())
+            .push_unseparated(", ")
+            .push_bind_unseparated(item.mode.as_str())
+            .push_unseparated(", ")
+            .push_bind_unseparated(item.idempotency_key.as_str())
+            .push_unseparated(")");
+    }
+    query.push(")");
+    let rows = query.build().fetch_all(&mut *conn).await.map_err(map_err)?;
+    let mut used = HashMap::with_capacity(rows.len());
+    for row in &rows {
+        let mode: String = get(row, "mode")?;
+        let key = (
+            CompanyId::from_uuid(get(row, "company_id")?),
+            KeyMode::parse(&mode).ok_or_else(|| corrupt("idempotency mode", &mode))?,
+            get::<String>(row, "key")?,
+        );
+        let response = StoredResponse {
+            fingerprint: get(row, "fingerprint")?,
+            status: u16::try_from(get::<i64>(row, "response_status")?).map_err(|e| corrupt("status", e))?,
+            body: get(row, "response_body")?,
+            payment_id: PaymentId::from_uuid(get(row, "payment_id")?),
+        };
+        used.insert(key, response);
+    }
+    Ok(used)
 }
 
-/// One item of a payment batch. Every check comes before any write, and the
-/// transaction holds SQLite's write lock, so nothing can change between the
-/// checks and the inserts: no savepoint is needed.
-async fn create_one(
+/// The status of every payee the batch pays, by (payee, company, mode), in one read.
+async fn payee_statuses(
     conn: &mut SqliteConnection,
-    item: &PaymentCreate,
-    payees: &mut HashMap<(CompanyId, PayeeId, KeyMode), Option<String>>,
-) -> StoreResult<PaymentCreated> {
-    let company = item.scope.company_id();
-    // A key already used (also by an earlier item of this batch) answers with its response.
-    if let Some(existing) = stored_response(&mut *conn, company, item.mode, &item.idempotency_key).await? {
-        return Ok(PaymentCreated::Existing(existing));
+    items: &[PaymentCreate],
+) -> StoreResult<HashMap<(PayeeId, CompanyId, KeyMode), String>> {
+    let mut query = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+        "SELECT id, company_id, mode, status FROM payees WHERE (id, company_id, mode) IN (",
+    );
+    let mut list = query.separated(", ");
+    for item in items {
+        list.push("(")
+            .push_bind_unseparated(item.payment.payee_id.as_uuid())
+            .push_unseparated(", ")
+            .push_bind_unseparated(item.scope.company_id().as_uuid())
+            .push_unseparated(", ")
+            .push_bind_unseparated(item.mode.as_str())
+            .push_unseparated(")");
     }
-    let payee_key = (company, item.payment.payee_id, item.mode);
-    let status = match payees.entry(payee_key) {
-        std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-        std::collections::hash_map::Entry::Vacant(e) => {
-            let status: Option<String> =
-                sqlx::query_scalar("SELECT status FROM payees WHERE id = ? AND company_id = ? AND mode = ?")
-                    .bind(item.payment.payee_id.as_uuid())
-                    .bind(company.as_uuid())
-                    .bind(item.mode.as_str())
-                    .fetch_optional(&mut *conn)
-                    .await
-                    .map_err(map_err)?;
-            e.insert(status)
-        }
-    };
-    match status.as_deref() {
-        None => return Ok(PaymentCreated::PayeeNotFound),
-        Some("active") => {}
-        Some(_) => return Ok(PaymentCreated::PayeeDisabled),
+    query.push(")");
+    let rows = query.build().fetch_all(&mut *conn).await.map_err(map_err)?;
+    let mut statuses = HashMap::with_capacity(rows.len());
+    for row in &rows {
+        let mode: String = get(row, "mode")?;
+        statuses.insert(
+            (
+                PayeeId::from_uuid(get(row, "id")?),
+                CompanyId::from_uuid(get(row, "company_id")?),
+                KeyMode::parse(&mode).ok_or_else(|| corrupt("payee mode", &mode))?,
+            ),
+            get(row, "status")?,
+        );
     }
-    insert_payment(conn, company, &item.payment).await?;
-    sqlx::query(
-        "INSERT INTO idempotency_keys (company_id, mode, key, fingerprint, response_status, response_body, \
-         payment_id, created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-    )
-    .bind(company.as_uuid())
-    .bind(item.mode.as_str())
-    .bind(&item.idempotency_key)
-    .bind(&item.response.fingerprint)
-    .bind(item.response.status as i64)
-    .bind(&item.response.body)
-    .bind(item.payment.id.as_uuid())
-    .bind(micros(item.payment.created_at))
-    .bind(micros(item.expires_at))
-    .execute(&mut *conn)
-    .await
-    .map_err(map_err)?;
-    Ok(PaymentCreated::Created)
+    Ok(statuses)
 }
 
 async fn stored_response(
@@ -324,19 +317,77 @@ impl SqliteStore {
         Ok(Some(payee))
     }
 
+    /// The whole batch in a handful of statements: one read of the keys
+    /// already used, one of the payees, then one multi-row insert per table.
+    /// Every check comes before any write, under SQLite's write lock, so
+    /// nothing can change in between and no savepoint is needed.
     pub(crate) async fn create_payment_batch(&self, items: &[PaymentCreate]) -> StoreResult<Vec<PaymentCreated>> {
         let mut tx = self.begin_write().await?;
+        let mut used = used_keys(&mut tx, items).await?;
+        let payees = payee_statuses(&mut tx, items).await?;
         let mut outcomes = Vec::with_capacity(items.len());
-        let mut records = Vec::with_capacity(items.len());
-        let mut payees = HashMap::new();
+        let mut created: Vec<&PaymentCreate> = Vec::with_capacity(items.len());
         for item in items {
-            let outcome = create_one(&mut tx, item, &mut payees).await?;
-            if outcome == PaymentCreated::Created {
-                records.push(item.audit.clone());
+            let company = item.scope.company_id();
+            let key = (company, item.mode, item.idempotency_key.clone());
+            // A key already used (also by an earlier item of this batch) answers with its response.
+            if let Some(existing) = used.get(&key) {
+                outcomes.push(PaymentCreated::Existing(existing.clone()));
+                continue;
             }
-            outcomes.push(outcome);
+            match payees.get(&(item.payment.payee_id, company, item.mode)).map(String::as_str) {
+                None => outcomes.push(PaymentCreated::PayeeNotFound),
+                Some("active") => {
+                    used.insert(key, item.response.clone());
+                    created.push(item);
+                    outcomes.push(PaymentCreated::Created);
+                }
+                Some(_) => outcomes.push(PaymentCreated::PayeeDisabled),
+            }
         }
-        if !records.is_empty() {
+        if !created.is_empty() {
+            let mut insert = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+                "INSERT INTO payments (id, company_id, mode, payee_id, amount, currency, reference, \
+                 requested_execution_date, status, version, revision, approval_expires_at, rail_next_at, created_at, \
+                 updated_at, doc) ",
+            );
+            insert.push_values(&created, |mut row, item| {
+                let p = &item.payment;
+                row.push_bind(p.id.as_uuid())
+                    .push_bind(item.scope.company_id().as_uuid())
+                    .push_bind(p.mode.as_str())
+                    .push_bind(p.payee_id.as_uuid())
+                    .push_bind(p.amount.minor_units() as i64)
+                    .push_bind(p.currency.code())
+                    .push_bind(p.reference.as_str())
+                    .push_bind(p.requested_execution_date.map(date_text))
+                    .push_bind(p.status.as_str())
+                    .push_bind(p.version as i64)
+                    .push_bind(p.revision as i64)
+                    .push_bind(micros(p.approval_expires_at))
+                    .push_bind(p.rail_next_at.map(micros))
+                    .push_bind(micros(p.created_at))
+                    .push_bind(micros(p.updated_at))
+                    .push_bind(payment_doc(p));
+            });
+            insert.build().execute(&mut *tx).await.map_err(map_err)?;
+            let mut insert = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+                "INSERT INTO idempotency_keys (company_id, mode, key, fingerprint, response_status, response_body, \
+                 payment_id, created_at, expires_at) ",
+            );
+            insert.push_values(&created, |mut row, item| {
+                row.push_bind(item.scope.company_id().as_uuid())
+                    .push_bind(item.mode.as_str())
+                    .push_bind(item.idempotency_key.as_str())
+                    .push_bind(item.response.fingerprint.as_str())
+                    .push_bind(item.response.status as i64)
+                    .push_bind(item.response.body.as_str())
+                    .push_bind(item.payment.id.as_uuid())
+                    .push_bind(micros(item.payment.created_at))
+                    .push_bind(micros(item.expires_at));
+            });
+            insert.build().execute(&mut *tx).await.map_err(map_err)?;
+            let records: Vec<_> = created.iter().map(|item| item.audit.clone()).collect();
             append_in(&mut tx, &records).await?;
         }
         tx.commit().await.map_err(map_err)?;
