@@ -1,5 +1,7 @@
 //! Payees, payments, approval policy and idempotency records on PostgreSQL.
 
+use std::collections::HashMap;
+
 use paygate_domain::audit::AuditEntry;
 use paygate_domain::payment::{ApprovalPolicy, Payment};
 use paygate_domain::{CompanyId, KeyMode, PayeeId, PaymentId};
@@ -58,83 +60,78 @@ fn payment_from_row(row: &PgRow) -> StoreResult<Payment> {
     .into_payment()
 }
 
-async fn insert_payment(conn: &mut PgConnection, company: CompanyId, p: &Payment) -> StoreResult<()> {
-    sqlx::query(
-        "INSERT INTO payments (id, company_id, mode, payee_id, amount, currency, reference, requested_execution_date, \
-         status, version, revision, approval_expires_at, rail_next_at, created_at, updated_at, doc) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)",
-    )
-    .bind(p.id.as_uuid())
-    .bind(company.as_uuid())
-    .bind(p.mode.as_str())
-    .bind(p.payee_id.as_uuid())
-    .bind(p.amount.minor_units() as i64)
-    .bind(p.currency.code())
-    .bind(&p.reference)
-    .bind(p.requested_execution_date.map(date_text))
-    .bind(p.status.as_str())
-    .bind(p.version as i64)
-    .bind(p.revision as i64)
-    .bind(p.approval_expires_at)
-    .bind(p.rail_next_at)
-    .bind(p.created_at)
-    .bind(p.updated_at)
-    .bind(payment_doc(p))
-    .execute(conn)
-    .await
-    .map_err(map_err)?;
-    Ok(())
+type UsedKeys = HashMap<(CompanyId, KeyMode, String), StoredResponse>;
+
+/// The stored responses of the batch's keys that are already used, in one read.
+async fn used_keys(conn: &mut PgConnection, items: &[PaymentCreate]) -> StoreResult<UsedKeys> {
+    let mut query = sqlx::QueryBuilder::<sqlx::Postgres>::new(
+        "SELECT company_id, mode, key, fingerprint, response_status, response_body, payment_id \
+         FROM idempotency_keys WHERE (company_id, mode, key) IN (",
+    );
+    let mut list = query.separated(", ");
+    for item in items {
+        list.push("(")
+            .push_bind_unseparated(item.scope.company_id().as_uuid())
+            .push_unseparated(", ")
+            .push_bind_unseparated(item.mode.as_str())
+            .push_unseparated(", ")
+            .push_bind_unseparated(item.idempotency_key.as_str())
+            .push_unseparated(")");
+    }
+    query.push(")");
+    let rows = query.build().fetch_all(&mut *conn).await.map_err(map_err)?;
+    let mut used = HashMap::with_capacity(rows.len());
+    for row in &rows {
+        let mode: String = get(row, "mode")?;
+        let key = (
+            CompanyId::from_uuid(get(row, "company_id")?),
+            KeyMode::parse(&mode).ok_or_else(|| corrupt("idempotency mode", &mode))?,
+            get::<String>(row, "key")?,
+        );
+        let response = StoredResponse {
+            fingerprint: get(row, "fingerprint")?,
+            status: u16::try_from(get::<i32>(row, "response_status")?).map_err(|e| corrupt("status", e))?,
+            body: get(row, "response_body")?,
+            payment_id: PaymentId::from_uuid(get(row, "payment_id")?),
+        };
+        used.insert(key, response);
+    }
+    Ok(used)
 }
 
-async fn savepoint(conn: &mut PgConnection, sql: &'static str) -> StoreResult<()> {
-    sqlx::query(sql).execute(conn).await.map_err(map_err).map(|_| ())
-}
-
-/// One item of a payment batch, inside its savepoint. Another node may claim
-/// the same key between the check and the insert: the insert then waits for
-/// it and finds the key taken (`ON CONFLICT DO NOTHING`), and the savepoint
-/// undoes this item's payment.
-async fn create_one(conn: &mut PgConnection, item: &PaymentCreate) -> StoreResult<PaymentCreated> {
-    let company = item.scope.company_id();
-    if let Some(existing) = stored_response(&mut *conn, company, item.mode, &item.idempotency_key).await? {
-        return Ok(PaymentCreated::Existing(existing));
+/// The status of every payee the batch pays, by (payee, company, mode), in one read.
+async fn payee_statuses(
+    conn: &mut PgConnection,
+    items: &[PaymentCreate],
+) -> StoreResult<HashMap<(PayeeId, CompanyId, KeyMode), String>> {
+    let mut query = sqlx::QueryBuilder::<sqlx::Postgres>::new(
+        "SELECT id, company_id, mode, status FROM payees WHERE (id, company_id, mode) IN (",
+    );
+    let mut list = query.separated(", ");
+    for item in items {
+        list.push("(")
+            .push_bind_unseparated(item.payment.payee_id.as_uuid())
+            .push_unseparated(", ")
+            .push_bind_unseparated(item.scope.company_id().as_uuid())
+            .push_unseparated(", ")
+            .push_bind_unseparated(item.mode.as_str())
+            .push_unseparated(")");
     }
-    let payee: Option<String> =
-        sqlx::query_scalar("SELECT status FROM payees WHERE id = $1 AND company_id = $2 AND mode = $3 FOR SHARE")
-            .bind(item.payment.payee_id.as_uuid())
-            .bind(company.as_uuid())
-            .bind(item.mode.as_str())
-            .fetch_optional(&mut *conn)
-            .await
-            .map_err(map_err)?;
-    match payee.as_deref() {
-        None => return Ok(PaymentCreated::PayeeNotFound),
-        Some("active") => {}
-        Some(_) => return Ok(PaymentCreated::PayeeDisabled),
+    query.push(") FOR SHARE");
+    let rows = query.build().fetch_all(&mut *conn).await.map_err(map_err)?;
+    let mut statuses = HashMap::with_capacity(rows.len());
+    for row in &rows {
+        let mode: String = get(row, "mode")?;
+        statuses.insert(
+            (
+                PayeeId::from_uuid(get(row, "id")?),
+                CompanyId::from_uuid(get(row, "company_id")?),
+                KeyMode::parse(&mode).ok_or_else(|| corrupt("payee mode", &mode))?,
+            ),
+            get(row, "status")?,
+        );
     }
-    insert_payment(conn, company, &item.payment).await?;
-    let claimed = sqlx::query(
-        "INSERT INTO idempotency_keys (company_id, mode, key, fingerprint, response_status, response_body, \
-         payment_id, created_at, expires_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT DO NOTHING",
-    )
-    .bind(company.as_uuid())
-    .bind(item.mode.as_str())
-    .bind(&item.idempotency_key)
-    .bind(&item.response.fingerprint)
-    .bind(item.response.status as i32)
-    .bind(&item.response.body)
-    .bind(item.payment.id.as_uuid())
-    .bind(item.payment.created_at)
-    .bind(item.expires_at)
-    .execute(&mut *conn)
-    .await
-    .map_err(map_err)?
-    .rows_affected();
-    if claimed == 0 {
-        let existing = stored_response(conn, company, item.mode, &item.idempotency_key).await?;
-        return existing.map(PaymentCreated::Existing).ok_or_else(|| StoreError::Internal("idempotency race".into()));
-    }
-    Ok(PaymentCreated::Created)
+    Ok(statuses)
 }
 
 async fn stored_response(
@@ -321,39 +318,112 @@ impl PostgresStore {
         Ok(Some(payee))
     }
 
+    /// The whole batch in a handful of statements: one read of the keys
+    /// already used, one of the payees (`FOR SHARE`, so none is disabled
+    /// before commit), one multi-row insert of the payments, one of the keys
+    /// (`ON CONFLICT DO NOTHING`). A key another node claimed meanwhile makes
+    /// that insert wait for it and skip the key; the payment inserted for it
+    /// is deleted again and the item answers with the other node's response.
     pub(crate) async fn create_payment_batch(&self, items: &[PaymentCreate]) -> StoreResult<Vec<PaymentCreated>> {
         let mut tx = self.begin_write().await?;
-        let mut outcomes = vec![PaymentCreated::Created; items.len()];
-        let mut records = Vec::with_capacity(items.len());
+        let mut used = used_keys(&mut tx, items).await?;
+        let payees = payee_statuses(&mut tx, items).await?;
+        let mut outcomes = Vec::with_capacity(items.len());
+        let mut created: Vec<usize> = Vec::with_capacity(items.len());
+        for (i, item) in items.iter().enumerate() {
+            let company = item.scope.company_id();
+            let key = (company, item.mode, item.idempotency_key.clone());
+            if let Some(existing) = used.get(&key) {
+                outcomes.push(PaymentCreated::Existing(existing.clone()));
+                continue;
+            }
+            match payees.get(&(item.payment.payee_id, company, item.mode)).map(String::as_str) {
+                None => outcomes.push(PaymentCreated::PayeeNotFound),
+                Some("active") => {
+                    used.insert(key, item.response.clone());
+                    created.push(i);
+                    outcomes.push(PaymentCreated::Created);
+                }
+                Some(_) => outcomes.push(PaymentCreated::PayeeDisabled),
+            }
+        }
+        if created.is_empty() {
+            tx.commit().await.map_err(map_err)?;
+            return Ok(outcomes);
+        }
         // Keys are claimed in one global order, so two batches that share keys
         // wait for each other instead of deadlocking.
-        let mut order: Vec<usize> = (0..items.len()).collect();
-        order.sort_by(|&a, &b| {
-            (items[a].scope.company_id().as_uuid(), &items[a].idempotency_key)
-                .cmp(&(items[b].scope.company_id().as_uuid(), &items[b].idempotency_key))
+        created.sort_by(|&a, &b| {
+            let k =
+                |i: usize| (items[i].scope.company_id().as_uuid(), items[i].mode.as_str(), &items[i].idempotency_key);
+            k(a).cmp(&k(b))
         });
-        for i in order {
+        let mut insert = sqlx::QueryBuilder::<sqlx::Postgres>::new(
+            "INSERT INTO payments (id, company_id, mode, payee_id, amount, currency, reference, \
+             requested_execution_date, status, version, revision, approval_expires_at, rail_next_at, created_at, \
+             updated_at, doc) ",
+        );
+        insert.push_values(&created, |mut row, &i| {
+            let (item, p) = (&items[i], &items[i].payment);
+            row.push_bind(p.id.as_uuid())
+                .push_bind(item.scope.company_id().as_uuid())
+                .push_bind(p.mode.as_str())
+                .push_bind(p.payee_id.as_uuid())
+                .push_bind(p.amount.minor_units() as i64)
+                .push_bind(p.currency.code())
+                .push_bind(p.reference.as_str())
+                .push_bind(p.requested_execution_date.map(date_text))
+                .push_bind(p.status.as_str())
+                .push_bind(p.version as i64)
+                .push_bind(p.revision as i64)
+                .push_bind(p.approval_expires_at)
+                .push_bind(p.rail_next_at)
+                .push_bind(p.created_at)
+                .push_bind(p.updated_at)
+                .push_bind(payment_doc(p));
+        });
+        insert.build().execute(&mut *tx).await.map_err(map_err)?;
+        let mut insert = sqlx::QueryBuilder::<sqlx::Postgres>::new(
+            "INSERT INTO idempotency_keys (company_id, mode, key, fingerprint, response_status, response_body, \
+             payment_id, created_at, expires_at) ",
+        );
+        insert.push_values(&created, |mut row, &i| {
             let item = &items[i];
-            savepoint(&mut tx, "SAVEPOINT payment").await?;
-            let outcome = create_one(&mut tx, item).await;
-            match outcome {
-                Ok(PaymentCreated::Created) => {
-                    savepoint(&mut tx, "RELEASE payment").await?;
-                    records.push(item.audit.clone());
-                }
-                Ok(other) => {
-                    savepoint(&mut tx, "ROLLBACK TO payment").await?;
-                    savepoint(&mut tx, "RELEASE payment").await?;
-                    outcomes[i] = other;
-                }
-                Err(StoreError::Internal(e) | StoreError::Conflict(e)) => {
-                    // One item's failure stays with that item.
-                    tracing::warn!(error = %e, "payment batch item failed; rolled back alone");
-                    savepoint(&mut tx, "ROLLBACK TO payment").await?;
-                    savepoint(&mut tx, "RELEASE payment").await?;
-                    outcomes[i] = PaymentCreated::Failed(e);
-                }
-                Err(e) => return Err(e),
+            row.push_bind(item.scope.company_id().as_uuid())
+                .push_bind(item.mode.as_str())
+                .push_bind(item.idempotency_key.as_str())
+                .push_bind(item.response.fingerprint.as_str())
+                .push_bind(item.response.status as i32)
+                .push_bind(item.response.body.as_str())
+                .push_bind(item.payment.id.as_uuid())
+                .push_bind(item.payment.created_at)
+                .push_bind(item.expires_at);
+        });
+        insert.push(" ON CONFLICT DO NOTHING RETURNING payment_id");
+        let claimed: std::collections::HashSet<Uuid> =
+            insert.build_query_scalar::<Uuid>().fetch_all(&mut *tx).await.map_err(map_err)?.into_iter().collect();
+        let mut records = Vec::with_capacity(created.len());
+        let mut lost = Vec::new();
+        for &i in &created {
+            if claimed.contains(&items[i].payment.id.as_uuid()) {
+                records.push(items[i].audit.clone());
+            } else {
+                lost.push(i);
+            }
+        }
+        if !lost.is_empty() {
+            let ids: Vec<Uuid> = lost.iter().map(|&i| items[i].payment.id.as_uuid()).collect();
+            sqlx::query("DELETE FROM payments WHERE id = ANY($1)")
+                .bind(&ids)
+                .execute(&mut *tx)
+                .await
+                .map_err(map_err)?;
+            for i in lost {
+                let item = &items[i];
+                let existing = stored_response(&mut tx, item.scope.company_id(), item.mode, &item.idempotency_key)
+                    .await?
+                    .ok_or_else(|| StoreError::Internal("idempotency key vanished while claimed".into()))?;
+                outcomes[i] = PaymentCreated::Existing(existing);
             }
         }
         if !records.is_empty() {

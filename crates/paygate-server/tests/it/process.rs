@@ -511,3 +511,96 @@ async fn two_nodes_append_to_one_audit_chain_without_forking() {
         assert!(node.terminate().0.success());
     }
 }
+
+/// Two `paygate serve` processes on one PostgreSQL database receive the same
+/// payment with the same `Idempotency-Key` at once, many times over: each key
+/// creates exactly one payment, and every success names it (the node that
+/// loses the race replays the winner's response).
+#[tokio::test]
+async fn two_nodes_create_one_payment_per_idempotency_key() {
+    let Some(admin_url) = crate::harness::postgres_url() else {
+        eprintln!("PAYGATE_TEST_POSTGRES_URL not set: two-node test skipped");
+        return;
+    };
+    let deployment = crate::harness::SharedDeployment::create(&admin_url).await;
+    let env = deployment.with(&[("PAYGATE_WRITE_CONCURRENCY", "1000")]);
+    let a = start_with(&["serve"], "warn,paygate_server=info", &env);
+    let b = start_with(&["serve"], "warn,paygate_server=info", &env);
+    let cli = |args: &[&str]| {
+        let out =
+            Command::new(BIN).args(args).envs(env.iter().copied()).env("PAYGATE_LOG_LEVEL", "warn").output().unwrap();
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice::<Value>(&out.stdout).unwrap_or(Value::Null)
+    };
+    let company = cli(&["admin", "company", "create", "--name", "Race", "--json"])["id"].as_str().unwrap().to_owned();
+    let key = cli(&[
+        "admin",
+        "key",
+        "create",
+        "--company",
+        &company,
+        "--name",
+        "n",
+        "--owner",
+        "o",
+        "--scopes",
+        "payments:write,payments:read,payees:write",
+        "--mode",
+        "test",
+        "--json",
+    ])["secret"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let http = reqwest::Client::new();
+    let payee: Value = http
+        .post(format!("{}/v1/payees", a.api))
+        .bearer_auth(&key)
+        .json(&serde_json::json!({"name": "P", "type": "business", "bank_account": {"scheme": "iban", "iban": "DE89370400440532013000"}}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    for round in 0..20 {
+        let body =
+            serde_json::json!({"payee_id": payee["id"], "amount": 100 + round, "currency": "EUR", "reference": "race"});
+        let idem = format!("race-{round}");
+        let send = |base: String| {
+            http.post(format!("{base}/v1/payments"))
+                .bearer_auth(&key)
+                .header("Idempotency-Key", &idem)
+                .json(&body)
+                .send()
+        };
+        let (ra, rb) = tokio::join!(send(a.api.clone()), send(b.api.clone()));
+        let mut ids = std::collections::BTreeSet::new();
+        for r in [ra.unwrap(), rb.unwrap()] {
+            let status = r.status();
+            let v: Value = r.json().await.unwrap();
+            match status {
+                StatusCode::CREATED => {
+                    ids.insert(v["id"].as_str().unwrap().to_owned());
+                }
+                StatusCode::CONFLICT => assert_eq!(v["code"], "idempotency_key_in_use"),
+                other => panic!("round {round}: {other} {v}"),
+            }
+        }
+        assert_eq!(ids.len(), 1, "round {round}: one payment per key");
+    }
+    let list: Value = http
+        .get(format!("{}/v1/payments?limit=100", b.api))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list["data"].as_array().unwrap().len(), 20);
+    for node in [a, b] {
+        let (status, _, _) = node.terminate();
+        assert!(status.success());
+    }
+}
