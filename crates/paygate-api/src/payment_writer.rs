@@ -3,10 +3,9 @@
 //! hundred payments a second. Concurrent `POST /v1/payments` requests hand
 //! their creation to a writer task (one on SQLite, four on PostgreSQL), which
 //! commits whatever has queued up as one transaction. An item refused for its
-//! payee or a used key leaves no trace and does not fail the others (SQLite
-//! checks everything before any write; PostgreSQL gives each item a
-//! savepoint). Every request gets its answer only after its payment,
-//! idempotency record and audit record are durable.
+//! payee or a used key leaves no trace and does not fail the others (every
+//! check comes before any write). Every request gets its answer only after
+//! its payment, idempotency record and audit record are durable.
 
 use std::collections::HashSet;
 use std::sync::Arc;

@@ -205,10 +205,11 @@ pub trait Store: Send + Sync + 'static {
         audit: &AuditEntry,
     ) -> StoreResult<Option<Payee>>;
 
-    /// Creates payments in one transaction (group commit), each in its own
-    /// savepoint: per item, the payee is checked, the idempotency key claimed,
-    /// the payment inserted and its audit record appended; an item that fails
-    /// leaves no trace and does not affect the others.
+    /// Creates payments in one transaction (group commit). Per item, in order:
+    /// a key already used (also earlier in the batch) answers `Existing`; a
+    /// payee missing from the company and mode, or disabled, answers with that;
+    /// otherwise the payment, its idempotency record and its audit record are
+    /// written. Refused items leave no trace and do not affect the others.
     async fn create_payments(&self, items: &[PaymentCreate]) -> StoreResult<Vec<PaymentCreated>>;
 
     /// The stored response of an idempotency key of `mode`, if it is still kept.
