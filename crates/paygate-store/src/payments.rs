@@ -122,10 +122,6 @@ pub enum PaymentCreated {
     /// No such payee in the company and mode.
     PayeeNotFound,
     PayeeDisabled,
-    /// This item hit a database error (e.g. a lock timeout waiting for
-    /// another node); it left nothing behind and the others were unaffected.
-    /// Safe to retry with the same key.
-    Failed(String),
 }
 
 /// The parts of a payment kept in its JSON document column (not filtered on).

@@ -347,10 +347,6 @@ pub async fn create_payment(
         PaymentCreated::PayeeNotFound => {
             Err(ApiError::validation(vec![FieldError::pointer("/payee_id", "no such payee")]))
         }
-        PaymentCreated::Failed(error) => {
-            tracing::warn!(%error, "payment creation failed; the client may retry with the same key");
-            Err(ApiError::unavailable())
-        }
         PaymentCreated::PayeeDisabled => {
             let mut e = ApiError::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
