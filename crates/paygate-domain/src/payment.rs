@@ -337,13 +337,15 @@ impl Payment {
     }
 
     /// Whether a vote still counts: cast on the current content, after its last change.
-    pub fn vote_counts(&self, vote: &Approval) -> bool {
-        vote.version >= self.content_version && vote.content_hash == self.content_hash()
+    /// `content_hash` is [`Payment::content_hash`], computed once by the caller.
+    pub fn vote_counts(&self, vote: &Approval, content_hash: &str) -> bool {
+        vote.version >= self.content_version && vote.content_hash == content_hash
     }
 
     /// Votes that still count.
     pub fn valid_approvals(&self) -> usize {
-        self.approvals.iter().filter(|a| self.vote_counts(a)).count()
+        let hash = self.content_hash();
+        self.approvals.iter().filter(|a| self.vote_counts(a, &hash)).count()
     }
 
     fn transition(&mut self, next: PaymentStatus, actor: Actor, now: OffsetDateTime, reason: Option<String>) {
@@ -383,13 +385,28 @@ impl Payment {
 
     /// One approval. Refused for any initiator (same key, owner or principal)
     /// and for a second vote of the same eyes. Reaching the quorum approves.
+    /// [`Payment::approve`], also refused for whoever created the payee (one
+    /// person adding their own account and approving payments to it).
+    pub fn approve_checking_payee(
+        &mut self,
+        approver: Actor,
+        payee_creator: Option<&Actor>,
+        now: OffsetDateTime,
+    ) -> Result<(), PaymentError> {
+        if payee_creator.is_some_and(|creator| creator.same_eyes(&approver)) {
+            self.open_for_votes(now, "approved")?;
+            return Err(PaymentError::ApproverIsInitiator);
+        }
+        self.approve(approver, now)
+    }
+
     pub fn approve(&mut self, approver: Actor, now: OffsetDateTime) -> Result<(), PaymentError> {
         self.open_for_votes(now, "approved")?;
         if self.initiators.iter().any(|i| i.same_eyes(&approver)) {
             return Err(PaymentError::ApproverIsInitiator);
         }
         let hash = self.content_hash();
-        if self.approvals.iter().filter(|a| self.vote_counts(a)).any(|a| a.actor.same_eyes(&approver)) {
+        if self.approvals.iter().filter(|a| self.vote_counts(a, &hash)).any(|a| a.actor.same_eyes(&approver)) {
             return Err(PaymentError::AlreadyApproved);
         }
         self.approvals.push(Approval { actor: approver.clone(), at: now, version: self.version, content_hash: hash });

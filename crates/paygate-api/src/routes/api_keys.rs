@@ -13,6 +13,7 @@ use crate::extract::{Json as JsonBody, OptionalJson, Query};
 use crate::pagination::{List, ListParams};
 use crate::problem::{ApiError, FieldError, Problem};
 use crate::views::ApiKeyView;
+use crate::views::rfc3339;
 
 /// The company's API keys, newest first. Never shows secrets or hashes.
 #[utoipa::path(
@@ -273,10 +274,6 @@ fn created(key: ApiKeyView, text: &str) -> Created {
     let location = format!("/v1/api-keys/{}", key.id);
     let body = CreatedApiKey { key, secret: text.to_owned() };
     (StatusCode::CREATED, AuditWritten, [(axum::http::header::LOCATION, location)], axum::response::Json(body))
-}
-
-fn rfc3339(t: OffsetDateTime) -> String {
-    t.format(&Rfc3339).unwrap_or_default()
 }
 
 /// One key may not both create payments and approve them (or waive their

@@ -18,6 +18,7 @@ use crate::auth::{Authorized, scope};
 use crate::extract::Query;
 use crate::pagination::{List, page_request};
 use crate::problem::{ApiError, FieldError, Problem};
+use crate::views::rfc3339;
 
 /// One audit record.
 #[derive(Debug, Serialize, ToSchema)]
@@ -62,10 +63,6 @@ pub struct AuditResourceView {
     #[serde(rename = "type")]
     pub type_: String,
     pub id: Option<String>,
-}
-
-fn rfc3339(t: OffsetDateTime) -> String {
-    t.format(&Rfc3339).unwrap_or_default()
 }
 
 impl AuditEventView {
@@ -115,7 +112,8 @@ pub struct AuditListParams {
     pub to: Option<String>,
 }
 
-fn parse_time(errors: &mut Vec<FieldError>, name: &str, value: Option<&str>) -> Option<OffsetDateTime> {
+/// An optional RFC 3339 query parameter, in UTC; a problem for `errors` if malformed.
+pub(crate) fn parse_time(errors: &mut Vec<FieldError>, name: &str, value: Option<&str>) -> Option<OffsetDateTime> {
     let text = value?;
     match OffsetDateTime::parse(text, &Rfc3339).ok().and_then(|t| t.checked_to_offset(time::UtcOffset::UTC)) {
         Some(t) => Some(t),

@@ -10,7 +10,6 @@ use paygate_store::auth::Authenticated;
 use paygate_store::{PaymentCreate, PaymentCreated, PaymentFilter, StoredResponse};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
-use time::format_description::well_known::Rfc3339;
 use utoipa::{IntoParams, ToSchema};
 
 use crate::AppState;
@@ -19,7 +18,9 @@ use crate::auth::{Authorized, scope};
 use crate::extract::{Json as JsonBody, OptionalJson, Query};
 use crate::pagination::{List, page_request};
 use crate::problem::{ApiError, FieldError, Problem};
+use crate::routes::audit::parse_time;
 use crate::routes::payees::metadata_field;
+use crate::views::rfc3339;
 
 /// How long an idempotency key and its response are kept.
 pub const IDEMPOTENCY_TTL: time::Duration = time::Duration::hours(24);
@@ -101,10 +102,6 @@ fn delay_settlement(state: &AppState, payment: &mut Payment, now: OffsetDateTime
     }
 }
 
-fn rfc3339(t: OffsetDateTime) -> String {
-    t.format(&Rfc3339).unwrap_or_default()
-}
-
 impl From<&Payment> for PaymentView {
     fn from(p: &Payment) -> Self {
         let hash = p.content_hash();
@@ -114,9 +111,10 @@ impl From<&Payment> for PaymentView {
             owner: a.actor.owner.clone(),
             at: rfc3339(a.at),
             version: a.version,
-            counts: decision == "reject" || p.vote_counts(a),
+            counts: decision == "reject" || p.vote_counts(a, &hash),
         };
         let mut votes: Vec<_> = p.approvals.iter().map(|a| vote(a, "approve")).collect();
+        let received = votes.iter().filter(|v| v.counts).count();
         votes.extend(p.rejection.iter().map(|a| vote(a, "reject")));
         Self {
             object: "payment",
@@ -132,7 +130,7 @@ impl From<&Payment> for PaymentView {
             livemode: p.mode == paygate_domain::KeyMode::Live,
             approvals: ApprovalsView {
                 required: p.required_approvals,
-                received: p.valid_approvals(),
+                received,
                 expires_at: rfc3339(p.approval_expires_at),
                 content_hash: hash.clone(),
                 votes,
@@ -194,14 +192,21 @@ fn replay(stored: &StoredResponse, fingerprint: &str) -> Result<Response, ApiErr
         ));
     }
     let status = StatusCode::from_u16(stored.status).unwrap_or(StatusCode::CREATED);
-    let mut response = (status, stored.body.clone()).into_response();
+    let mut response = created_response(status, stored.body.clone(), stored.payment_id);
+    response.headers_mut().insert("idempotent-replayed", HeaderValue::from_static("true"));
+    Ok(response)
+}
+
+/// The answer to a creation, first time or replayed: the stored JSON body and
+/// the payment's `Location`.
+fn created_response(status: StatusCode, body: String, id: PaymentId) -> Response {
+    let mut response = (status, body).into_response();
     let headers = response.headers_mut();
     headers.insert(axum::http::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    headers.insert("idempotent-replayed", HeaderValue::from_static("true"));
-    if let Ok(location) = HeaderValue::from_str(&format!("/v1/payments/{}", stored.payment_id)) {
+    if let Ok(location) = HeaderValue::from_str(&format!("/v1/payments/{id}")) {
         headers.insert(axum::http::header::LOCATION, location);
     }
-    Ok(response)
+    response
 }
 
 fn parse_draft(body: CreatePayment, now: OffsetDateTime) -> Result<PaymentDraft, ApiError> {
@@ -335,13 +340,7 @@ pub async fn create_payment(
         .await?;
     match outcome {
         PaymentCreated::Created => {
-            let mut response = (StatusCode::CREATED, AuditWritten, response_body).into_response();
-            let headers = response.headers_mut();
-            headers.insert(axum::http::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-            if let Ok(location) = HeaderValue::from_str(&format!("/v1/payments/{payment_id}")) {
-                headers.insert(axum::http::header::LOCATION, location);
-            }
-            Ok(response)
+            Ok((AuditWritten, created_response(StatusCode::CREATED, response_body, payment_id)).into_response())
         }
         PaymentCreated::Existing(stored) => replay(&stored, &fingerprint),
         PaymentCreated::PayeeNotFound => {
@@ -411,17 +410,8 @@ pub async fn list_payments(
         // An id of the wrong shape filters to nothing, like an unknown id.
         filter.payee_id = Some(PayeeId::parse(p).unwrap_or_else(|_| PayeeId::from_uuid(uuid::Uuid::nil())));
     }
-    let mut time_param = |name: &str, value: Option<&str>| {
-        value.and_then(|v| {
-            let t = OffsetDateTime::parse(v, &Rfc3339).ok();
-            if t.is_none() {
-                errors.push(FieldError::parameter(name, "must be an RFC 3339 date-time"));
-            }
-            t
-        })
-    };
-    filter.created_from = time_param("created_from", params.created_from.as_deref());
-    filter.created_before = time_param("created_before", params.created_before.as_deref());
+    filter.created_from = parse_time(&mut errors, "created_from", params.created_from.as_deref());
+    filter.created_before = parse_time(&mut errors, "created_before", params.created_before.as_deref());
     if !errors.is_empty() {
         return Err(ApiError::invalid_parameter(errors));
     }
@@ -494,24 +484,38 @@ fn payment_changed(expected: u32, actual: u32) -> ApiError {
     )
 }
 
+/// What a change is: its audit action, the version it is bound to, and
+/// whether the payee's creator must be known (approvals).
+struct ChangeKind {
+    action: &'static str,
+    binding: Binding,
+    with_payee_creator: bool,
+}
+
 async fn change_payment(
     state: &AppState,
     auth: &Authenticated,
     audit: AuditContext,
     id: &str,
-    action: &'static str,
-    binding: Binding,
-    mut change: impl FnMut(&mut Payment) -> Result<(), PaymentError>,
+    kind: ChangeKind,
+    mut change: impl FnMut(&mut Payment, Option<&Actor>) -> Result<(), PaymentError>,
 ) -> Result<(AuditWritten, Json<PaymentView>), ApiError> {
     let id = PaymentId::parse(id).map_err(|_| ApiError::not_found("payment"))?;
     let mode = auth.record.key.mode;
+    let ChangeKind { action, binding, with_payee_creator } = kind;
     let mut bound = match binding {
         Binding::Latest => None,
         Binding::Version(v) => Some(v),
     };
+    // Read once: a payment's payee never changes.
+    let mut payee_creator: Option<Option<Actor>> = None;
     for _ in 0..20 {
         let mut payment =
             state.store.get_payment(&auth.scope, mode, id).await?.ok_or_else(|| ApiError::not_found("payment"))?;
+        if with_payee_creator && payee_creator.is_none() {
+            let payee = state.store.get_payee(&auth.scope, mode, payment.payee_id).await?;
+            payee_creator = Some(payee.and_then(|p| p.created_by));
+        }
         if let Some(expected) = &mut bound {
             let expected = *expected.get_or_insert(payment.version);
             if payment.version != expected {
@@ -520,7 +524,7 @@ async fn change_payment(
         }
         let read_revision = payment.revision;
         let before = payment.status;
-        change(&mut payment).map_err(payment_error)?;
+        change(&mut payment, payee_creator.as_ref().and_then(Option::as_ref)).map_err(payment_error)?;
         delay_settlement(state, &mut payment, paygate_domain::now());
         let record = audit.clone().entry(
             action,
@@ -581,19 +585,14 @@ pub async fn approve_payment(
     OptionalJson(body): OptionalJson<Vote>,
 ) -> Result<(AuditWritten, Json<PaymentView>), ApiError> {
     let actor = caller_actor(&auth.caller);
-    // Whoever created the payee (e.g. added their own account) is not a second pair of eyes.
-    if let Ok(payment_id) = PaymentId::parse(&id) {
-        let mode = auth.caller.record.key.mode;
-        if let Some(p) = state.store.get_payment(auth.scope(), mode, payment_id).await? {
-            let payee = state.store.get_payee(auth.scope(), mode, p.payee_id).await?;
-            if payee.and_then(|p| p.created_by).is_some_and(|creator| creator.same_eyes(&actor)) {
-                return Err(payment_error(PaymentError::ApproverIsInitiator));
-            }
-        }
-    }
-    change_payment(&state, &auth.caller, audit, &id, "payment.approve", Binding::Version(body.version), |p| {
-        p.approve(actor.clone(), paygate_domain::now())
-    })
+    change_payment(
+        &state,
+        &auth.caller,
+        audit,
+        &id,
+        ChangeKind { action: "payment.approve", binding: Binding::Version(body.version), with_payee_creator: true },
+        |p, payee_creator| p.approve_checking_payee(actor.clone(), payee_creator, paygate_domain::now()),
+    )
     .await
 }
 
@@ -650,9 +649,14 @@ pub async fn reject_payment(
         )]));
     }
     let actor = caller_actor(&auth.caller);
-    change_payment(&state, &auth.caller, audit, &id, "payment.reject", Binding::Version(body.version), |p| {
-        p.reject(actor.clone(), reason.clone(), paygate_domain::now())
-    })
+    change_payment(
+        &state,
+        &auth.caller,
+        audit,
+        &id,
+        ChangeKind { action: "payment.reject", binding: Binding::Version(body.version), with_payee_creator: false },
+        |p, _| p.reject(actor.clone(), reason.clone(), paygate_domain::now()),
+    )
     .await
 }
 
@@ -678,9 +682,14 @@ pub async fn cancel_payment(
     Path(id): Path<String>,
 ) -> Result<(AuditWritten, Json<PaymentView>), ApiError> {
     let actor = caller_actor(&auth.caller);
-    change_payment(&state, &auth.caller, audit, &id, "payment.cancel", Binding::Latest, |p| {
-        p.cancel(actor.clone(), paygate_domain::now())
-    })
+    change_payment(
+        &state,
+        &auth.caller,
+        audit,
+        &id,
+        ChangeKind { action: "payment.cancel", binding: Binding::Latest, with_payee_creator: false },
+        |p, _| p.cancel(actor.clone(), paygate_domain::now()),
+    )
     .await
 }
 
@@ -761,8 +770,13 @@ pub async fn update_payment(
         return Err(ApiError::validation(vec![FieldError::pointer("", "change at least one field")]));
     }
     let actor = caller_actor(&auth.caller);
-    change_payment(&state, &auth.caller, audit, &id, "payment.update", Binding::Latest, |p| {
-        p.edit(actor.clone(), edit.clone(), paygate_domain::now())
-    })
+    change_payment(
+        &state,
+        &auth.caller,
+        audit,
+        &id,
+        ChangeKind { action: "payment.update", binding: Binding::Latest, with_payee_creator: false },
+        |p, _| p.edit(actor.clone(), edit.clone(), paygate_domain::now()),
+    )
     .await
 }
