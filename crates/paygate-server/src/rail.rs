@@ -147,14 +147,14 @@ impl PaymentWorker {
         let due = self.store.due_payments(now, 200).await?;
         let mut taken = 0;
         for (company, payment) in due {
-            let id = payment.id;
+            let (id, mode) = (payment.id, payment.mode);
             match self.advance(company, payment, now).await {
                 Ok(true) => taken += 1,
                 Ok(false) => {}
                 Err(error) => {
                     metrics::counter!("paygate_payment_step_failures_total").increment(1);
                     tracing::warn!(%error, company = %company, payment = %id, "payment step failed; retrying in 60 s");
-                    if let Err(error) = self.defer(company, id, &error.to_string()).await {
+                    if let Err(error) = self.defer(company, mode, id, &error.to_string()).await {
                         tracing::warn!(%error, payment = %id, "could not defer the failed payment step");
                     }
                 }
@@ -165,9 +165,15 @@ impl PaymentWorker {
 
     /// Moves a payment whose step failed to the back of the queue, so one
     /// broken payment cannot hold up the others, and records the failure.
-    async fn defer(&self, company: CompanyId, id: paygate_domain::PaymentId, error: &str) -> anyhow::Result<()> {
+    async fn defer(
+        &self,
+        company: CompanyId,
+        mode: KeyMode,
+        id: paygate_domain::PaymentId,
+        error: &str,
+    ) -> anyhow::Result<()> {
         let scope = operator_scope(self.store.as_ref(), company);
-        let Some(mut payment) = self.store.get_payment(&scope, KeyMode::Test, id).await? else { return Ok(()) };
+        let Some(mut payment) = self.store.get_payment(&scope, mode, id).await? else { return Ok(()) };
         let read_revision = payment.revision;
         payment.revision += 1;
         payment.rail_next_at = Some(paygate_domain::now() + Duration::from_secs(60));

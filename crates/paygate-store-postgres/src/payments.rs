@@ -88,13 +88,7 @@ async fn used_keys(conn: &mut PgConnection, items: &[PaymentCreate]) -> StoreRes
             KeyMode::parse(&mode).ok_or_else(|| corrupt("idempotency mode", &mode))?,
             get::<String>(row, "key")?,
         );
-        let response = StoredResponse {
-            fingerprint: get(row, "fingerprint")?,
-            status: u16::try_from(get::<i32>(row, "response_status")?).map_err(|e| corrupt("status", e))?,
-            body: get(row, "response_body")?,
-            payment_id: PaymentId::from_uuid(get(row, "payment_id")?),
-        };
-        used.insert(key, response);
+        used.insert(key, response_from_row(row)?);
     }
     Ok(used)
 }
@@ -150,15 +144,16 @@ async fn stored_response(
     .fetch_optional(conn)
     .await
     .map_err(map_err)?;
-    row.map(|row| {
-        Ok(StoredResponse {
-            fingerprint: get(&row, "fingerprint")?,
-            status: u16::try_from(get::<i32>(&row, "response_status")?).map_err(|e| corrupt("status", e))?,
-            body: get(&row, "response_body")?,
-            payment_id: PaymentId::from_uuid(get(&row, "payment_id")?),
-        })
+    row.as_ref().map(response_from_row).transpose()
+}
+
+fn response_from_row(row: &PgRow) -> StoreResult<StoredResponse> {
+    Ok(StoredResponse {
+        fingerprint: get(row, "fingerprint")?,
+        status: u16::try_from(get::<i32>(row, "response_status")?).map_err(|e| corrupt("status", e))?,
+        body: get(row, "response_body")?,
+        payment_id: PaymentId::from_uuid(get(row, "payment_id")?),
     })
-    .transpose()
 }
 
 impl PostgresStore {

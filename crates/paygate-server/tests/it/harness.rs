@@ -170,21 +170,28 @@ impl TestApp {
 
     /// Issues a key with its own owner (four-eyes cases need distinct owners).
     pub async fn key_owned(&self, company: CompanyId, scopes: &str, owner: &str, mode: KeyMode) -> String {
-        let (_, text) = paygate_server::admin::create_key(
-            &*self.store,
-            &self.hasher,
-            paygate_server::admin::KeyRequest {
-                company,
-                name: "test key",
-                owner,
-                scopes: ScopeSet::parse_list(scopes).unwrap(),
-                mode,
-                expires_in: None,
-                allowed_cidrs: Default::default(),
-            },
-        )
-        .await
-        .unwrap();
+        self.issue(company, ScopeSet::parse_list(scopes).unwrap(), owner, mode, None).await
+    }
+
+    /// Issues a key as an operator would (the CLI's `create_key`).
+    async fn issue(
+        &self,
+        company: CompanyId,
+        scopes: ScopeSet,
+        owner: &str,
+        mode: KeyMode,
+        expires_in: Option<time::Duration>,
+    ) -> String {
+        let request = paygate_server::admin::KeyRequest {
+            company,
+            name: "test key",
+            owner,
+            scopes,
+            mode,
+            expires_in,
+            allowed_cidrs: Default::default(),
+        };
+        let (_, text) = paygate_server::admin::create_key(&*self.store, &self.hasher, request).await.unwrap();
         text.to_string()
     }
 
@@ -251,22 +258,7 @@ impl TestApp {
                 self.store.set_approval_policy(&scope, mode, &policy, &record).await.unwrap();
             }
         }
-        let (_, text) = paygate_server::admin::create_key(
-            &*self.store,
-            &self.hasher,
-            paygate_server::admin::KeyRequest {
-                company,
-                name: "test key",
-                owner: "tester",
-                scopes,
-                mode,
-                expires_in,
-                allowed_cidrs: Default::default(),
-            },
-        )
-        .await
-        .unwrap();
-        text.to_string()
+        self.issue(company, scopes, "tester", mode, expires_in).await
     }
 
     /// Runs SQL directly on this app's database, bypassing Paygate (tamper tests).

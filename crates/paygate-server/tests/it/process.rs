@@ -304,6 +304,13 @@ fn invalid_configuration_stops_startup_with_one_line() {
     }
 }
 
+/// Runs the `paygate` CLI with `env`; asserts success and returns its JSON output.
+fn cli_json(env: &[(&str, &str)], args: &[&str]) -> Value {
+    let out = Command::new(BIN).args(args).envs(env.iter().copied()).env("PAYGATE_LOG_LEVEL", "warn").output().unwrap();
+    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice::<Value>(&out.stdout).unwrap_or(Value::Null)
+}
+
 /// Two `paygate serve` processes on one PostgreSQL database: a revocation or
 /// suspension made through one node, or through the CLI, is refused by every
 /// node within 1 s (the measured times are printed).
@@ -318,12 +325,7 @@ async fn two_nodes_refuse_revoked_and_suspended_keys_within_1s() {
     let env = deployment.with(&[("PAYGATE_AUTH_FAILURE_LIMIT", "100000/1")]);
     let a = start_with(&["serve"], "warn,paygate_server=info", &env);
     let b = start_with(&["serve"], "warn,paygate_server=info", &env);
-    let cli = |args: &[&str]| {
-        let out =
-            Command::new(BIN).args(args).envs(env.iter().copied()).env("PAYGATE_LOG_LEVEL", "warn").output().unwrap();
-        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        serde_json::from_slice::<Value>(&out.stdout).unwrap_or(Value::Null)
-    };
+    let cli = |args: &[&str]| cli_json(&env, args);
     let company =
         cli(&["admin", "company", "create", "--name", "Two Nodes", "--json"])["id"].as_str().unwrap().to_owned();
     let key = |scopes: &str| {
@@ -526,12 +528,7 @@ async fn two_nodes_create_one_payment_per_idempotency_key() {
     let env = deployment.with(&[("PAYGATE_WRITE_CONCURRENCY", "1000")]);
     let a = start_with(&["serve"], "warn,paygate_server=info", &env);
     let b = start_with(&["serve"], "warn,paygate_server=info", &env);
-    let cli = |args: &[&str]| {
-        let out =
-            Command::new(BIN).args(args).envs(env.iter().copied()).env("PAYGATE_LOG_LEVEL", "warn").output().unwrap();
-        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        serde_json::from_slice::<Value>(&out.stdout).unwrap_or(Value::Null)
-    };
+    let cli = |args: &[&str]| cli_json(&env, args);
     let company = cli(&["admin", "company", "create", "--name", "Race", "--json"])["id"].as_str().unwrap().to_owned();
     let key = cli(&[
         "admin",
