@@ -62,6 +62,20 @@ pub const ACTIONS: &[&str] = &[
     "payment.settle",
     "approval_policy.read",
     "approval_policy.update",
+    "api_key.expiry_notice",
+    "event.list",
+    "event.read",
+    "event.redeliver",
+    "webhook_endpoint.create",
+    "webhook_endpoint.list",
+    "webhook_endpoint.read",
+    "webhook_endpoint.update",
+    "webhook_endpoint.delete",
+    "webhook_endpoint.rotate_secret",
+    "webhook_endpoint.test",
+    "webhook_endpoint.disable",
+    "webhook_delivery.list",
+    "webhook.deliver",
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]

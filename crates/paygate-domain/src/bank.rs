@@ -270,6 +270,9 @@ fn parse_routing_number(text: &str) -> Result<String, String> {
 pub struct DataKey {
     cipher: ChaCha20Poly1305,
     fingerprint: Hmac<Sha256>,
+    /// Webhook signing secrets: a key of their own, so a ciphertext of one
+    /// kind can never be opened as the other.
+    secrets: ChaCha20Poly1305,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -292,8 +295,10 @@ impl DataKey {
         };
         let enc = derive(b"paygate/bank-account-encryption/v1");
         let fp = derive(b"paygate/bank-account-fingerprint/v1");
+        let secrets = derive(b"paygate/webhook-secret-encryption/v1");
         Some(Self {
             cipher: ChaCha20Poly1305::new_from_slice(enc.as_slice()).expect("32-byte key"),
+            secrets: ChaCha20Poly1305::new_from_slice(secrets.as_slice()).expect("32-byte key"),
             fingerprint: <Hmac<Sha256> as hmac::KeyInit>::new_from_slice(fp.as_slice()).expect("any key length"),
         })
     }
@@ -302,31 +307,26 @@ impl DataKey {
     /// associated data): a ciphertext copied to another row does not decrypt.
     /// Layout: version byte, 12-byte random nonce, ciphertext with tag.
     pub fn seal(&self, account: &BankAccount, company: CompanyId, owner_id: &str) -> Vec<u8> {
-        let mut nonce = [0u8; 12];
-        getrandom::fill(&mut nonce).expect("OS random number generator");
-        let aad = format!("{company}/{owner_id}");
-        let sealed = self
-            .cipher
-            .encrypt(&Nonce::from(nonce), Payload { msg: account.secret().as_bytes(), aad: aad.as_bytes() })
-            .expect("ChaCha20-Poly1305 encrypts any short message");
-        let mut out = Vec::with_capacity(1 + 12 + sealed.len());
-        out.push(SEALED_VERSION);
-        out.extend_from_slice(&nonce);
-        out.extend_from_slice(&sealed);
-        out
+        seal_with(&self.cipher, account.secret().as_bytes(), &format!("{company}/{owner_id}"))
     }
 
     pub fn open(&self, sealed: &[u8], company: CompanyId, owner_id: &str) -> Result<Zeroizing<String>, DecryptError> {
-        if sealed.len() < 13 || sealed[0] != SEALED_VERSION {
-            return Err(DecryptError);
-        }
-        let nonce = Nonce::try_from(&sealed[1..13]).map_err(|_| DecryptError)?;
-        let aad = format!("{company}/{owner_id}");
-        let plain = self
-            .cipher
-            .decrypt(&nonce, Payload { msg: &sealed[13..], aad: aad.as_bytes() })
-            .map_err(|_| DecryptError)?;
-        String::from_utf8(plain).map(Zeroizing::new).map_err(|_| DecryptError)
+        let plain = open_with(&self.cipher, sealed, &format!("{company}/{owner_id}"))?;
+        String::from_utf8(plain.to_vec()).map(Zeroizing::new).map_err(|_| DecryptError)
+    }
+
+    /// Encrypts a webhook signing secret, bound to its company and endpoint.
+    pub fn seal_webhook_secret(&self, secret: &[u8], company: CompanyId, endpoint_id: &str) -> Vec<u8> {
+        seal_with(&self.secrets, secret, &format!("{company}/{endpoint_id}"))
+    }
+
+    pub fn open_webhook_secret(
+        &self,
+        sealed: &[u8],
+        company: CompanyId,
+        endpoint_id: &str,
+    ) -> Result<Zeroizing<Vec<u8>>, DecryptError> {
+        open_with(&self.secrets, sealed, &format!("{company}/{endpoint_id}"))
     }
 
     /// `fp_` + 32 hex characters of HMAC(fingerprint key, company ‖ mode ‖
@@ -340,6 +340,31 @@ impl DataKey {
         let digest = mac.finalize().into_bytes();
         format!("fp_{}", hex::encode(&digest[..16]))
     }
+}
+
+/// Layout: version byte, 12-byte random nonce, ciphertext with tag.
+fn seal_with(cipher: &ChaCha20Poly1305, plain: &[u8], aad: &str) -> Vec<u8> {
+    let mut nonce = [0u8; 12];
+    getrandom::fill(&mut nonce).expect("OS random number generator");
+    let sealed = cipher
+        .encrypt(&Nonce::from(nonce), Payload { msg: plain, aad: aad.as_bytes() })
+        .expect("ChaCha20-Poly1305 encrypts any short message");
+    let mut out = Vec::with_capacity(1 + 12 + sealed.len());
+    out.push(SEALED_VERSION);
+    out.extend_from_slice(&nonce);
+    out.extend_from_slice(&sealed);
+    out
+}
+
+fn open_with(cipher: &ChaCha20Poly1305, sealed: &[u8], aad: &str) -> Result<Zeroizing<Vec<u8>>, DecryptError> {
+    if sealed.len() < 13 || sealed[0] != SEALED_VERSION {
+        return Err(DecryptError);
+    }
+    let nonce = Nonce::try_from(&sealed[1..13]).map_err(|_| DecryptError)?;
+    cipher
+        .decrypt(&nonce, Payload { msg: &sealed[13..], aad: aad.as_bytes() })
+        .map(Zeroizing::new)
+        .map_err(|_| DecryptError)
 }
 
 #[cfg(test)]
@@ -425,5 +450,17 @@ mod tests {
         assert_ne!(key.fingerprint(&account, a, T), key.fingerprint(&account, b, T));
         assert_ne!(key.fingerprint(&account, a, T), key.fingerprint(&account, a, crate::KeyMode::Live));
         assert!(DataKey::new(&[1u8; 31]).is_none());
+    }
+
+    #[test]
+    fn webhook_secrets_are_sealed_apart_from_accounts() {
+        let key = DataKey::new(&[7u8; 32]).unwrap();
+        let (a, b) = (CompanyId::generate(), CompanyId::generate());
+        let sealed = key.seal_webhook_secret(b"0123456789abcdef0123456789abcdef", a, "we_1");
+        assert_eq!(&key.open_webhook_secret(&sealed, a, "we_1").unwrap()[..], b"0123456789abcdef0123456789abcdef");
+        assert!(key.open_webhook_secret(&sealed, b, "we_1").is_err());
+        assert!(key.open_webhook_secret(&sealed, a, "we_2").is_err());
+        // The account cipher cannot open it either.
+        assert!(key.open(&sealed, a, "we_1").is_err());
     }
 }

@@ -127,6 +127,24 @@ public_id!(
     "key_",
     "API key"
 );
+public_id!(
+    /// An event: one change of one object, as integrators receive it.
+    EventId,
+    "evt_",
+    "event"
+);
+public_id!(
+    /// A webhook endpoint: where a company's events are delivered.
+    WebhookEndpointId,
+    "we_",
+    "webhook endpoint"
+);
+public_id!(
+    /// One delivery of one event to one endpoint (with its attempts).
+    WebhookDeliveryId,
+    "whd_",
+    "webhook delivery"
+);
 
 #[cfg(test)]
 mod tests {

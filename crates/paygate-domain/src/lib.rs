@@ -10,7 +10,9 @@ pub mod key;
 pub mod scope;
 
 pub use company::CompanyStatus;
-pub use id::{ApiKeyId, CompanyId, IdParseError, PayeeId, PaymentId};
+pub use id::{ApiKeyId, CompanyId, EventId, IdParseError, PayeeId, PaymentId, WebhookDeliveryId, WebhookEndpointId};
+pub mod event;
+pub use event::EventType;
 pub mod bank;
 pub mod money;
 pub mod payment;
@@ -55,3 +57,4 @@ impl RateLimitOverride {
 }
 pub mod audit;
 pub use id::AuditEventId;
+pub mod webhook;

@@ -41,6 +41,8 @@ scopes! {
     KeysManage => "keys:manage",
     AuditRead => "audit:read",
     PolicyManage => "policy:manage",
+    EventsRead => "events:read",
+    WebhooksManage => "webhooks:manage",
 }
 
 impl fmt::Display for Scope {

@@ -3,19 +3,20 @@
 use std::collections::HashMap;
 
 use paygate_domain::audit::AuditEntry;
-use paygate_domain::payment::{ApprovalPolicy, Payment};
-use paygate_domain::{CompanyId, KeyMode, PayeeId, PaymentId};
+use paygate_domain::payment::{ApprovalPolicy, Payment, PaymentStatus};
+use paygate_domain::{CompanyId, EventType, KeyMode, PayeeId, PaymentId};
 use paygate_store::{
-    CompanyScope, NewPayee, Page, PageRequest, Payee, PayeeColumns, PayeeStatus, PaymentColumns, PaymentCreate,
-    PaymentCreated, PaymentFilter, StoreError, StoreResult, StoredResponse, date_text, payment_doc, policy_from_text,
-    policy_text,
+    CompanyScope, NewEvent, NewPayee, Page, PageRequest, Payee, PayeeColumns, PayeeStatus, PaymentColumns,
+    PaymentCreate, PaymentCreated, PaymentFilter, StoreError, StoreResult, StoredResponse, date_text, payment_doc,
+    policy_from_text, policy_text,
 };
 use sqlx::PgConnection;
 use sqlx::postgres::PgRow;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use crate::{PostgresStore, append_in, commit_change, corrupt, get, map_err};
+use crate::events::{commit_with_events, write_events};
+use crate::{PostgresStore, append_in, corrupt, get, map_err};
 
 const PAYEE_COLUMNS: &str =
     "id, mode, name, kind, email, bank_account, metadata, status, created_at, disabled_at, created_by FROM payees";
@@ -186,7 +187,9 @@ impl PostgresStore {
         .execute(&mut *tx)
         .await
         .map_err(map_err)?;
-        commit_change(tx, audit).await
+        // The upsert holds the policy row's lock while its event is numbered.
+        let event = NewEvent::approval_policy(scope.company_id(), mode, policy);
+        commit_with_events(tx, audit, vec![event]).await
     }
 
     pub(crate) async fn insert_payee(
@@ -218,7 +221,8 @@ impl PostgresStore {
         .execute(&mut *tx)
         .await
         .map_err(map_err)?;
-        commit_change(tx, audit).await
+        let event = NewEvent::payee(scope.company_id(), EventType::PayeeCreated, p, None);
+        commit_with_events(tx, audit, vec![event]).await
     }
 
     pub(crate) async fn payees_page(
@@ -297,7 +301,7 @@ impl PostgresStore {
         audit: &AuditEntry,
     ) -> StoreResult<Option<Payee>> {
         let mut tx = self.begin_write().await?;
-        sqlx::query(
+        let changed = sqlx::query(
             "UPDATE payees SET status = 'disabled', disabled_at = $1 \
              WHERE id = $2 AND company_id = $3 AND mode = $4 AND status = 'active'",
         )
@@ -307,9 +311,16 @@ impl PostgresStore {
         .bind(mode.as_str())
         .execute(&mut *tx)
         .await
-        .map_err(map_err)?;
+        .map_err(map_err)?
+        .rows_affected();
         let Some(payee) = Self::payee_in(&mut tx, scope, mode, id).await? else { return Ok(None) };
-        commit_change(tx, audit).await?;
+        // Disabling twice changes nothing, and tells nobody again.
+        let events = if changed > 0 {
+            vec![NewEvent::payee(scope.company_id(), EventType::PayeeDisabled, &payee, Some("active"))]
+        } else {
+            vec![]
+        };
+        commit_with_events(tx, audit, events).await?;
         Ok(Some(payee))
     }
 
@@ -398,10 +409,12 @@ impl PostgresStore {
         let claimed: std::collections::HashSet<Uuid> =
             insert.build_query_scalar::<Uuid>().fetch_all(&mut *tx).await.map_err(map_err)?.into_iter().collect();
         let mut records = Vec::with_capacity(created.len());
+        let mut events = Vec::with_capacity(created.len());
         let mut lost = Vec::new();
         for &i in &created {
             if claimed.contains(&items[i].payment.id.as_uuid()) {
                 records.push(items[i].audit.clone());
+                events.push(NewEvent::payment(items[i].scope.company_id(), &items[i].payment, None));
             } else {
                 lost.push(i);
             }
@@ -421,6 +434,9 @@ impl PostgresStore {
                 outcomes[i] = PaymentCreated::Existing(existing);
             }
         }
+        // Events only for the payments this batch created (not those whose key
+        // another node claimed); before the audit heads, as in every change.
+        write_events(&mut tx, events).await?;
         if !records.is_empty() {
             append_in(&mut tx, &records).await?;
         }
@@ -493,6 +509,20 @@ impl PostgresStore {
         audit: &AuditEntry,
     ) -> StoreResult<bool> {
         let mut tx = self.begin_write().await?;
+        // The stored status under the expected revision, with the row locked:
+        // the event is named after the change of status, and a writer that
+        // loses the race finds the revision moved once the lock is released.
+        let before: Option<String> = sqlx::query_scalar(
+            "SELECT status FROM payments WHERE id = $1 AND company_id = $2 AND revision = $3 FOR NO KEY UPDATE",
+        )
+        .bind(p.id.as_uuid())
+        .bind(scope.company_id().as_uuid())
+        .bind(expected_revision as i64)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        let Some(before) = before else { return Ok(false) };
+        let before = PaymentStatus::parse(&before).ok_or_else(|| corrupt("payment status", &before))?;
         let changed = sqlx::query(
             "UPDATE payments SET amount = $1, reference = $2, requested_execution_date = $3, status = $4, version = $5, \
              revision = $6, approval_expires_at = $7, rail_next_at = $8, updated_at = $9, doc = $10 \
@@ -518,7 +548,7 @@ impl PostgresStore {
         if changed == 0 {
             return Ok(false);
         }
-        commit_change(tx, audit).await?;
+        commit_with_events(tx, audit, vec![NewEvent::payment(scope.company_id(), p, Some(before))]).await?;
         Ok(true)
     }
 

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use paygate_store::OperatorStore;
+use paygate_store::conformance::operator_record;
 use paygate_store_postgres::PostgresStore;
 use paygate_store_postgres::testing::TestDatabase;
 
@@ -121,4 +122,85 @@ async fn audit_batch_latency_by_size() {
         }
         println!("batch of {size}: {:?} per batch", started.elapsed() / 10);
     }
+}
+
+/// Events are append-only in the database itself: an UPDATE is refused by a trigger.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_refuse_updates() {
+    use paygate_domain::Label;
+    use paygate_store::{NewCompany, operator_scope};
+    let Some(test) = fresh_store().await else { return };
+    let store = test.store.clone();
+    let company =
+        store.create_company(NewCompany::new(Label::parse("Acme").unwrap()), &operator_record("company.create")).await;
+    let company = company.unwrap();
+    let policy = paygate_domain::payment::ApprovalPolicy::default();
+    let scope = operator_scope(&*store, company.id);
+    store
+        .set_approval_policy(&scope, paygate_domain::KeyMode::Test, &policy, &operator_record("approval_policy.update"))
+        .await
+        .unwrap();
+    let err = sqlx::query("UPDATE events SET object = '{}'").execute(store_pool(&test)).await.unwrap_err();
+    assert!(err.to_string().contains("append-only"), "{err}");
+    let kept: String = sqlx::query_scalar("SELECT object FROM events").fetch_one(store_pool(&test)).await.unwrap();
+    assert_ne!(kept, "{}");
+}
+
+/// A batch whose Idempotency-Key another node claims while the batch runs:
+/// the item answers with the other node's response, and the payment the
+/// batch had inserted for it leaves no event (nor delivery) behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_payment_lost_to_another_node_writes_no_event() {
+    use paygate_domain::audit::Outcome;
+    use paygate_domain::payment::ApprovalPolicy;
+    use paygate_domain::{KeyMode, Label};
+    use paygate_store::conformance::{create_item, draft_payment, entry_for, new_payee};
+    use paygate_store::{EventFilter, NewCompany, PageRequest, PaymentCreated, operator_scope};
+    use sqlx::Connection;
+    let Some(test) = fresh_store().await else { return };
+    let store = test.store.clone();
+    let company =
+        store.create_company(NewCompany::new(Label::parse("Acme").unwrap()), &operator_record("company.create")).await;
+    let a = company.unwrap().id;
+    let scope = operator_scope(&*store, a);
+    let payee = new_payee(KeyMode::Test);
+    store.create_payee(&scope, &payee, &entry_for(a, "payee.create", Outcome::Success)).await.unwrap();
+    let policy = ApprovalPolicy::default();
+    let seed = draft_payment(payee.payee.id, 100, &policy);
+    store.create_payments(&[create_item(a, &*store, seed.clone(), "seed")]).await.unwrap();
+
+    // "Another node" claims key `k` and has not committed yet.
+    let name: String = sqlx::query_scalar("SELECT current_database()").fetch_one(store_pool(&test)).await.unwrap();
+    let url =
+        paygate_store_postgres::testing::with_database(&std::env::var("PAYGATE_TEST_POSTGRES_URL").unwrap(), &name);
+    let mut other = sqlx::PgConnection::connect(&url).await.unwrap();
+    sqlx::raw_sql("BEGIN").execute(&mut other).await.unwrap();
+    sqlx::query(
+        "INSERT INTO idempotency_keys (company_id, mode, key, fingerprint, response_status, response_body, \
+         payment_id, created_at, expires_at) VALUES ($1, 'test', 'k', 'fp-other', 201, '{}', $2, now(), \
+         now() + interval '1 day')",
+    )
+    .bind(a.as_uuid())
+    .bind(seed.id.as_uuid())
+    .execute(&mut other)
+    .await
+    .unwrap();
+    let lost = draft_payment(payee.payee.id, 100, &policy);
+    let batch = {
+        let store = store.clone();
+        let item = create_item(a, &*store, lost.clone(), "k");
+        tokio::spawn(async move { store.create_payments(&[item]).await.unwrap() })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(!batch.is_finished(), "the batch waits for the other node's key");
+    sqlx::raw_sql("COMMIT").execute(&mut other).await.unwrap();
+    let outcomes = batch.await.unwrap();
+    assert!(matches!(&outcomes[0], PaymentCreated::Existing(r) if r.payment_id == seed.id), "{outcomes:?}");
+    assert!(store.get_payment(&scope, KeyMode::Test, lost.id).await.unwrap().is_none());
+    let of = |id: String| EventFilter { kind: None, object_id: Some(id) };
+    let page = PageRequest { limit: 10, after: None };
+    let events = store.list_events(&scope, KeyMode::Test, &of(lost.id.to_string()), page).await.unwrap();
+    assert!(events.items.is_empty(), "no event for a payment that was not created");
+    let events = store.list_events(&scope, KeyMode::Test, &of(seed.id.to_string()), page).await.unwrap();
+    assert_eq!(events.items.len(), 1);
 }

@@ -17,17 +17,22 @@ use paygate_domain::payment::{ApprovalPolicy, Payment};
 use paygate_domain::{
     AllowedCidrs, ApiKeyId, CompanyId, CompanyStatus, KeyMode, KeyPolicy, RateLimitOverride, ScopeSet, SecretHash,
 };
-use paygate_domain::{PayeeId, PaymentId};
+use paygate_domain::{EventId, EventType, PayeeId, PaymentId, WebhookDeliveryId, WebhookEndpointId};
 use paygate_store::{
     ApiKey, AuditFilter, Backend, Checkpoint, Company, CompanyScope, KeyAuthRecord, KeyUsage, NewApiKey, NewCompany,
     NewPayee, OperatorStore, Page, PageRequest, Payee, PayeeStatus, PaymentCreate, PaymentCreated, PaymentFilter,
     Rotation, Store, StoreError, StoreResult, StoredResponse,
+};
+use paygate_store::{
+    Delivery, DeliveryJob, DeliveryResult, EndpointPatch, Event, EventFilter, NewEvent, NewWebhookEndpoint,
+    WebhookEndpoint,
 };
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous};
 use sqlx::{Row, SqliteConnection, SqlitePool};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
+mod events;
 mod payments;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -163,7 +168,7 @@ fn key_from_row(row: &SqliteRow) -> StoreResult<ApiKey> {
 /// `SELECT <key columns> [extra columns] FROM api_keys k <tail>`, as one literal.
 macro_rules! key_select {
     ($tail:literal) => {
-        key_select!("", $tail)
+        $crate::key_select!("", $tail)
     };
     ($extra:literal, $tail:literal) => {
         concat!(
@@ -176,6 +181,7 @@ macro_rules! key_select {
         )
     };
 }
+pub(crate) use key_select;
 
 async fn bump_auth_revision(conn: &mut SqliteConnection) -> StoreResult<()> {
     sqlx::query("UPDATE auth_revision SET revision = revision + 1 WHERE id = 1")
@@ -488,8 +494,9 @@ impl Store for SqliteStore {
             return Err(StoreError::NotFound("company"));
         }
         insert_key(&mut tx, company_id, &new, None).await?;
-        commit_change(tx, audit).await?;
-        Ok(new.into_key(company_id, None))
+        let key = new.into_key(company_id, None);
+        events::commit_with_events(tx, audit, vec![NewEvent::api_key(EventType::ApiKeyCreated, &key, None)]).await?;
+        Ok(key)
     }
 
     async fn revoke_api_key(
@@ -509,16 +516,23 @@ impl Store for SqliteStore {
         audit: &AuditEntry,
     ) -> StoreResult<u64> {
         let mut tx = self.begin_write().await?;
-        let revoked = sqlx::query("UPDATE api_keys SET revoked_at = ? WHERE company_id = ? AND revoked_at IS NULL")
-            .bind(micros(at))
-            .bind(scope.company_id().as_uuid())
-            .execute(&mut *tx)
-            .await
-            .map_err(map_err)?
-            .rows_affected();
+        let revoked: Vec<Uuid> = sqlx::query_scalar(
+            "UPDATE api_keys SET revoked_at = ? WHERE company_id = ? AND revoked_at IS NULL RETURNING id",
+        )
+        .bind(micros(at))
+        .bind(scope.company_id().as_uuid())
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(map_err)?;
         bump_auth_revision(&mut tx).await?;
-        commit_change(tx, audit).await?;
-        Ok(revoked)
+        let mut events = Vec::with_capacity(revoked.len());
+        for id in &revoked {
+            if let Some(key) = scoped_key(&mut tx, Some(scope.company_id()), ApiKeyId::from_uuid(*id)).await? {
+                events.push(NewEvent::api_key(EventType::ApiKeyRevoked, &key, Some("active")));
+            }
+        }
+        events::commit_with_events(tx, audit, events).await?;
+        Ok(revoked.len() as u64)
     }
 
     async fn rotate_api_key(
@@ -556,8 +570,13 @@ impl Store for SqliteStore {
         .map_err(map_err)?;
         bump_auth_revision(&mut tx).await?;
         let old = scoped_key(&mut tx, Some(company_id), id).await?.ok_or(StoreError::NotFound("API key"))?;
-        commit_change(tx, audit).await?;
-        Ok(Rotation::Rotated { old: Box::new(old), new: Box::new(new.into_key(company_id, Some(id))) })
+        let new = new.into_key(company_id, Some(id));
+        let events = vec![
+            NewEvent::api_key(EventType::ApiKeyCreated, &new, None),
+            NewEvent::api_key(EventType::ApiKeyRotated, &old, None),
+        ];
+        events::commit_with_events(tx, audit, events).await?;
+        Ok(Rotation::Rotated { old: Box::new(old), new: Box::new(new) })
     }
 
     async fn record_key_usage(&self, usage: &[KeyUsage]) -> StoreResult<()> {
@@ -736,6 +755,111 @@ impl Store for SqliteStore {
         audit: &AuditEntry,
     ) -> StoreResult<bool> {
         self.replace_payment(scope, payment, expected_revision, audit).await
+    }
+
+    async fn list_events(
+        &self,
+        scope: &CompanyScope,
+        mode: KeyMode,
+        filter: &EventFilter,
+        page: PageRequest<EventId>,
+    ) -> StoreResult<Page<Event>> {
+        self.events_page(scope, mode, filter, page).await
+    }
+
+    async fn get_event(&self, scope: &CompanyScope, mode: KeyMode, id: EventId) -> StoreResult<Option<Event>> {
+        self.find_event(scope, mode, id).await
+    }
+
+    async fn create_webhook_endpoint(
+        &self,
+        scope: &CompanyScope,
+        new: &NewWebhookEndpoint,
+        audit: &AuditEntry,
+    ) -> StoreResult<bool> {
+        self.insert_endpoint(scope, new, audit).await
+    }
+
+    async fn list_webhook_endpoints(
+        &self,
+        scope: &CompanyScope,
+        mode: KeyMode,
+        page: PageRequest<WebhookEndpointId>,
+    ) -> StoreResult<Page<WebhookEndpoint>> {
+        self.endpoints_page(scope, mode, page).await
+    }
+
+    async fn get_webhook_endpoint(
+        &self,
+        scope: &CompanyScope,
+        mode: KeyMode,
+        id: WebhookEndpointId,
+    ) -> StoreResult<Option<WebhookEndpoint>> {
+        self.find_endpoint(scope, mode, id).await
+    }
+
+    async fn update_webhook_endpoint(
+        &self,
+        scope: &CompanyScope,
+        mode: KeyMode,
+        id: WebhookEndpointId,
+        patch: &EndpointPatch,
+        audit: &AuditEntry,
+    ) -> StoreResult<Option<WebhookEndpoint>> {
+        self.patch_endpoint(scope, mode, id, patch, audit).await
+    }
+
+    async fn delete_webhook_endpoint(
+        &self,
+        scope: &CompanyScope,
+        mode: KeyMode,
+        id: WebhookEndpointId,
+        audit: &AuditEntry,
+    ) -> StoreResult<bool> {
+        self.remove_endpoint(scope, mode, id, audit).await
+    }
+
+    async fn rotate_webhook_secret(
+        &self,
+        scope: &CompanyScope,
+        mode: KeyMode,
+        id: WebhookEndpointId,
+        new_sealed: &[u8],
+        previous_expires_at: OffsetDateTime,
+        audit: &AuditEntry,
+    ) -> StoreResult<Option<WebhookEndpoint>> {
+        self.rotate_secret(scope, mode, id, new_sealed, previous_expires_at, audit).await
+    }
+
+    async fn send_test_event(
+        &self,
+        scope: &CompanyScope,
+        mode: KeyMode,
+        id: WebhookEndpointId,
+        audit: &AuditEntry,
+    ) -> StoreResult<Option<Event>> {
+        self.test_event(scope, mode, id, audit).await
+    }
+
+    async fn redeliver_event(
+        &self,
+        scope: &CompanyScope,
+        mode: KeyMode,
+        id: EventId,
+        endpoint: Option<WebhookEndpointId>,
+        audit: &AuditEntry,
+    ) -> StoreResult<Option<u32>> {
+        self.redeliver(scope, mode, id, endpoint, audit).await
+    }
+
+    async fn list_deliveries(
+        &self,
+        scope: &CompanyScope,
+        mode: KeyMode,
+        endpoint: WebhookEndpointId,
+        page: PageRequest<WebhookDeliveryId>,
+    ) -> StoreResult<Option<Page<Delivery>>> {
+        self.deliveries_page(scope, mode, endpoint, page).await
     }
 }
 
@@ -969,6 +1093,33 @@ impl OperatorStore for SqliteStore {
             })
             .collect()
     }
+
+    async fn claim_deliveries(
+        &self,
+        now: OffsetDateTime,
+        owner: &str,
+        lease_until: OffsetDateTime,
+        limit: u32,
+    ) -> StoreResult<Vec<DeliveryJob>> {
+        self.claim(now, owner, lease_until, limit).await
+    }
+
+    async fn finish_delivery(
+        &self,
+        result: &DeliveryResult,
+        audit: &AuditEntry,
+        disable_audit: &AuditEntry,
+    ) -> StoreResult<bool> {
+        self.finish(result, audit, disable_audit).await
+    }
+
+    async fn expiring_keys(&self, now: OffsetDateTime, until: OffsetDateTime, limit: u32) -> StoreResult<Vec<ApiKey>> {
+        self.keys_expiring(now, until, limit).await
+    }
+
+    async fn note_key_expiring(&self, id: ApiKeyId, audit: &AuditEntry) -> StoreResult<bool> {
+        self.note_expiring(id, audit).await
+    }
 }
 
 impl SqliteStore {
@@ -993,11 +1144,11 @@ impl SqliteStore {
         if changed > 0 {
             bump_auth_revision(&mut tx).await?;
         }
-        let key = scoped_key(&mut tx, company, id).await?;
-        if key.is_none() {
-            return Ok(None);
-        }
-        commit_change(tx, audit).await?;
-        Ok(key)
+        let Some(key) = scoped_key(&mut tx, company, id).await? else { return Ok(None) };
+        // Revoking twice changes nothing, and tells nobody again.
+        let events =
+            if changed > 0 { vec![NewEvent::api_key(EventType::ApiKeyRevoked, &key, Some("active"))] } else { vec![] };
+        events::commit_with_events(tx, audit, events).await?;
+        Ok(Some(key))
     }
 }

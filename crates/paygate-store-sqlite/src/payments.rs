@@ -3,18 +3,20 @@
 use std::collections::HashMap;
 
 use paygate_domain::audit::AuditEntry;
-use paygate_domain::payment::{ApprovalPolicy, Payment};
-use paygate_domain::{CompanyId, KeyMode, PayeeId, PaymentId};
+use paygate_domain::payment::{ApprovalPolicy, Payment, PaymentStatus};
+use paygate_domain::{CompanyId, EventType, KeyMode, PayeeId, PaymentId};
 use paygate_store::{
-    CompanyScope, NewPayee, Page, PageRequest, Payee, PayeeColumns, PayeeStatus, PaymentColumns, PaymentCreate,
-    PaymentCreated, PaymentFilter, StoreResult, StoredResponse, date_text, payment_doc, policy_from_text, policy_text,
+    CompanyScope, NewEvent, NewPayee, Page, PageRequest, Payee, PayeeColumns, PayeeStatus, PaymentColumns,
+    PaymentCreate, PaymentCreated, PaymentFilter, StoreResult, StoredResponse, date_text, payment_doc,
+    policy_from_text, policy_text,
 };
 use sqlx::SqliteConnection;
 use sqlx::sqlite::SqliteRow;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use crate::{SqliteStore, append_in, commit_change, corrupt, from_micros, get, map_err, micros, opt_from_micros};
+use crate::events::{commit_with_events, write_events};
+use crate::{SqliteStore, append_in, corrupt, from_micros, get, map_err, micros, opt_from_micros};
 
 const PAYEE_COLUMNS: &str =
     "id, mode, name, kind, email, bank_account, metadata, status, created_at, disabled_at, created_by FROM payees";
@@ -185,7 +187,8 @@ impl SqliteStore {
         .execute(&mut *tx)
         .await
         .map_err(map_err)?;
-        commit_change(tx, audit).await
+        let event = NewEvent::approval_policy(scope.company_id(), mode, policy);
+        commit_with_events(tx, audit, vec![event]).await
     }
 
     pub(crate) async fn insert_payee(
@@ -217,7 +220,8 @@ impl SqliteStore {
         .execute(&mut *tx)
         .await
         .map_err(map_err)?;
-        commit_change(tx, audit).await
+        let event = NewEvent::payee(scope.company_id(), EventType::PayeeCreated, p, None);
+        commit_with_events(tx, audit, vec![event]).await
     }
 
     pub(crate) async fn payees_page(
@@ -296,7 +300,7 @@ impl SqliteStore {
         audit: &AuditEntry,
     ) -> StoreResult<Option<Payee>> {
         let mut tx = self.begin_write().await?;
-        sqlx::query(
+        let changed = sqlx::query(
             "UPDATE payees SET status = 'disabled', disabled_at = ? \
              WHERE id = ? AND company_id = ? AND mode = ? AND status = 'active'",
         )
@@ -306,9 +310,15 @@ impl SqliteStore {
         .bind(mode.as_str())
         .execute(&mut *tx)
         .await
-        .map_err(map_err)?;
+        .map_err(map_err)?
+        .rows_affected();
         let Some(payee) = Self::payee_in(&mut tx, scope, mode, id).await? else { return Ok(None) };
-        commit_change(tx, audit).await?;
+        let events = if changed > 0 {
+            vec![NewEvent::payee(scope.company_id(), EventType::PayeeDisabled, &payee, Some("active"))]
+        } else {
+            vec![]
+        };
+        commit_with_events(tx, audit, events).await?;
         Ok(Some(payee))
     }
 
@@ -384,6 +394,8 @@ impl SqliteStore {
             insert.build().execute(&mut *tx).await.map_err(map_err)?;
             let records: Vec<_> = created.iter().map(|item| item.audit.clone()).collect();
             append_in(&mut tx, &records).await?;
+            let events = created.iter().map(|item| NewEvent::payment(item.scope.company_id(), &item.payment, None));
+            write_events(&mut tx, events.collect()).await?;
         }
         tx.commit().await.map_err(map_err)?;
         Ok(outcomes)
@@ -454,6 +466,17 @@ impl SqliteStore {
         audit: &AuditEntry,
     ) -> StoreResult<bool> {
         let mut tx = self.begin_write().await?;
+        // The status before: the event is named after the change of status.
+        let before: Option<String> =
+            sqlx::query_scalar("SELECT status FROM payments WHERE id = ? AND company_id = ? AND revision = ?")
+                .bind(p.id.as_uuid())
+                .bind(scope.company_id().as_uuid())
+                .bind(expected_revision as i64)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(map_err)?;
+        let Some(before) = before else { return Ok(false) };
+        let before = PaymentStatus::parse(&before).ok_or_else(|| corrupt("payment status", &before))?;
         let changed = sqlx::query(
             "UPDATE payments SET amount = ?, reference = ?, requested_execution_date = ?, status = ?, version = ?, \
              revision = ?, approval_expires_at = ?, rail_next_at = ?, updated_at = ?, doc = ? \
@@ -479,7 +502,7 @@ impl SqliteStore {
         if changed == 0 {
             return Ok(false);
         }
-        commit_change(tx, audit).await?;
+        commit_with_events(tx, audit, vec![NewEvent::payment(scope.company_id(), p, Some(before))]).await?;
         Ok(true)
     }
 

@@ -17,10 +17,15 @@ use crate::{
     NewPayee, OperatorStore, Page, PageRequest, Payee, PayeeStatus, PaymentCreate, PaymentCreated, PaymentFilter,
     Rotation, Store, StoreError, StoreResult, StoredResponse, operator_scope,
 };
+use crate::{
+    Delivery, DeliveryAttempt, DeliveryJob, DeliveryResult, DeliveryStatus, EndpointPatch, Event, EventFilter,
+    MAX_ENDPOINTS, NewWebhookEndpoint, NextStep, WebhookEndpoint,
+};
 use paygate_domain::AuditEventId;
 use paygate_domain::audit::{ActorKind, AuditEntry, AuditRecord, Outcome};
+use paygate_domain::event::EventTypes;
 use paygate_domain::payment::{ApprovalPolicy, Payment};
-use paygate_domain::{PayeeId, PaymentId};
+use paygate_domain::{EventId, EventType, PayeeId, PaymentId, WebhookDeliveryId, WebhookEndpointId};
 
 /// A store on a database that exists for one test; the guard removes it.
 pub struct TestStore {
@@ -70,6 +75,16 @@ macro_rules! conformance_tests {
             payment_batches_isolate_items_and_commit_records,
             payment_updates_are_guarded_by_revision,
             due_payments_and_idempotency_purge,
+            every_change_writes_its_events,
+            events_fan_out_to_subscribed_enabled_endpoints,
+            claims_lease_due_deliveries_in_object_order,
+            failing_and_gone_endpoints_are_disabled,
+            secret_rotation_signs_with_both_until_the_overlap_ends,
+            redelivery_and_test_events,
+            expiring_keys_are_noticed_once,
+            endpoint_limit_updates_and_cascading_delete,
+            concurrent_payment_updates_write_one_event,
+            concurrent_claims_never_share_a_delivery,
         );
     };
     (@cases $factory:path; $($case:ident),* $(,)?) => {
@@ -577,6 +592,101 @@ impl Store for CountingStore {
     ) -> StoreResult<bool> {
         self.inner.update_payment(scope, p, rev, audit).await
     }
+    // Events and webhooks: not counted either.
+    async fn list_events(
+        &self,
+        scope: &CompanyScope,
+        mode: KeyMode,
+        filter: &EventFilter,
+        page: PageRequest<EventId>,
+    ) -> StoreResult<Page<Event>> {
+        self.inner.list_events(scope, mode, filter, page).await
+    }
+    async fn get_event(&self, scope: &CompanyScope, mode: KeyMode, id: EventId) -> StoreResult<Option<Event>> {
+        self.inner.get_event(scope, mode, id).await
+    }
+    async fn create_webhook_endpoint(
+        &self,
+        scope: &CompanyScope,
+        new: &NewWebhookEndpoint,
+        audit: &AuditEntry,
+    ) -> StoreResult<bool> {
+        self.inner.create_webhook_endpoint(scope, new, audit).await
+    }
+    async fn list_webhook_endpoints(
+        &self,
+        scope: &CompanyScope,
+        mode: KeyMode,
+        page: PageRequest<WebhookEndpointId>,
+    ) -> StoreResult<Page<WebhookEndpoint>> {
+        self.inner.list_webhook_endpoints(scope, mode, page).await
+    }
+    async fn get_webhook_endpoint(
+        &self,
+        scope: &CompanyScope,
+        mode: KeyMode,
+        id: WebhookEndpointId,
+    ) -> StoreResult<Option<WebhookEndpoint>> {
+        self.inner.get_webhook_endpoint(scope, mode, id).await
+    }
+    async fn update_webhook_endpoint(
+        &self,
+        scope: &CompanyScope,
+        mode: KeyMode,
+        id: WebhookEndpointId,
+        patch: &EndpointPatch,
+        audit: &AuditEntry,
+    ) -> StoreResult<Option<WebhookEndpoint>> {
+        self.inner.update_webhook_endpoint(scope, mode, id, patch, audit).await
+    }
+    async fn delete_webhook_endpoint(
+        &self,
+        scope: &CompanyScope,
+        mode: KeyMode,
+        id: WebhookEndpointId,
+        audit: &AuditEntry,
+    ) -> StoreResult<bool> {
+        self.inner.delete_webhook_endpoint(scope, mode, id, audit).await
+    }
+    async fn rotate_webhook_secret(
+        &self,
+        scope: &CompanyScope,
+        mode: KeyMode,
+        id: WebhookEndpointId,
+        new_sealed: &[u8],
+        previous_expires_at: OffsetDateTime,
+        audit: &AuditEntry,
+    ) -> StoreResult<Option<WebhookEndpoint>> {
+        self.inner.rotate_webhook_secret(scope, mode, id, new_sealed, previous_expires_at, audit).await
+    }
+    async fn send_test_event(
+        &self,
+        scope: &CompanyScope,
+        mode: KeyMode,
+        id: WebhookEndpointId,
+        audit: &AuditEntry,
+    ) -> StoreResult<Option<Event>> {
+        self.inner.send_test_event(scope, mode, id, audit).await
+    }
+    async fn redeliver_event(
+        &self,
+        scope: &CompanyScope,
+        mode: KeyMode,
+        id: EventId,
+        endpoint: Option<WebhookEndpointId>,
+        audit: &AuditEntry,
+    ) -> StoreResult<Option<u32>> {
+        self.inner.redeliver_event(scope, mode, id, endpoint, audit).await
+    }
+    async fn list_deliveries(
+        &self,
+        scope: &CompanyScope,
+        mode: KeyMode,
+        endpoint: WebhookEndpointId,
+        page: PageRequest<WebhookDeliveryId>,
+    ) -> StoreResult<Option<Page<Delivery>>> {
+        self.inner.list_deliveries(scope, mode, endpoint, page).await
+    }
 }
 
 pub async fn authenticator_never_reads_the_store_for_malformed_keys(store: Arc<dyn OperatorStore>) {
@@ -866,7 +976,8 @@ pub async fn authenticator_bypasses_the_cache_when_revision_polls_fail(store: Ar
     assert!(matches!(auth.verify_key(&issued.text, paygate_domain::now()).await, Err(AuthError::Revoked)));
 }
 
-fn entry_for(company: CompanyId, action: &'static str, outcome: Outcome) -> AuditEntry {
+/// A record of a change on the company's chain (also for backend-specific tests).
+pub fn entry_for(company: CompanyId, action: &'static str, outcome: Outcome) -> AuditEntry {
     AuditEntry { chain: company.to_string(), action, outcome, ..noted(action) }
 }
 
@@ -1047,7 +1158,8 @@ pub async fn revoke_all_races_creation_and_rotation_without_deadlock(store: Arc<
 // ---------------------------------------------------------------------------
 // Payments
 
-fn new_payee(mode: KeyMode) -> NewPayee {
+/// A business payee with a valid IBAN (also for backend-specific tests).
+pub fn new_payee(mode: KeyMode) -> NewPayee {
     use paygate_domain::bank::{BankAccount, BankAccountInput, DataKey};
     let account = BankAccount::parse(&BankAccountInput {
         scheme: "iban".into(),
@@ -1076,7 +1188,8 @@ fn new_payee(mode: KeyMode) -> NewPayee {
     }
 }
 
-fn draft_payment(payee: PayeeId, amount: u64, policy: &ApprovalPolicy) -> Payment {
+/// A new EUR payment to `payee` (also for backend-specific tests).
+pub fn draft_payment(payee: PayeeId, amount: u64, policy: &ApprovalPolicy) -> Payment {
     let draft = paygate_domain::payment::PaymentDraft {
         payee_id: payee,
         amount: paygate_domain::Amount::new(amount).unwrap(),
@@ -1089,7 +1202,8 @@ fn draft_payment(payee: PayeeId, amount: u64, policy: &ApprovalPolicy) -> Paymen
     Payment::create(draft, KeyMode::Test, creator, policy, paygate_domain::now())
 }
 
-fn create_item(company: CompanyId, store: &dyn OperatorStore, payment: Payment, key: &str) -> PaymentCreate {
+/// One item of a payment batch, in test mode, under Idempotency-Key `key`.
+pub fn create_item(company: CompanyId, store: &dyn OperatorStore, payment: Payment, key: &str) -> PaymentCreate {
     PaymentCreate {
         scope: scope(store, company),
         mode: KeyMode::Test,
@@ -1219,4 +1333,747 @@ pub async fn due_payments_and_idempotency_purge(store: Arc<dyn OperatorStore>) {
     assert_eq!(store.purge_idempotency(now).await.unwrap(), 0);
     assert_eq!(store.purge_idempotency(now + Duration::hours(25)).await.unwrap(), 2);
     assert!(store.idempotent_response(&sa, KeyMode::Test, "p").await.unwrap().is_none());
+}
+
+// ---------------------------------------------------------------------------
+// Events and webhooks
+
+const ALL: PageRequest<EventId> = PageRequest { limit: 100, after: None };
+
+/// (type, sequence, previous status) of an event, for comparing trails.
+type Step = (&'static str, u64, Option<String>);
+
+fn step(kind: &'static str, sequence: u64, previous: Option<&str>) -> Step {
+    (kind, sequence, previous.map(str::to_owned))
+}
+
+/// The object's events, oldest first.
+async fn events_of(store: &dyn OperatorStore, scope: &CompanyScope, mode: KeyMode, object: &str) -> Vec<Event> {
+    let filter = EventFilter { kind: None, object_id: Some(object.to_owned()) };
+    let mut events = store.list_events(scope, mode, &filter, ALL).await.unwrap().items;
+    events.reverse();
+    events
+}
+
+async fn trail(store: &dyn OperatorStore, scope: &CompanyScope, mode: KeyMode, object: &str) -> Vec<Step> {
+    let mut steps: Vec<Step> = events_of(store, scope, mode, object)
+        .await
+        .into_iter()
+        .map(|e| (e.kind.as_str(), e.sequence, e.previous_status))
+        .collect();
+    // Ids order events of one object only within a millisecond's counter; the sequence is the order.
+    steps.sort_by_key(|s| s.1);
+    steps
+}
+
+fn event_types(types: &[&str]) -> EventTypes {
+    EventTypes::parse(&types.iter().map(|t| t.to_string()).collect::<Vec<_>>()).unwrap()
+}
+
+async fn endpoint(
+    store: &dyn OperatorStore,
+    company: CompanyId,
+    mode: KeyMode,
+    types: &[&str],
+    enabled: bool,
+) -> WebhookEndpoint {
+    let now = paygate_domain::now();
+    let endpoint = WebhookEndpoint {
+        id: WebhookEndpointId::generate(),
+        company_id: company,
+        mode,
+        url: "https://hooks.example.com/paygate".into(),
+        description: Some("erp".into()),
+        event_types: event_types(types),
+        enabled,
+        disabled_reason: None,
+        failing_since: None,
+        previous_secret_expires_at: None,
+        created_at: now,
+        updated_at: now,
+    };
+    let new = NewWebhookEndpoint { endpoint: endpoint.clone(), secret_sealed: b"secret-1".to_vec() };
+    let audit = entry_for(company, "webhook_endpoint.create", Outcome::Success);
+    assert!(store.create_webhook_endpoint(&scope(store, company), &new, &audit).await.unwrap());
+    endpoint
+}
+
+async fn deliveries(
+    store: &dyn OperatorStore,
+    company: CompanyId,
+    mode: KeyMode,
+    endpoint: WebhookEndpointId,
+) -> Vec<Delivery> {
+    store
+        .list_deliveries(&scope(store, company), mode, endpoint, PageRequest { limit: 100, after: None })
+        .await
+        .unwrap()
+        .expect("the endpoint exists")
+        .items
+}
+
+async fn claim(store: &dyn OperatorStore, at: OffsetDateTime, owner: &str) -> Vec<DeliveryJob> {
+    store.claim_deliveries(at, owner, at + Duration::seconds(30), 100).await.unwrap()
+}
+
+/// An attempt's outcome. `failing_before`: disable the endpoint if it has failed since before then.
+fn outcome(
+    job: &DeliveryJob,
+    owner: &str,
+    at: OffsetDateTime,
+    status_code: u16,
+    next: NextStep,
+    failing_before: OffsetDateTime,
+) -> DeliveryResult {
+    DeliveryResult {
+        delivery_id: job.delivery_id,
+        lease_owner: owner.into(),
+        attempt: DeliveryAttempt {
+            attempted_at: at,
+            status_code: Some(status_code),
+            latency_ms: 12,
+            error: (status_code >= 300).then(|| format!("http_status: {status_code}")),
+        },
+        next,
+        disable: None,
+        disable_if_failing_since: failing_before,
+    }
+}
+
+async fn finish(store: &dyn OperatorStore, company: CompanyId, result: &DeliveryResult) -> bool {
+    store
+        .finish_delivery(
+            result,
+            &entry_for(company, "webhook.deliver", Outcome::Success),
+            &entry_for(company, "webhook_endpoint.disable", Outcome::Success),
+        )
+        .await
+        .unwrap()
+}
+
+async fn ping(store: &dyn OperatorStore, company: CompanyId, endpoint: WebhookEndpointId) -> Event {
+    let audit = entry_for(company, "webhook_endpoint.test", Outcome::Success);
+    store.send_test_event(&scope(store, company), KeyMode::Test, endpoint, &audit).await.unwrap().unwrap()
+}
+
+async fn payee_in(store: &dyn OperatorStore, company: CompanyId) -> NewPayee {
+    let payee = new_payee(KeyMode::Test);
+    let audit = entry_for(company, "payee.create", Outcome::Success);
+    store.create_payee(&scope(store, company), &payee, &audit).await.unwrap();
+    payee
+}
+
+fn approver(n: usize) -> paygate_domain::payment::Actor {
+    paygate_domain::payment::Actor::key(ApiKeyId::generate(), &format!("approver{n}"), ApiKeyId::generate())
+}
+
+pub async fn every_change_writes_its_events(store: Arc<dyn OperatorStore>) {
+    let a = company(&*store, "Acme").await;
+    let b = company(&*store, "Globex").await;
+    let (sa, sb) = (scope(&*store, a.id), scope(&*store, b.id));
+    let test = KeyMode::Test;
+    let now = paygate_domain::now();
+
+    // A key: created, rotated, revoked; revoking again tells nobody.
+    let key = issue(&*store, a.id, "keys:read", None).await.key;
+    let (next, _) = new_key(test, "keys:read", "");
+    let Rotation::Rotated { new: successor, .. } =
+        store.rotate_api_key(&sa, key.id, next, now + Duration::hours(1), now, &noted("api_key.rotate")).await.unwrap()
+    else {
+        panic!("rotation refused")
+    };
+    store.revoke_api_key(&sa, key.id, now, &noted("api_key.revoke")).await.unwrap().unwrap();
+    store.revoke_api_key_by_id(key.id, now, &noted("api_key.revoke")).await.unwrap().unwrap();
+    let key_trail = vec![
+        step("api_key.created", 1, None),
+        step("api_key.rotated", 2, None),
+        step("api_key.revoked", 3, Some("active")),
+    ];
+    assert_eq!(trail(&*store, &sa, test, &key.id.to_string()).await, key_trail);
+    // Revoke-all: one event per key it revoked, none for the key already revoked.
+    assert_eq!(store.revoke_all_api_keys(&sa, now, &noted("api_key.revoke_all")).await.unwrap(), 1);
+    assert_eq!(
+        trail(&*store, &sa, test, &successor.id.to_string()).await,
+        vec![step("api_key.created", 1, None), step("api_key.revoked", 2, Some("active"))]
+    );
+    assert_eq!(trail(&*store, &sa, test, &key.id.to_string()).await, key_trail);
+
+    // A payee: created, disabled; disabling again tells nobody.
+    let payee = payee_in(&*store, a.id).await;
+    for _ in 0..2 {
+        let audit = entry_for(a.id, "payee.disable", Outcome::Success);
+        store.disable_payee(&sa, test, payee.payee.id, now, &audit).await.unwrap().unwrap();
+    }
+    assert_eq!(
+        trail(&*store, &sa, test, &payee.payee.id.to_string()).await,
+        vec![step("payee.created", 1, None), step("payee.disabled", 2, Some("active"))]
+    );
+
+    // The approval policy, per mode.
+    let two = ApprovalPolicy {
+        rules: [(
+            "EUR".to_owned(),
+            paygate_domain::payment::ApprovalRule { one_approval_from: 0, two_approvals_from: Some(0) },
+        )]
+        .into_iter()
+        .collect(),
+        ..ApprovalPolicy::default()
+    };
+    for policy in [&ApprovalPolicy::default(), &two] {
+        let audit = entry_for(a.id, "approval_policy.update", Outcome::Success);
+        store.set_approval_policy(&sa, test, policy, &audit).await.unwrap();
+    }
+    let updated = vec![step("approval_policy.updated", 1, None), step("approval_policy.updated", 2, None)];
+    assert_eq!(trail(&*store, &sa, test, "approval_policy_test").await, updated);
+
+    // A payment through its life: each status change is named after the new status.
+    let active = payee_in(&*store, a.id).await;
+    let mut p = draft_payment(active.payee.id, 100, &ApprovalPolicy::default());
+    store.create_payments(&[create_item(a.id, &*store, p.clone(), "life")]).await.unwrap();
+    let audit = || entry_for(a.id, "payment.approve", Outcome::Success);
+    let stale = p.clone();
+    let revision = p.revision;
+    p.approve(approver(1), paygate_domain::now()).unwrap();
+    assert!(store.update_payment(&sa, &p, revision, &audit()).await.unwrap());
+    let mut lost = stale.clone();
+    lost.cancel(approver(2), paygate_domain::now()).unwrap();
+    assert!(!store.update_payment(&sa, &lost, stale.revision, &audit()).await.unwrap(), "a refused write tells nobody");
+    use paygate_domain::payment::SettlementStep;
+    for settlement in [SettlementStep::Submitted, SettlementStep::Completed] {
+        let revision = p.revision;
+        p.settle(settlement, "test", paygate_domain::now()).unwrap();
+        assert!(store.update_payment(&sa, &p, revision, &audit()).await.unwrap());
+    }
+    assert_eq!(
+        trail(&*store, &sa, test, &p.id.to_string()).await,
+        vec![
+            step("payment.created", 1, None),
+            step("payment.approved", 2, Some("pending_approval")),
+            step("payment.processing", 3, Some("approved")),
+            step("payment.completed", 4, Some("processing")),
+        ]
+    );
+    // A change that keeps the status is an update; an approval at creation is still a creation.
+    let mut two_eyes = draft_payment(active.payee.id, 100, &two);
+    let auto = draft_payment(active.payee.id, 100, &ApprovalPolicy::demo());
+    store
+        .create_payments(&[
+            create_item(a.id, &*store, two_eyes.clone(), "two"),
+            create_item(a.id, &*store, auto.clone(), "auto"),
+        ])
+        .await
+        .unwrap();
+    let revision = two_eyes.revision;
+    two_eyes.approve(approver(3), paygate_domain::now()).unwrap();
+    assert!(store.update_payment(&sa, &two_eyes, revision, &audit()).await.unwrap());
+    assert_eq!(
+        trail(&*store, &sa, test, &two_eyes.id.to_string()).await,
+        vec![step("payment.created", 1, None), step("payment.updated", 2, Some("pending_approval"))]
+    );
+    assert_eq!(trail(&*store, &sa, test, &auto.id.to_string()).await, vec![step("payment.created", 1, None)]);
+    let created = events_of(&*store, &sa, test, &auto.id.to_string()).await;
+    let snapshot: serde_json::Value = serde_json::from_str(&created[0].object).unwrap();
+    assert_eq!(snapshot["status"], "approved", "the snapshot is the object right after the change");
+
+    // Reads: newest first, filtered, paged, and only in the company and mode they belong to.
+    let all = store.list_events(&sa, test, &EventFilter::default(), ALL).await.unwrap().items;
+    assert_eq!(all.len(), 3 + 2 + 2 + 2 + 4 + 2 + 1 + 1);
+    assert!(all.windows(2).all(|w| w[0].id > w[1].id), "newest first");
+    assert!(all.iter().all(|e| e.company_id == a.id && e.mode == test));
+    let first = store.list_events(&sa, test, &EventFilter::default(), PageRequest { limit: 5, after: None }).await;
+    let first = first.unwrap();
+    assert!(first.has_more);
+    let rest = PageRequest { limit: 100, after: first.items.last().map(|e| e.id) };
+    let rest = store.list_events(&sa, test, &EventFilter::default(), rest).await.unwrap();
+    assert_eq!([first.items, rest.items].concat(), all);
+    let disabled = EventFilter { kind: Some(EventType::PayeeDisabled), object_id: None };
+    assert_eq!(store.list_events(&sa, test, &disabled, ALL).await.unwrap().items.len(), 1);
+    assert!(store.list_events(&sb, test, &EventFilter::default(), ALL).await.unwrap().items.is_empty());
+    assert!(store.list_events(&sa, KeyMode::Live, &EventFilter::default(), ALL).await.unwrap().items.is_empty());
+    for event in &all {
+        assert_eq!(store.get_event(&sa, test, event.id).await.unwrap().as_ref(), Some(event));
+        assert_eq!(store.get_event(&sb, test, event.id).await.unwrap(), None, "another company's event");
+        assert_eq!(store.get_event(&sa, KeyMode::Live, event.id).await.unwrap(), None, "the other mode's event");
+        let json: serde_json::Value = serde_json::from_str(&event.to_json()).unwrap();
+        assert_eq!(json["id"], event.id.to_string());
+    }
+    assert_eq!(store.get_event(&sa, test, EventId::generate()).await.unwrap(), None);
+    assert_chain_intact(&*store, &a.id.to_string()).await;
+}
+
+pub async fn events_fan_out_to_subscribed_enabled_endpoints(store: Arc<dyn OperatorStore>) {
+    let a = company(&*store, "Acme").await;
+    let b = company(&*store, "Globex").await;
+    let (sa, sb) = (scope(&*store, a.id), scope(&*store, b.id));
+    let test = KeyMode::Test;
+    let payees = endpoint(&*store, a.id, test, &["payee.created"], true).await;
+    let payments = endpoint(&*store, a.id, test, &["payment.created"], true).await;
+    let off = endpoint(&*store, a.id, test, &["*"], false).await;
+    let live = endpoint(&*store, a.id, KeyMode::Live, &["*"], true).await;
+    let other = endpoint(&*store, b.id, test, &["*"], true).await;
+    let payee = payee_in(&*store, a.id).await;
+
+    let got = deliveries(&*store, a.id, test, payees.id).await;
+    assert_eq!(got.len(), 1);
+    let event = &events_of(&*store, &sa, test, &payee.payee.id.to_string()).await[0];
+    assert_eq!(
+        (got[0].event_id, got[0].event_type, got[0].status),
+        (event.id, EventType::PayeeCreated, DeliveryStatus::Pending)
+    );
+    assert_eq!(got[0].endpoint_id, payees.id);
+    assert!(got[0].attempts.is_empty());
+    assert!(got[0].next_attempt_at.is_some(), "due at once");
+    assert!(deliveries(&*store, a.id, test, payments.id).await.is_empty(), "not subscribed");
+    assert!(deliveries(&*store, a.id, test, off.id).await.is_empty(), "disabled");
+    assert!(deliveries(&*store, a.id, KeyMode::Live, live.id).await.is_empty(), "the other mode");
+    assert!(deliveries(&*store, b.id, test, other.id).await.is_empty(), "another company");
+
+    // Endpoints and their deliveries exist only in their company and mode.
+    let page = PageRequest { limit: 100, after: None };
+    assert!(store.list_deliveries(&sb, test, payees.id, page).await.unwrap().is_none());
+    assert!(store.list_deliveries(&sa, KeyMode::Live, payees.id, page).await.unwrap().is_none());
+    assert!(store.get_webhook_endpoint(&sb, test, payees.id).await.unwrap().is_none());
+    assert!(store.get_webhook_endpoint(&sa, KeyMode::Live, payees.id).await.unwrap().is_none());
+    assert_eq!(store.get_webhook_endpoint(&sa, test, payees.id).await.unwrap(), Some(payees.clone()));
+    let listed = store.list_webhook_endpoints(&sa, test, PageRequest { limit: 100, after: None }).await.unwrap();
+    assert_eq!(listed.items.iter().map(|e| e.id).collect::<Vec<_>>(), vec![off.id, payments.id, payees.id]);
+
+    // Disabled by the company: no new deliveries, and the pending one waits.
+    let patch = EndpointPatch { enabled: Some(false), ..EndpointPatch::default() };
+    let audit = entry_for(a.id, "webhook_endpoint.update", Outcome::Success);
+    let patched = store.update_webhook_endpoint(&sa, test, payees.id, &patch, &audit).await.unwrap().unwrap();
+    assert!(!patched.enabled);
+    assert_eq!(patched.disabled_reason, None, "disabled by the company, not by Paygate");
+    payee_in(&*store, a.id).await;
+    assert_eq!(deliveries(&*store, a.id, test, payees.id).await.len(), 1);
+    let other_deliveries = claim(&*store, paygate_domain::now(), "node").await;
+    assert_eq!(
+        other_deliveries.iter().map(|j| j.endpoint_id).collect::<Vec<_>>(),
+        vec![],
+        "nothing due to an enabled endpoint"
+    );
+}
+
+pub async fn claims_lease_due_deliveries_in_object_order(store: Arc<dyn OperatorStore>) {
+    let a = company(&*store, "Acme").await;
+    let sa = scope(&*store, a.id);
+    let test = KeyMode::Test;
+    let hook = endpoint(&*store, a.id, test, &["payee.created", "payee.disabled"], true).await;
+    let payee = payee_in(&*store, a.id).await;
+    let audit = entry_for(a.id, "payee.disable", Outcome::Success);
+    store.disable_payee(&sa, test, payee.payee.id, paygate_domain::now(), &audit).await.unwrap();
+    let events = events_of(&*store, &sa, test, &payee.payee.id.to_string()).await;
+    let long_ago = paygate_domain::now() - Duration::days(1);
+
+    let t = paygate_domain::now();
+    let first = claim(&*store, t, "node-a").await;
+    assert_eq!(first.len(), 1, "the second event of the payee waits for the first");
+    let job = &first[0];
+    assert_eq!((job.endpoint_id, job.attempt, job.url.as_str()), (hook.id, 1, hook.url.as_str()));
+    assert_eq!(job.event, events[0]);
+    assert_eq!(job.event.sequence, 1);
+    assert_eq!(job.secret_sealed, b"secret-1");
+    assert_eq!(job.previous_secret_sealed, None);
+    assert!(claim(&*store, t, "node-b").await.is_empty(), "leased, and the next event waits behind it");
+
+    // Once the lease has passed another node takes the delivery over; the
+    // first node's result is then refused and writes nothing.
+    let later = t + Duration::seconds(31);
+    let taken = claim(&*store, later, "node-b").await;
+    assert_eq!(taken.iter().map(|j| (j.delivery_id, j.attempt)).collect::<Vec<_>>(), vec![(job.delivery_id, 1)]);
+    let stale = outcome(job, "node-a", later, 200, NextStep::Succeeded, long_ago);
+    assert!(!finish(&*store, a.id, &stale).await, "a lease that is no longer ours");
+    assert!(deliveries(&*store, a.id, test, hook.id).await.iter().all(|d| d.attempts.is_empty()));
+    let done = outcome(job, "node-b", later, 200, NextStep::Succeeded, long_ago);
+    assert!(finish(&*store, a.id, &done).await);
+    assert!(!finish(&*store, a.id, &done).await, "a finished delivery is not finished again");
+
+    // The next event of the object is due now; a retry waits for its time.
+    let second = claim(&*store, later, "node-a").await;
+    assert_eq!(second.len(), 1);
+    assert_eq!(second[0].event, events[1]);
+    let retry_at = later + Duration::hours(1);
+    assert!(
+        finish(&*store, a.id, &outcome(&second[0], "node-a", later, 503, NextStep::RetryAt(retry_at), long_ago)).await
+    );
+    assert!(claim(&*store, later + Duration::minutes(59), "node-a").await.is_empty());
+    let retry = claim(&*store, retry_at, "node-b").await;
+    assert_eq!(retry.iter().map(|j| (j.delivery_id, j.attempt)).collect::<Vec<_>>(), vec![(second[0].delivery_id, 2)]);
+    assert!(finish(&*store, a.id, &outcome(&retry[0], "node-b", retry_at, 500, NextStep::GiveUp, long_ago)).await);
+    assert!(claim(&*store, retry_at + Duration::days(1), "node-b").await.is_empty(), "nothing left");
+
+    let listed = deliveries(&*store, a.id, test, hook.id).await;
+    assert_eq!(
+        listed.iter().map(|d| d.status).collect::<Vec<_>>(),
+        vec![DeliveryStatus::Failed, DeliveryStatus::Succeeded]
+    );
+    assert_eq!(listed[0].next_attempt_at, None);
+    let codes = |d: &Delivery| d.attempts.iter().map(|a| a.status_code).collect::<Vec<_>>();
+    assert_eq!(codes(&listed[0]), vec![Some(503), Some(500)], "oldest attempt first");
+    assert_eq!(codes(&listed[1]), vec![Some(200)]);
+    assert_eq!(listed[0].attempts[0].error.as_deref(), Some("http_status: 503"));
+    assert_eq!(listed[0].attempts[0].attempted_at, later);
+    assert_eq!(listed[0].attempts[0].latency_ms, 12);
+    assert_eq!(listed[1].attempts[0].error, None);
+    assert_chain_intact(&*store, &a.id.to_string()).await;
+}
+
+pub async fn failing_and_gone_endpoints_are_disabled(store: Arc<dyn OperatorStore>) {
+    let a = company(&*store, "Acme").await;
+    let sa = scope(&*store, a.id);
+    let test = KeyMode::Test;
+    // Subscribed to payee.created only, so no endpoint receives another's disablement.
+    let gone = endpoint(&*store, a.id, test, &["payee.created"], true).await;
+    let failing = endpoint(&*store, a.id, test, &["payee.created"], true).await;
+    let flaky = endpoint(&*store, a.id, test, &["payee.created"], true).await;
+    let get = |id| {
+        let store = store.clone();
+        async move { store.get_webhook_endpoint(&sa, test, id).await.unwrap().unwrap() }
+    };
+
+    // 410: disabled at once, with its event and its record.
+    ping(&*store, a.id, gone.id).await;
+    let t = paygate_domain::now();
+    let jobs = claim(&*store, t, "node").await;
+    assert_eq!(jobs.iter().map(|j| j.endpoint_id).collect::<Vec<_>>(), vec![gone.id]);
+    let mut result = outcome(&jobs[0], "node", t, 410, NextStep::GiveUp, t - Duration::days(1));
+    result.disable = Some("gone");
+    let disable_audit = entry_for(a.id, "webhook_endpoint.disable", Outcome::Success);
+    let audit = entry_for(a.id, "webhook.deliver", Outcome::Success);
+    assert!(store.finish_delivery(&result, &audit, &disable_audit).await.unwrap());
+    let e = get(gone.id).await;
+    assert_eq!((e.enabled, e.disabled_reason.as_deref()), (false, Some("gone")));
+    assert_eq!(
+        trail(&*store, &sa, test, &gone.id.to_string()).await,
+        vec![step("ping", 1, None), step("webhook_endpoint.disabled", 2, Some("enabled"))]
+    );
+    let disabled = &events_of(&*store, &sa, test, &gone.id.to_string()).await[1];
+    let snapshot: serde_json::Value = serde_json::from_str(&disabled.object).unwrap();
+    assert_eq!(snapshot["id"], gone.id.to_string());
+    assert!(store.get_audit(&sa, audit.id).await.unwrap().is_some());
+    assert!(store.get_audit(&sa, disable_audit.id).await.unwrap().is_some());
+    assert_eq!(deliveries(&*store, a.id, test, gone.id).await[0].status, DeliveryStatus::Failed);
+    // A disabled endpoint's deliveries wait.
+    ping(&*store, a.id, gone.id).await;
+    assert!(claim(&*store, paygate_domain::now(), "node").await.is_empty());
+
+    // Failing: the first failure starts the clock; a failure after the threshold disables.
+    ping(&*store, a.id, failing.id).await;
+    let t = paygate_domain::now();
+    let jobs = claim(&*store, t, "node").await;
+    assert_eq!(jobs.iter().map(|j| j.endpoint_id).collect::<Vec<_>>(), vec![failing.id]);
+    let retry_at = t + Duration::hours(1);
+    let first = outcome(&jobs[0], "node", t, 500, NextStep::RetryAt(retry_at), t - Duration::hours(1));
+    assert!(finish(&*store, a.id, &first).await);
+    let e = get(failing.id).await;
+    assert_eq!((e.enabled, e.failing_since), (true, Some(t)));
+    let jobs = claim(&*store, retry_at, "node").await;
+    assert_eq!(jobs.iter().map(|j| (j.endpoint_id, j.attempt)).collect::<Vec<_>>(), vec![(failing.id, 2)]);
+    let second = outcome(
+        &jobs[0],
+        "node",
+        retry_at,
+        500,
+        NextStep::RetryAt(retry_at + Duration::hours(1)),
+        t + Duration::minutes(30),
+    );
+    assert!(finish(&*store, a.id, &second).await);
+    let e = get(failing.id).await;
+    assert_eq!((e.enabled, e.disabled_reason.as_deref()), (false, Some("failing")));
+    assert_eq!(trail(&*store, &sa, test, &failing.id.to_string()).await.last().unwrap().0, "webhook_endpoint.disabled");
+
+    // Flaky: a success clears the failure state.
+    ping(&*store, a.id, flaky.id).await;
+    let t = paygate_domain::now();
+    let jobs = claim(&*store, t, "node").await;
+    assert_eq!(jobs.iter().map(|j| j.endpoint_id).collect::<Vec<_>>(), vec![flaky.id]);
+    let retry_at = t + Duration::hours(1);
+    assert!(
+        finish(&*store, a.id, &outcome(&jobs[0], "node", t, 502, NextStep::RetryAt(retry_at), t - Duration::hours(1)))
+            .await
+    );
+    assert_eq!(get(flaky.id).await.failing_since, Some(t));
+    let jobs = claim(&*store, retry_at, "node").await;
+    assert_eq!(jobs.iter().map(|j| j.endpoint_id).collect::<Vec<_>>(), vec![flaky.id]);
+    assert!(finish(&*store, a.id, &outcome(&jobs[0], "node", retry_at, 204, NextStep::Succeeded, retry_at)).await);
+    let e = get(flaky.id).await;
+    assert_eq!((e.enabled, e.failing_since), (true, None));
+    assert_eq!(trail(&*store, &sa, test, &flaky.id.to_string()).await, vec![step("ping", 1, None)]);
+
+    // The company enables a disabled endpoint again: its failure state is gone.
+    let patch = EndpointPatch { enabled: Some(true), ..EndpointPatch::default() };
+    let audit = entry_for(a.id, "webhook_endpoint.update", Outcome::Success);
+    let e = store.update_webhook_endpoint(&sa, test, failing.id, &patch, &audit).await.unwrap().unwrap();
+    assert_eq!((e.enabled, e.disabled_reason.as_deref(), e.failing_since), (true, None, None));
+    assert_eq!(get(failing.id).await, e);
+    assert_chain_intact(&*store, &a.id.to_string()).await;
+}
+
+pub async fn secret_rotation_signs_with_both_until_the_overlap_ends(store: Arc<dyn OperatorStore>) {
+    let a = company(&*store, "Acme").await;
+    let b = company(&*store, "Globex").await;
+    let sa = scope(&*store, a.id);
+    let test = KeyMode::Test;
+    let hook = endpoint(&*store, a.id, test, &["payee.created"], true).await;
+    let overlap = paygate_domain::now() + Duration::hours(1);
+    let audit = || entry_for(a.id, "webhook_endpoint.rotate_secret", Outcome::Success);
+    let rotated = store.rotate_webhook_secret(&sa, test, hook.id, b"secret-2", overlap, &audit()).await.unwrap();
+    let rotated = rotated.unwrap();
+    assert_eq!(rotated.previous_secret_expires_at, Some(overlap));
+    assert_eq!(store.get_webhook_endpoint(&sa, test, hook.id).await.unwrap(), Some(rotated));
+    let sb = scope(&*store, b.id);
+    assert!(store.rotate_webhook_secret(&sb, test, hook.id, b"x", overlap, &audit()).await.unwrap().is_none());
+    assert!(store.rotate_webhook_secret(&sa, KeyMode::Live, hook.id, b"x", overlap, &audit()).await.unwrap().is_none());
+
+    ping(&*store, a.id, hook.id).await;
+    let t = paygate_domain::now();
+    let jobs = claim(&*store, t, "node").await;
+    assert_eq!(jobs.len(), 1);
+    assert_eq!(jobs[0].secret_sealed, b"secret-2");
+    assert_eq!(jobs[0].previous_secret_sealed.as_deref(), Some(&b"secret-1"[..]));
+    // After the overlap (and the lease) the previous secret no longer signs.
+    let jobs = claim(&*store, overlap + Duration::seconds(1), "node").await;
+    assert_eq!(jobs.len(), 1);
+    assert_eq!(jobs[0].secret_sealed, b"secret-2");
+    assert_eq!(jobs[0].previous_secret_sealed, None);
+}
+
+pub async fn redelivery_and_test_events(store: Arc<dyn OperatorStore>) {
+    let a = company(&*store, "Acme").await;
+    let b = company(&*store, "Globex").await;
+    let (sa, sb) = (scope(&*store, a.id), scope(&*store, b.id));
+    let test = KeyMode::Test;
+    let all = endpoint(&*store, a.id, test, &["*"], true).await;
+    let payees = endpoint(&*store, a.id, test, &["payee.created"], true).await;
+    let payments = endpoint(&*store, a.id, test, &["payment.created"], true).await;
+    let payee = payee_in(&*store, a.id).await;
+    let event = events_of(&*store, &sa, test, &payee.payee.id.to_string()).await.remove(0);
+    let audit = || entry_for(a.id, "event.redeliver", Outcome::Success);
+
+    assert_eq!(store.redeliver_event(&sa, test, event.id, None, &audit()).await.unwrap(), Some(2));
+    assert_eq!(deliveries(&*store, a.id, test, all.id).await.len(), 2);
+    assert_eq!(deliveries(&*store, a.id, test, payees.id).await.len(), 2);
+    assert!(deliveries(&*store, a.id, test, payments.id).await.is_empty());
+    // Named, an endpoint gets it whatever it subscribes to.
+    assert_eq!(store.redeliver_event(&sa, test, event.id, Some(payments.id), &audit()).await.unwrap(), Some(1));
+    let got = deliveries(&*store, a.id, test, payments.id).await;
+    assert_eq!((got.len(), got[0].event_id), (1, event.id));
+    assert_eq!(store.redeliver_event(&sa, test, EventId::generate(), None, &audit()).await.unwrap(), None);
+    let unknown = Some(WebhookEndpointId::generate());
+    assert_eq!(store.redeliver_event(&sa, test, event.id, unknown, &audit()).await.unwrap(), None);
+    assert_eq!(store.redeliver_event(&sb, test, event.id, None, &audit()).await.unwrap(), None);
+    assert_eq!(store.redeliver_event(&sa, KeyMode::Live, event.id, None, &audit()).await.unwrap(), None);
+    let other = endpoint(&*store, b.id, test, &["*"], true).await;
+    assert_eq!(store.redeliver_event(&sa, test, event.id, Some(other.id), &audit()).await.unwrap(), None);
+
+    // A ping is delivered to its endpoint only.
+    let pinged = ping(&*store, a.id, payees.id).await;
+    assert_eq!((pinged.kind, pinged.object_id.clone(), pinged.sequence), (EventType::Ping, payees.id.to_string(), 1));
+    assert_eq!(store.get_event(&sa, test, pinged.id).await.unwrap(), Some(pinged.clone()));
+    let got = deliveries(&*store, a.id, test, payees.id).await;
+    assert_eq!((got.len(), got[0].event_id, got[0].event_type), (3, pinged.id, EventType::Ping));
+    assert_eq!(deliveries(&*store, a.id, test, all.id).await.len(), 2, "nobody else hears a ping");
+    let test_audit = || entry_for(a.id, "webhook_endpoint.test", Outcome::Success);
+    assert!(store.send_test_event(&sb, test, payees.id, &test_audit()).await.unwrap().is_none());
+    assert!(store.send_test_event(&sa, test, WebhookEndpointId::generate(), &test_audit()).await.unwrap().is_none());
+
+    // Concurrent pings of one endpoint each get their own number.
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move { ping(&*store, a.id, payees.id).await.sequence }));
+    }
+    let mut numbers = Vec::new();
+    for t in tasks {
+        numbers.push(t.await.unwrap());
+    }
+    numbers.sort_unstable();
+    assert_eq!(numbers, (2..=9).collect::<Vec<u64>>());
+    assert_eq!(deliveries(&*store, a.id, test, payees.id).await.len(), 11);
+    assert_chain_intact(&*store, &a.id.to_string()).await;
+}
+
+pub async fn expiring_keys_are_noticed_once(store: Arc<dyn OperatorStore>) {
+    let a = company(&*store, "Acme").await;
+    let sa = scope(&*store, a.id);
+    let now = paygate_domain::now();
+    let soon = issue(&*store, a.id, "keys:read", Some(now + Duration::days(1))).await.key;
+    issue(&*store, a.id, "keys:read", Some(now + Duration::days(10))).await;
+    issue(&*store, a.id, "keys:read", None).await;
+    issue(&*store, a.id, "keys:read", Some(now - Duration::minutes(1))).await;
+    let revoked = issue(&*store, a.id, "keys:read", Some(now + Duration::days(1))).await.key;
+    store.revoke_api_key(&sa, revoked.id, now, &noted("api_key.revoke")).await.unwrap();
+    let rotated = issue(&*store, a.id, "keys:read", Some(now + Duration::days(1))).await.key;
+    let (next, _) = new_key(KeyMode::Test, "keys:read", "");
+    let grace = now + Duration::hours(1);
+    store.rotate_api_key(&sa, rotated.id, next, grace, now, &noted("api_key.rotate")).await.unwrap();
+
+    let until = now + Duration::days(2);
+    let due = store.expiring_keys(now, until, 100).await.unwrap();
+    assert_eq!(due.iter().map(|k| k.id).collect::<Vec<_>>(), vec![soon.id], "unrevoked, unrotated, in the window");
+    let first = entry_for(a.id, "api_key.expiry_notice", Outcome::Success);
+    assert!(store.note_key_expiring(soon.id, &first).await.unwrap());
+    let second = entry_for(a.id, "api_key.expiry_notice", Outcome::Success);
+    assert!(!store.note_key_expiring(soon.id, &second).await.unwrap(), "noticed once");
+    assert!(!store.note_key_expiring(ApiKeyId::generate(), &second).await.unwrap());
+    assert!(store.expiring_keys(now, until, 100).await.unwrap().is_empty());
+    assert_eq!(
+        trail(&*store, &sa, KeyMode::Test, &soon.id.to_string()).await,
+        vec![step("api_key.created", 1, None), step("api_key.expiring", 2, None)]
+    );
+    assert!(store.get_audit(&sa, first.id).await.unwrap().is_some());
+    assert!(store.get_audit(&sa, second.id).await.unwrap().is_none(), "nothing happened, nothing recorded");
+}
+
+pub async fn endpoint_limit_updates_and_cascading_delete(store: Arc<dyn OperatorStore>) {
+    let a = company(&*store, "Acme").await;
+    let b = company(&*store, "Globex").await;
+    let (sa, sb) = (scope(&*store, a.id), scope(&*store, b.id));
+    let test = KeyMode::Test;
+    let mut ids = Vec::new();
+    for _ in 0..MAX_ENDPOINTS {
+        ids.push(endpoint(&*store, a.id, test, &["*"], true).await.id);
+    }
+    let now = paygate_domain::now();
+    let one_more = NewWebhookEndpoint {
+        endpoint: WebhookEndpoint {
+            id: WebhookEndpointId::generate(),
+            company_id: a.id,
+            mode: test,
+            url: "https://hooks.example.com/17".into(),
+            description: None,
+            event_types: EventTypes::All,
+            enabled: true,
+            disabled_reason: None,
+            failing_since: None,
+            previous_secret_expires_at: None,
+            created_at: now,
+            updated_at: now,
+        },
+        secret_sealed: b"secret".to_vec(),
+    };
+    let audit = || entry_for(a.id, "webhook_endpoint.create", Outcome::Success);
+    let refused = audit();
+    assert!(!store.create_webhook_endpoint(&sa, &one_more, &refused).await.unwrap(), "at most {MAX_ENDPOINTS}");
+    assert!(store.get_audit(&sa, refused.id).await.unwrap().is_none());
+    assert!(store.get_webhook_endpoint(&sa, test, one_more.endpoint.id).await.unwrap().is_none());
+    // The limit is per company and mode.
+    endpoint(&*store, a.id, KeyMode::Live, &["*"], true).await;
+    endpoint(&*store, b.id, test, &["*"], true).await;
+    let first = store.list_webhook_endpoints(&sa, test, PageRequest { limit: 10, after: None }).await.unwrap();
+    assert!(first.has_more);
+    let after = first.items.last().map(|e| e.id);
+    let rest = store.list_webhook_endpoints(&sa, test, PageRequest { limit: 10, after }).await.unwrap();
+    assert!(!rest.has_more);
+    let mut listed: Vec<_> = [first.items, rest.items].concat().into_iter().map(|e| e.id).collect();
+    listed.reverse();
+    assert_eq!(listed, ids, "newest first");
+
+    // Updates replace the fields they carry.
+    let patch = EndpointPatch {
+        url: Some("https://hooks.example.com/v2".into()),
+        description: Some(None),
+        event_types: Some(event_types(&["payment.approved"])),
+        enabled: None,
+    };
+    let update = || entry_for(a.id, "webhook_endpoint.update", Outcome::Success);
+    let patched = store.update_webhook_endpoint(&sa, test, ids[1], &patch, &update()).await.unwrap().unwrap();
+    assert_eq!((patched.url.as_str(), patched.description.as_deref()), ("https://hooks.example.com/v2", None));
+    assert_eq!(patched.event_types, event_types(&["payment.approved"]));
+    assert_eq!(store.get_webhook_endpoint(&sa, test, ids[1]).await.unwrap(), Some(patched));
+    assert!(store.update_webhook_endpoint(&sb, test, ids[1], &patch, &update()).await.unwrap().is_none());
+    let unknown = WebhookEndpointId::generate();
+    assert!(store.update_webhook_endpoint(&sa, test, unknown, &patch, &update()).await.unwrap().is_none());
+
+    // Deleting an endpoint deletes its deliveries and their attempts.
+    payee_in(&*store, a.id).await;
+    assert_eq!(deliveries(&*store, a.id, test, ids[0]).await.len(), 1);
+    let t = paygate_domain::now();
+    let jobs = claim(&*store, t, "node").await;
+    assert_eq!(jobs.len(), MAX_ENDPOINTS as usize - 1, "every endpoint but the one that unsubscribed");
+    let job = jobs.iter().find(|j| j.endpoint_id == ids[0]).unwrap();
+    assert!(finish(&*store, a.id, &outcome(job, "node", t, 500, NextStep::RetryAt(t), t - Duration::days(1))).await);
+    let delete = || entry_for(a.id, "webhook_endpoint.delete", Outcome::Success);
+    assert!(!store.delete_webhook_endpoint(&sb, test, ids[0], &delete()).await.unwrap());
+    assert!(!store.delete_webhook_endpoint(&sa, KeyMode::Live, ids[0], &delete()).await.unwrap());
+    assert!(store.delete_webhook_endpoint(&sa, test, ids[0], &delete()).await.unwrap());
+    assert!(!store.delete_webhook_endpoint(&sa, test, ids[0], &delete()).await.unwrap(), "already gone");
+    assert!(store.get_webhook_endpoint(&sa, test, ids[0]).await.unwrap().is_none());
+    let page = PageRequest { limit: 100, after: None };
+    assert!(store.list_deliveries(&sa, test, ids[0], page).await.unwrap().is_none());
+    assert!(claim(&*store, t + Duration::minutes(1), "node").await.iter().all(|j| j.endpoint_id != ids[0]));
+    // Room for one again.
+    assert!(store.create_webhook_endpoint(&sa, &one_more, &audit()).await.unwrap());
+    assert_chain_intact(&*store, &a.id.to_string()).await;
+}
+
+pub async fn concurrent_payment_updates_write_one_event(store: Arc<dyn OperatorStore>) {
+    let a = company(&*store, "Acme").await;
+    let sa = scope(&*store, a.id);
+    let payee = payee_in(&*store, a.id).await;
+    let p = draft_payment(payee.payee.id, 100, &ApprovalPolicy::default());
+    store.create_payments(&[create_item(a.id, &*store, p.clone(), "race")]).await.unwrap();
+    let mut tasks = Vec::new();
+    for n in 0..8 {
+        let store = store.clone();
+        let mut mine = p.clone();
+        tasks.push(tokio::spawn(async move {
+            if n % 2 == 0 {
+                mine.approve(approver(n), paygate_domain::now()).unwrap();
+            } else {
+                mine.cancel(approver(n), paygate_domain::now()).unwrap();
+            }
+            let audit = entry_for(a.id, "payment.approve", Outcome::Success);
+            let sa = scope(&*store, a.id);
+            store.update_payment(&sa, &mine, p.revision, &audit).await.unwrap()
+        }));
+    }
+    let mut won = 0;
+    for t in tasks {
+        won += t.await.unwrap() as usize;
+    }
+    assert_eq!(won, 1, "one writer per revision");
+    let steps = trail(&*store, &sa, KeyMode::Test, &p.id.to_string()).await;
+    assert_eq!(steps.len(), 2, "{steps:?}");
+    assert_eq!(steps[0], step("payment.created", 1, None));
+    assert!(["payment.approved", "payment.canceled"].contains(&steps[1].0));
+    assert_eq!((steps[1].1, steps[1].2.as_deref()), (2, Some("pending_approval")));
+    assert_eq!(assert_chain_intact(&*store, &a.id.to_string()).await, 3, "payee, payment, one change");
+}
+
+pub async fn concurrent_claims_never_share_a_delivery(store: Arc<dyn OperatorStore>) {
+    let a = company(&*store, "Acme").await;
+    endpoint(&*store, a.id, KeyMode::Test, &["payee.created"], true).await;
+    const DELIVERIES: usize = 40;
+    for _ in 0..DELIVERIES {
+        payee_in(&*store, a.id).await;
+    }
+    let at = paygate_domain::now();
+    let mut tasks = Vec::new();
+    for n in 0..4 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            let owner = format!("node-{n}");
+            let mut mine = Vec::new();
+            // Bounded: a store that hands out leased deliveries again must fail, not spin.
+            for _ in 0..DELIVERIES {
+                let jobs = store.claim_deliveries(at, &owner, at + Duration::minutes(1), 3).await.unwrap();
+                if jobs.is_empty() {
+                    break;
+                }
+                mine.extend(jobs.into_iter().map(|j| j.delivery_id));
+            }
+            mine
+        }));
+    }
+    let mut claimed = Vec::new();
+    for t in tasks {
+        claimed.extend(t.await.unwrap());
+    }
+    let total = claimed.len();
+    claimed.sort_unstable();
+    claimed.dedup();
+    assert_eq!(claimed.len(), total, "a delivery was leased twice");
+    assert_eq!(total, DELIVERIES);
+    assert!(store.claim_deliveries(at, "late", at + Duration::minutes(1), 100).await.unwrap().is_empty());
 }

@@ -11,18 +11,22 @@
 pub mod auth;
 #[cfg(feature = "conformance")]
 pub mod conformance;
+pub mod events;
 mod payments;
 mod rows;
 mod scope;
+pub mod views;
 
 use async_trait::async_trait;
 use paygate_domain::audit::{AuditEntry, AuditRecord};
 use paygate_domain::payment::{ApprovalPolicy, Payment};
 use paygate_domain::{
-    ApiKeyId, AuditEventId, CompanyId, CompanyStatus, KeyMode, KeyPolicy, PayeeId, PaymentId, RateLimitOverride,
+    ApiKeyId, AuditEventId, CompanyId, CompanyStatus, EventId, KeyMode, KeyPolicy, PayeeId, PaymentId,
+    RateLimitOverride, WebhookDeliveryId, WebhookEndpointId,
 };
 use time::OffsetDateTime;
 
+pub use events::*;
 pub use payments::*;
 pub use rows::*;
 pub use scope::{CompanyScope, operator_scope};
@@ -241,6 +245,106 @@ pub trait Store: Send + Sync + 'static {
         expected_revision: u32,
         audit: &AuditEntry,
     ) -> StoreResult<bool>;
+
+    // -- Events and webhook endpoints, scoped to the company and the caller's
+    // mode like payments. Every change above writes its events itself.
+
+    /// Newest first; `page.after` is the last id of the previous page.
+    async fn list_events(
+        &self,
+        scope: &CompanyScope,
+        mode: KeyMode,
+        filter: &EventFilter,
+        page: PageRequest<EventId>,
+    ) -> StoreResult<Page<Event>>;
+
+    async fn get_event(&self, scope: &CompanyScope, mode: KeyMode, id: EventId) -> StoreResult<Option<Event>>;
+
+    /// `false` (nothing written) when the company already has
+    /// [`MAX_ENDPOINTS`] endpoints in this mode.
+    async fn create_webhook_endpoint(
+        &self,
+        scope: &CompanyScope,
+        new: &NewWebhookEndpoint,
+        audit: &AuditEntry,
+    ) -> StoreResult<bool>;
+
+    /// Newest first.
+    async fn list_webhook_endpoints(
+        &self,
+        scope: &CompanyScope,
+        mode: KeyMode,
+        page: PageRequest<WebhookEndpointId>,
+    ) -> StoreResult<Page<WebhookEndpoint>>;
+
+    async fn get_webhook_endpoint(
+        &self,
+        scope: &CompanyScope,
+        mode: KeyMode,
+        id: WebhookEndpointId,
+    ) -> StoreResult<Option<WebhookEndpoint>>;
+
+    async fn update_webhook_endpoint(
+        &self,
+        scope: &CompanyScope,
+        mode: KeyMode,
+        id: WebhookEndpointId,
+        patch: &EndpointPatch,
+        audit: &AuditEntry,
+    ) -> StoreResult<Option<WebhookEndpoint>>;
+
+    /// Deletes the endpoint and its deliveries. `false` if there is no such endpoint.
+    async fn delete_webhook_endpoint(
+        &self,
+        scope: &CompanyScope,
+        mode: KeyMode,
+        id: WebhookEndpointId,
+        audit: &AuditEntry,
+    ) -> StoreResult<bool>;
+
+    /// The current secret becomes the previous one (signing until
+    /// `previous_expires_at`); `new_sealed` becomes current.
+    async fn rotate_webhook_secret(
+        &self,
+        scope: &CompanyScope,
+        mode: KeyMode,
+        id: WebhookEndpointId,
+        new_sealed: &[u8],
+        previous_expires_at: OffsetDateTime,
+        audit: &AuditEntry,
+    ) -> StoreResult<Option<WebhookEndpoint>>;
+
+    /// Writes a `ping` event delivered to this endpoint only. `None` if there
+    /// is no such endpoint.
+    async fn send_test_event(
+        &self,
+        scope: &CompanyScope,
+        mode: KeyMode,
+        id: WebhookEndpointId,
+        audit: &AuditEntry,
+    ) -> StoreResult<Option<Event>>;
+
+    /// New deliveries of the event: to `endpoint`, or to every enabled
+    /// endpoint that subscribes to its type. `None` if the event (or the
+    /// named endpoint) does not exist; otherwise how many were queued.
+    async fn redeliver_event(
+        &self,
+        scope: &CompanyScope,
+        mode: KeyMode,
+        id: EventId,
+        endpoint: Option<WebhookEndpointId>,
+        audit: &AuditEntry,
+    ) -> StoreResult<Option<u32>>;
+
+    /// The endpoint's deliveries, newest first, each with its attempts.
+    /// `None` if there is no such endpoint.
+    async fn list_deliveries(
+        &self,
+        scope: &CompanyScope,
+        mode: KeyMode,
+        endpoint: WebhookEndpointId,
+        page: PageRequest<WebhookDeliveryId>,
+    ) -> StoreResult<Option<Page<Delivery>>>;
 }
 
 /// Platform-wide operations for operators (the CLI). Never handed to the HTTP API.
@@ -312,4 +416,35 @@ pub trait OperatorStore: Store {
     async fn checkpointed_seqs(&self) -> StoreResult<Vec<(String, u64)>>;
     /// Every chain's head (chain, seq, hash).
     async fn audit_heads(&self) -> StoreResult<Vec<(String, u64, [u8; 32])>>;
+
+    /// Leases up to `limit` due deliveries to `owner` until `lease_until`:
+    /// pending, due by `now`, endpoint enabled, not leased by a live lease,
+    /// and no earlier pending delivery of the same object to the same
+    /// endpoint (per-object order). Two nodes never lease the same delivery.
+    async fn claim_deliveries(
+        &self,
+        now: OffsetDateTime,
+        owner: &str,
+        lease_until: OffsetDateTime,
+        limit: u32,
+    ) -> StoreResult<Vec<DeliveryJob>>;
+
+    /// Records an attempt, moves the delivery on, and updates the endpoint's
+    /// failure state, in one transaction with `audit`. Disabling the endpoint
+    /// writes its `webhook_endpoint.disabled` event and `disable_audit`.
+    /// `false` (nothing written) if the lease is no longer `owner`'s.
+    async fn finish_delivery(
+        &self,
+        result: &DeliveryResult,
+        audit: &AuditEntry,
+        disable_audit: &AuditEntry,
+    ) -> StoreResult<bool>;
+
+    /// Unrevoked, unrotated keys expiring in `(now, until]` that have had no
+    /// expiry notice yet.
+    async fn expiring_keys(&self, now: OffsetDateTime, until: OffsetDateTime, limit: u32) -> StoreResult<Vec<ApiKey>>;
+
+    /// Marks the key's expiry notice sent and writes its `api_key.expiring`
+    /// event. `false` if another node did it first.
+    async fn note_key_expiring(&self, id: ApiKeyId, audit: &AuditEntry) -> StoreResult<bool>;
 }

@@ -1,12 +1,11 @@
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::Json;
-use paygate_domain::bank::{BankAccount, BankAccountDetails, BankAccountInput};
+use paygate_domain::bank::{BankAccount, BankAccountInput};
 use paygate_domain::payment::Metadata;
 use paygate_domain::{Label, PayeeId};
 use paygate_store::{NewPayee, Payee, PayeeStatus, PayeeType};
-use serde::{Deserialize, Serialize};
-use time::OffsetDateTime;
+use serde::Deserialize;
 use utoipa::{IntoParams, ToSchema};
 
 use crate::AppState;
@@ -15,49 +14,7 @@ use crate::auth::{Authorized, scope};
 use crate::extract::{Json as JsonBody, Query};
 use crate::pagination::{List, page_request};
 use crate::problem::{ApiError, FieldError, Problem};
-
-/// A payee. The account number is never shown: `last4` and a `fingerprint`
-/// identify the account.
-#[derive(Debug, Serialize, ToSchema)]
-pub struct PayeeView {
-    #[schema(example = "payee")]
-    pub object: &'static str,
-    pub id: PayeeId,
-    pub name: String,
-    #[serde(rename = "type")]
-    pub kind: PayeeType,
-    pub email: Option<String>,
-    pub bank_account: BankAccountDetails,
-    #[schema(value_type = std::collections::BTreeMap<String, String>)]
-    pub metadata: Metadata,
-    pub status: PayeeStatus,
-    /// `false` for test-mode data.
-    pub livemode: bool,
-    #[serde(with = "time::serde::rfc3339")]
-    #[schema(value_type = String, format = DateTime)]
-    pub created_at: OffsetDateTime,
-    #[serde(with = "time::serde::rfc3339::option")]
-    #[schema(value_type = Option<String>, format = DateTime)]
-    pub disabled_at: Option<OffsetDateTime>,
-}
-
-impl From<Payee> for PayeeView {
-    fn from(p: Payee) -> Self {
-        Self {
-            object: "payee",
-            id: p.id,
-            name: p.name,
-            kind: p.kind,
-            email: p.email,
-            bank_account: p.bank_account,
-            metadata: p.metadata,
-            status: p.status,
-            livemode: p.mode == paygate_domain::KeyMode::Live,
-            created_at: p.created_at,
-            disabled_at: p.disabled_at,
-        }
-    }
-}
+pub use crate::views::PayeeView;
 
 /// Body of `POST /v1/payees`.
 #[derive(Debug, Deserialize, ToSchema)]

@@ -2,13 +2,13 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Json, Response};
 use paygate_domain::payment::{
-    Actor, Approval, IdempotencyKey, Payment, PaymentDraft, PaymentEdit, PaymentError, PaymentStatus, StatusChange,
-    parse_execution_date, parse_reference, request_fingerprint,
+    Actor, IdempotencyKey, Payment, PaymentDraft, PaymentEdit, PaymentError, PaymentStatus, parse_execution_date,
+    parse_reference, request_fingerprint,
 };
 use paygate_domain::{Amount, Currency, PayeeId, PaymentId};
 use paygate_store::auth::Authenticated;
 use paygate_store::{PaymentCreate, PaymentCreated, PaymentFilter, StoredResponse};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use time::OffsetDateTime;
 use utoipa::{IntoParams, ToSchema};
 
@@ -20,138 +20,16 @@ use crate::pagination::{List, page_request};
 use crate::problem::{ApiError, FieldError, Problem};
 use crate::routes::audit::parse_time;
 use crate::routes::payees::metadata_field;
-use crate::views::rfc3339;
+pub use crate::views::{ApprovalsView, PaymentView, StatusChangeView, VoteView};
 
 /// How long an idempotency key and its response are kept.
 pub const IDEMPOTENCY_TTL: time::Duration = time::Duration::hours(24);
-
-/// A payment, with its approvals and every status it went through.
-#[derive(Debug, Serialize, ToSchema)]
-pub struct PaymentView {
-    #[schema(example = "payment")]
-    pub object: &'static str,
-    pub id: PaymentId,
-    pub payee_id: PayeeId,
-    /// Integer minor units of `currency` (1050 EUR = 10.50 EUR).
-    pub amount: u64,
-    /// ISO 4217.
-    #[schema(example = "EUR")]
-    pub currency: String,
-    pub reference: String,
-    #[schema(value_type = Option<String>, format = Date)]
-    pub requested_execution_date: Option<String>,
-    #[schema(value_type = std::collections::BTreeMap<String, String>)]
-    pub metadata: paygate_domain::payment::Metadata,
-    pub status: PaymentStatus,
-    /// Bumped by every status or content change.
-    pub version: u32,
-    pub livemode: bool,
-    pub approvals: ApprovalsView,
-    /// Why the payment failed or was returned.
-    pub failure_reason: Option<String>,
-    pub status_history: Vec<StatusChangeView>,
-    #[schema(value_type = String, format = DateTime)]
-    pub created_at: String,
-    #[schema(value_type = String, format = DateTime)]
-    pub updated_at: String,
-}
-
-#[derive(Debug, Serialize, ToSchema)]
-pub struct ApprovalsView {
-    /// Approvals this payment needs (0: approved automatically).
-    pub required: u8,
-    /// Approvals that count: cast on the current version and content.
-    pub received: usize,
-    #[schema(value_type = String, format = DateTime)]
-    pub expires_at: String,
-    /// SHA-256 over payee, amount, currency and reference: what approvers agree to.
-    pub content_hash: String,
-    pub votes: Vec<VoteView>,
-}
-
-#[derive(Debug, Serialize, ToSchema)]
-pub struct VoteView {
-    /// `approve` or `reject`.
-    pub decision: &'static str,
-    pub key_id: String,
-    pub owner: Option<String>,
-    #[schema(value_type = String, format = DateTime)]
-    pub at: String,
-    pub version: u32,
-    /// Whether the vote still counts (same version and content).
-    pub counts: bool,
-}
-
-#[derive(Debug, Serialize, ToSchema)]
-pub struct StatusChangeView {
-    pub status: PaymentStatus,
-    #[schema(value_type = String, format = DateTime)]
-    pub at: String,
-    /// `api_key` or `system`.
-    pub actor_type: String,
-    /// The key id, or the Paygate component (`rail:simulated`, `approval_expiry`).
-    pub actor_id: String,
-    pub reason: Option<String>,
-}
 
 /// Approved test-mode payments reach the simulated rail after its submit
 /// delay (never before their execution date).
 fn delay_settlement(state: &AppState, payment: &mut Payment, now: OffsetDateTime) {
     if let (paygate_domain::KeyMode::Test, Some(at)) = (payment.mode, payment.rail_next_at.as_mut()) {
         *at = (*at).max(now + state.rail_submit_delay);
-    }
-}
-
-impl From<&Payment> for PaymentView {
-    fn from(p: &Payment) -> Self {
-        let hash = p.content_hash();
-        let vote = |a: &Approval, decision: &'static str| VoteView {
-            decision,
-            key_id: a.actor.id.clone(),
-            owner: a.actor.owner.clone(),
-            at: rfc3339(a.at),
-            version: a.version,
-            counts: decision == "reject" || p.vote_counts(a, &hash),
-        };
-        let mut votes: Vec<_> = p.approvals.iter().map(|a| vote(a, "approve")).collect();
-        let received = votes.iter().filter(|v| v.counts).count();
-        votes.extend(p.rejection.iter().map(|a| vote(a, "reject")));
-        Self {
-            object: "payment",
-            id: p.id,
-            payee_id: p.payee_id,
-            amount: p.amount.minor_units(),
-            currency: p.currency.code().to_owned(),
-            reference: p.reference.clone(),
-            requested_execution_date: p.requested_execution_date.map(paygate_store::date_text),
-            metadata: p.metadata.clone(),
-            status: p.status,
-            version: p.version,
-            livemode: p.mode == paygate_domain::KeyMode::Live,
-            approvals: ApprovalsView {
-                required: p.required_approvals,
-                received,
-                expires_at: rfc3339(p.approval_expires_at),
-                content_hash: hash.clone(),
-                votes,
-            },
-            failure_reason: p.failure_reason.clone(),
-            status_history: p.status_history.iter().map(StatusChangeView::from).collect(),
-            created_at: rfc3339(p.created_at),
-            updated_at: rfc3339(p.updated_at),
-        }
-    }
-}
-
-impl From<&StatusChange> for StatusChangeView {
-    fn from(c: &StatusChange) -> Self {
-        Self {
-            status: c.status,
-            at: rfc3339(c.at),
-            actor_type: c.actor.kind.clone(),
-            actor_id: c.actor.id.clone(),
-            reason: c.reason.clone(),
-        }
     }
 }
 
@@ -708,7 +586,7 @@ pub struct UpdatePayment {
     pub metadata: Option<serde_json::Value>,
 }
 
-fn double_option<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<String>>, D::Error> {
+pub(crate) fn double_option<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<String>>, D::Error> {
     Option::<String>::deserialize(d).map(Some)
 }
 

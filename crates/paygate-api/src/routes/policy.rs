@@ -6,7 +6,7 @@ use axum::response::Json;
 use paygate_domain::Currency;
 use paygate_domain::money::threshold_from_json;
 use paygate_domain::payment::{ApprovalPolicy, ApprovalRule};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use utoipa::ToSchema;
 
 use crate::AppState;
@@ -14,14 +14,7 @@ use crate::audit::{AuditContext, AuditWritten};
 use crate::auth::{Authorized, scope};
 use crate::extract::Json as JsonBody;
 use crate::problem::{ApiError, FieldError, Problem};
-
-#[derive(Debug, Serialize, ToSchema)]
-pub struct ApprovalPolicyView {
-    #[schema(example = "approval_policy")]
-    pub object: &'static str,
-    #[serde(flatten)]
-    pub policy: ApprovalPolicy,
-}
+pub use crate::views::ApprovalPolicyView;
 
 /// Body of `PUT /v1/approval-policy`: the whole policy.
 #[derive(Debug, Deserialize, ToSchema)]
