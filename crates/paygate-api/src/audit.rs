@@ -89,6 +89,17 @@ pub const ROUTE_ACTIONS: &[(&str, &str, &str, Option<&str>)] = &[
     ("POST", "/v1/payments/{id}/cancel", "payment.cancel", Some("payment")),
     ("GET", "/v1/approval-policy", "approval_policy.read", None),
     ("PUT", "/v1/approval-policy", "approval_policy.update", None),
+    ("GET", "/v1/events", "event.list", None),
+    ("GET", "/v1/events/{id}", "event.read", Some("event")),
+    ("POST", "/v1/events/{id}/redeliver", "event.redeliver", Some("event")),
+    ("GET", "/v1/webhook-endpoints", "webhook_endpoint.list", None),
+    ("POST", "/v1/webhook-endpoints", "webhook_endpoint.create", Some("webhook_endpoint")),
+    ("GET", "/v1/webhook-endpoints/{id}", "webhook_endpoint.read", Some("webhook_endpoint")),
+    ("PATCH", "/v1/webhook-endpoints/{id}", "webhook_endpoint.update", Some("webhook_endpoint")),
+    ("DELETE", "/v1/webhook-endpoints/{id}", "webhook_endpoint.delete", Some("webhook_endpoint")),
+    ("POST", "/v1/webhook-endpoints/{id}/rotate-secret", "webhook_endpoint.rotate_secret", Some("webhook_endpoint")),
+    ("POST", "/v1/webhook-endpoints/{id}/test", "webhook_endpoint.test", Some("webhook_endpoint")),
+    ("GET", "/v1/webhook-endpoints/{id}/deliveries", "webhook_delivery.list", Some("webhook_endpoint")),
 ];
 
 fn route_action(method: &Method, route: &str) -> Option<(&'static str, Option<&'static str>)> {
@@ -103,6 +114,8 @@ fn typed_id(resource_type: &str, id: &str) -> bool {
         "audit_event" => AuditEventId::parse(id).is_ok(),
         "payee" => paygate_domain::PayeeId::parse(id).is_ok(),
         "payment" => paygate_domain::PaymentId::parse(id).is_ok(),
+        "event" => paygate_domain::EventId::parse(id).is_ok(),
+        "webhook_endpoint" => paygate_domain::WebhookEndpointId::parse(id).is_ok(),
         _ => false,
     }
 }

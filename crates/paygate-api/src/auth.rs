@@ -176,6 +176,8 @@ pub mod scope {
         PaymentsWrite => Some(Scope::PaymentsWrite),
         PaymentsApprove => Some(Scope::PaymentsApprove),
         PolicyManage => Some(Scope::PolicyManage),
+        EventsRead => Some(Scope::EventsRead),
+        WebhooksManage => Some(Scope::WebhooksManage),
     }
 }
 

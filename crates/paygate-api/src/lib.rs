@@ -48,6 +48,8 @@ pub struct AppState {
     /// How long an approved test-mode payment waits before the simulated
     /// rail picks it up.
     pub rail_submit_delay: Duration,
+    /// Which addresses webhook endpoint URLs may name (operator allow-list).
+    pub webhook_addresses: Arc<paygate_domain::webhook::AddressPolicy>,
 }
 
 #[derive(Debug, Clone)]
@@ -79,6 +81,8 @@ impl Default for ApiConfig {
         (name = "audit", description = "The company's tamper-evident audit log"),
         (name = "payees", description = "Who the company pays, with validated bank accounts"),
         (name = "payments", description = "Idempotent payments, four-eyes approval and settlement"),
+        (name = "events", description = "Every change of a payment, payee, key or policy, for backfill"),
+        (name = "webhooks", description = "Signed (Standard Webhooks) delivery of events to the company's endpoints"),
     )
 )]
 struct ApiDoc;
@@ -116,6 +120,18 @@ fn v1() -> OpenApiRouter<AppState> {
         .routes(routes!(routes::payments::reject_payment))
         .routes(routes!(routes::payments::cancel_payment))
         .routes(routes!(routes::policy::get_approval_policy, routes::policy::put_approval_policy))
+        .routes(routes!(routes::events::list_events))
+        .routes(routes!(routes::events::get_event))
+        .routes(routes!(routes::events::redeliver_event))
+        .routes(routes!(routes::webhooks::list_webhook_endpoints, routes::webhooks::create_webhook_endpoint))
+        .routes(routes!(
+            routes::webhooks::get_webhook_endpoint,
+            routes::webhooks::update_webhook_endpoint,
+            routes::webhooks::delete_webhook_endpoint
+        ))
+        .routes(routes!(routes::webhooks::rotate_webhook_secret))
+        .routes(routes!(routes::webhooks::test_webhook_endpoint))
+        .routes(routes!(routes::webhooks::list_webhook_deliveries))
 }
 
 /// The OpenAPI document, as served at `/openapi.json` and committed as `openapi.json`.

@@ -180,6 +180,12 @@ impl ApiError {
         e
     }
 
+    /// The same problem with field-level details.
+    pub fn with_errors(mut self, errors: Vec<FieldError>) -> Self {
+        self.errors = errors;
+        self
+    }
+
     pub fn unavailable() -> Self {
         Self::new(
             StatusCode::SERVICE_UNAVAILABLE,

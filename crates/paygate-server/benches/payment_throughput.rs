@@ -111,6 +111,7 @@ async fn run(name: &str, store: Arc<dyn OperatorStore>, seconds: u64, concurrenc
             data_key: Arc::new(paygate_domain::bank::DataKey::new(&[7; 32]).expect("32 bytes")),
             payments: PaymentWriter::spawn_with(api_store.clone(), max_batch, writers),
             rail_submit_delay: Duration::from_secs(1),
+            webhook_addresses: Default::default(),
         };
         paygate_api::router(state, &ApiConfig::default())
     };

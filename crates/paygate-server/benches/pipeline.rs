@@ -75,6 +75,7 @@ fn pipeline(c: &mut Criterion) {
             data_key: Arc::new(paygate_domain::bank::DataKey::new(&[7; 32]).expect("32 bytes")),
             payments: paygate_api::payment_writer::PaymentWriter::spawn(api_store.clone()),
             rail_submit_delay: std::time::Duration::from_secs(1),
+            webhook_addresses: Default::default(),
         };
         paygate_api::router(state, &ApiConfig::default())
     };

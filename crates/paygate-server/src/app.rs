@@ -121,6 +121,7 @@ pub struct StartOptions {
 }
 
 pub async fn start(config: &Config, options: StartOptions) -> anyhow::Result<Server> {
+    crate::install_tls_provider();
     let metrics = telemetry::metrics_handle();
     let pepper = pepper::load(config)?;
     let hasher = KeyHasher::new(&pepper);
@@ -154,7 +155,16 @@ pub async fn start(config: &Config, options: StartOptions) -> anyhow::Result<Ser
     let audit_config = AuditConfig { aggregation_interval: config.audit_aggregation, ..AuditConfig::default() };
     let (audit, audit_tasks) = AuditWriter::start(api_store.clone(), audit_config);
     let data_key = Arc::new(pepper::load_data_key(config, true)?);
+    let webhook_addresses =
+        Arc::new(paygate_domain::webhook::AddressPolicy::new(config.webhooks.allowed_networks.clone()));
+    let webhook_client = crate::webhook_client::WebhookClient::new(
+        (*webhook_addresses).clone(),
+        config.webhooks.connect_timeout,
+        config.webhooks.timeout,
+    )
+    .context("cannot build the webhook HTTP client")?;
     let state = AppState {
+        webhook_addresses,
         data_key: data_key.clone(),
         payments: paygate_api::payment_writer::PaymentWriter::spawn(api_store.clone()),
         rail_submit_delay: config.rail_submit_delay,
@@ -199,12 +209,22 @@ pub async fn start(config: &Config, options: StartOptions) -> anyhow::Result<Ser
         crate::rail::PaymentWorker {
             store: store.clone(),
             rail: Arc::new(crate::rail::SimulatedRail { settle_delay: config.rail_settle_delay }),
-            data_key,
+            data_key: data_key.clone(),
             interval: config.payment_worker_interval,
         }
         .run(stopped.clone()),
     );
-    let mut workers = vec![watcher, usage, checkpoints, payment_worker];
+    let delivery_worker = tokio::spawn(
+        crate::webhooks::DeliveryWorker {
+            store: store.clone(),
+            client: webhook_client,
+            data_key,
+            config: config.webhooks.clone(),
+            node: format!("node_{}", uuid::Uuid::now_v7().simple()),
+        }
+        .run(stopped.clone()),
+    );
+    let mut workers = vec![watcher, usage, checkpoints, payment_worker, delivery_worker];
     workers.extend(audit_tasks);
     tracing::info!(api = %api_addr, ops = %ops_addr, database = %config.database.redacted(), backend = store.backend().as_str(), "paygate listening");
     Ok(Server {

@@ -37,6 +37,23 @@ pub enum Command {
     /// The tamper-evident audit log.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Webhook tools.
+    #[command(subcommand)]
+    Webhooks(WebhooksCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum WebhooksCommand {
+    /// A local receiver for trying webhooks: prints each delivery and checks
+    /// its signature (Standard Webhooks) when given the endpoint's secret.
+    Listen {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:4000")]
+        listen: std::net::SocketAddr,
+        /// The endpoint's signing secret (`whsec_…`); better from the environment.
+        #[arg(long, env = "PAYGATE_WEBHOOK_SECRET", hide_env_values = true)]
+        secret: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]

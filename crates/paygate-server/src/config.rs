@@ -41,6 +41,13 @@ const SETTINGS: &[(&str, &str)] = &[
     ("payment_worker_interval_ms", "How often each node looks for due payment work (expiry, settlement)."),
     ("rail_submit_delay_ms", "Simulated rail (test mode): approved to processing after this delay."),
     ("rail_settle_delay_ms", "Simulated rail (test mode): processing to completed/failed, and completed to returned."),
+    ("webhook_worker_interval_ms", "How often each node looks for due webhook deliveries."),
+    ("webhook_retry_schedule", "Delay before each delivery attempt, e.g. 0s,5s,5m,30m,2h,5h,10h,10h."),
+    ("webhook_connect_timeout_secs", "Webhook delivery: TCP/TLS connect timeout."),
+    ("webhook_timeout_secs", "Webhook delivery: whole-attempt timeout."),
+    ("webhook_disable_after_secs", "An endpoint whose deliveries all failed for this long is disabled."),
+    ("webhook_concurrency", "Deliveries in flight per node."),
+    ("webhook_allowed_networks", "Comma-separated CIDRs webhook endpoints may reach although private/loopback."),
 ];
 
 #[derive(Clone, PartialEq, Eq)]
@@ -121,6 +128,19 @@ pub struct Config {
     pub payment_worker_interval: Duration,
     pub rail_submit_delay: Duration,
     pub rail_settle_delay: Duration,
+    pub webhooks: Webhooks,
+}
+
+/// Webhook delivery settings.
+#[derive(Debug, Clone)]
+pub struct Webhooks {
+    pub worker_interval: Duration,
+    pub retry_schedule: paygate_domain::webhook::RetrySchedule,
+    pub connect_timeout: Duration,
+    pub timeout: Duration,
+    pub disable_after: Duration,
+    pub concurrency: u32,
+    pub allowed_networks: Vec<ipnet::IpNet>,
 }
 
 /// Rate limits as configured: `(rate or count, burst or window seconds)`.
@@ -255,12 +275,7 @@ impl Config {
         })?;
         let key_cache_capacity = s.parse("key_cache_capacity", 10_000, positive(10_000_000))? as usize;
         let key_cache_ttl = Duration::from_secs(s.parse("key_cache_ttl_secs", 30, positive(3_600))?);
-        let trusted_proxies = s.parse("trusted_proxies", Vec::new(), |t| {
-            t.split([',', ' '])
-                .filter(|p| !p.trim().is_empty())
-                .map(|p| paygate_domain::network::parse_cidr(p).map_err(|e| e.to_string()))
-                .collect()
-        })?;
+        let trusted_proxies = s.parse("trusted_proxies", Vec::new(), parse_cidrs)?;
         let pair = |t: &str| {
             let (a, b) = t.split_once('/').ok_or_else(|| format!("{t:?} is not N/M, e.g. 100/200"))?;
             let n = |v: &str| v.trim().parse::<u32>().ok().filter(|v| (1..=1_000_000).contains(v));
@@ -291,7 +306,25 @@ impl Config {
         let rail_settle_delay = Duration::from_millis(s.parse("rail_settle_delay_ms", 2_000, |t| {
             t.parse::<u64>().ok().filter(|v| *v <= 3_600_000).ok_or_else(|| "must be 0 to 3600000".to_owned())
         })?);
+        let webhooks = Webhooks {
+            worker_interval: Duration::from_millis(s.parse("webhook_worker_interval_ms", 500, positive(60_000))?),
+            retry_schedule: s.parse(
+                "webhook_retry_schedule",
+                paygate_domain::webhook::RetrySchedule::default(),
+                paygate_domain::webhook::RetrySchedule::parse,
+            )?,
+            connect_timeout: Duration::from_secs(s.parse("webhook_connect_timeout_secs", 5, positive(60))?),
+            timeout: Duration::from_secs(s.parse("webhook_timeout_secs", 15, positive(300))?),
+            disable_after: Duration::from_secs(s.parse(
+                "webhook_disable_after_secs",
+                5 * 86_400,
+                positive(90 * 86_400),
+            )?),
+            concurrency: s.parse("webhook_concurrency", 16, positive(1_000))? as u32,
+            allowed_networks: s.parse("webhook_allowed_networks", Vec::new(), parse_cidrs)?,
+        };
         Ok(Self {
+            webhooks,
             data_key_file,
             payment_worker_interval,
             rail_submit_delay,
@@ -323,6 +356,14 @@ impl Config {
     pub fn settings() -> impl Iterator<Item = (String, &'static str, &'static str)> {
         SETTINGS.iter().map(|(name, doc)| (env_name(name), *name, *doc))
     }
+}
+
+/// Comma- or space-separated networks.
+fn parse_cidrs(text: &str) -> Result<Vec<ipnet::IpNet>, String> {
+    text.split([',', ' '])
+        .filter(|p| !p.trim().is_empty())
+        .map(|p| paygate_domain::network::parse_cidr(p).map_err(|e| e.to_string()))
+        .collect()
 }
 
 /// `paygate.db` → `paygate.db<suffix>`: secrets generated in the embedded default.

@@ -12,6 +12,10 @@ use crate::admin::{KeyRequest, create_key, operator_entry};
 
 pub const DEMO_COMPANY: &str = "Demo Co";
 
+/// `serve --demo` lets webhook endpoints on this machine receive (unless
+/// `webhook_allowed_networks` is set).
+pub const WEBHOOK_NETWORKS: &[&str] = &["127.0.0.0/8", "::1/128"];
+
 pub async fn prepare(store: &dyn OperatorStore, hasher: &KeyHasher, api_addr: SocketAddr) -> anyhow::Result<()> {
     if store.backend() != paygate_store::Backend::Sqlite {
         anyhow::bail!(

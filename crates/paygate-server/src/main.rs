@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use clap::Parser;
 use paygate_domain::{ApiKeyText, KeyHasher};
-use paygate_server::cli::{AdminCommand, AuditCommand, Cli, Command, KeyCommand};
+use paygate_server::cli::{AdminCommand, AuditCommand, Cli, Command, KeyCommand, WebhooksCommand};
 use paygate_server::config::Config;
 use paygate_server::{admin, app, audit_verify, demo, pepper, telemetry};
 
@@ -17,6 +17,17 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Command::Key(KeyCommand::Check { text }) => return key_check(text),
+        Command::Webhooks(WebhooksCommand::Listen { listen, secret }) => {
+            telemetry::init_logs(paygate_server::config::LogFormat::Text, "warn");
+            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+            return match runtime.block_on(paygate_server::webhook_listen::listen(*listen, secret.clone())) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(error) => {
+                    eprintln!("paygate: {error:#}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
         _ => {}
     }
     let config = match Config::load(cli.config.as_deref()) {
@@ -91,11 +102,18 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
                 }
             }
         }
-        Command::Openapi | Command::Key(_) => unreachable!("handled before configuration"),
+        Command::Openapi | Command::Key(_) | Command::Webhooks(_) => unreachable!("handled before configuration"),
     }
 }
 
-async fn serve(config: Config, demo: bool, no_migrate: bool) -> anyhow::Result<()> {
+async fn serve(mut config: Config, demo: bool, no_migrate: bool) -> anyhow::Result<()> {
+    if demo && config.webhooks.allowed_networks.is_empty() {
+        // The walkthrough receives webhooks on this machine; a real
+        // deployment never reaches loopback unless its operator says so.
+        config.webhooks.allowed_networks =
+            demo::WEBHOOK_NETWORKS.iter().map(|n| n.parse().expect("a network")).collect();
+        tracing::info!(networks = ?config.webhooks.allowed_networks, "demo: webhook endpoints may use loopback");
+    }
     let server = app::start(&config, app::StartOptions { skip_migrations: no_migrate }).await?;
     if demo {
         demo::prepare(&*server.store, &server.hasher, server.api_addr).await?;

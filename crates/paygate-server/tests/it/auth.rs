@@ -240,7 +240,7 @@ async fn a_route_without_a_scope_cannot_answer(app: TestApp) {
     let addr = listener.local_addr().unwrap();
     let service = router.into_make_service_with_connect_info::<std::net::SocketAddr>();
     tokio::spawn(async move { axum::serve(listener, service).await.unwrap() });
-    let http = reqwest::Client::new();
+    let http = crate::harness::http();
     let refused = http.get(format!("http://{addr}/v1/forgetful")).bearer_auth(&key).send().await.unwrap();
     assert_eq!(refused.status(), StatusCode::INTERNAL_SERVER_ERROR);
     assert!(!refused.text().await.unwrap().contains("company data"));

@@ -66,6 +66,12 @@ pub fn redis_url() -> Option<String> {
     url
 }
 
+/// An HTTP client for tests (TLS on ring, as the server's own clients).
+pub fn http() -> reqwest::Client {
+    paygate_server::install_tls_provider();
+    reqwest::Client::new()
+}
+
 /// A unique, key-safe token for namespacing a test's Redis keys.
 pub fn uuid_like() -> String {
     paygate_domain::ApiKeyId::generate().to_string()
@@ -135,6 +141,13 @@ impl TestApp {
         env.insert("PAYGATE_PAYMENT_WORKER_INTERVAL_MS".into(), "50".into());
         env.insert("PAYGATE_RAIL_SUBMIT_DELAY_MS".into(), "100".into());
         env.insert("PAYGATE_RAIL_SETTLE_DELAY_MS".into(), "100".into());
+        // Webhook receivers run on loopback in the test process; deliveries
+        // and retries within a fraction of a second.
+        env.insert("PAYGATE_WEBHOOK_ALLOWED_NETWORKS".into(), "127.0.0.0/8".into());
+        env.insert("PAYGATE_WEBHOOK_WORKER_INTERVAL_MS".into(), "50".into());
+        env.insert("PAYGATE_WEBHOOK_RETRY_SCHEDULE".into(), "0s,100ms,200ms,300ms".into());
+        env.insert("PAYGATE_WEBHOOK_TIMEOUT_SECS".into(), "2".into());
+        env.insert("PAYGATE_WEBHOOK_CONNECT_TIMEOUT_SECS".into(), "1".into());
         for (k, v) in settings {
             env.insert(k.to_string(), v.to_string());
         }
@@ -144,7 +157,7 @@ impl TestApp {
             backend,
             base: format!("http://{}", server.api_addr),
             ops: format!("http://{}", server.ops_addr),
-            http: reqwest::Client::new(),
+            http: http(),
             store: server.store.clone(),
             hasher: server.hasher.clone(),
             env,

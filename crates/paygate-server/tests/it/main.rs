@@ -18,3 +18,4 @@ mod ratelimit;
 mod secrets;
 mod shared_limits;
 mod tenancy;
+mod webhooks;

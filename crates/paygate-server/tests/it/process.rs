@@ -10,15 +10,15 @@ use serde_json::Value;
 
 use crate::harness::{BIN, secret_of, with_other_secret};
 
-struct Process {
-    child: Child,
-    api: String,
-    ops: String,
-    stdout: Arc<Mutex<Vec<String>>>,
-    stderr: Arc<Mutex<Vec<String>>>,
+pub(crate) struct Process {
+    pub(crate) child: Child,
+    pub(crate) api: String,
+    pub(crate) ops: String,
+    pub(crate) stdout: Arc<Mutex<Vec<String>>>,
+    pub(crate) stderr: Arc<Mutex<Vec<String>>>,
 }
 
-fn collect(reader: impl std::io::Read + Send + 'static) -> Arc<Mutex<Vec<String>>> {
+pub(crate) fn collect(reader: impl std::io::Read + Send + 'static) -> Arc<Mutex<Vec<String>>> {
     let lines = Arc::new(Mutex::new(Vec::new()));
     let sink = lines.clone();
     std::thread::spawn(move || {
@@ -29,12 +29,12 @@ fn collect(reader: impl std::io::Read + Send + 'static) -> Arc<Mutex<Vec<String>
     lines
 }
 
-fn start(dir: &std::path::Path, args: &[&str], level: &str) -> Process {
+pub(crate) fn start(dir: &std::path::Path, args: &[&str], level: &str) -> Process {
     let db = format!("sqlite://{}", dir.join("paygate.db").display());
     start_with(args, level, &[("PAYGATE_DATABASE_URL", db.as_str())])
 }
 
-fn start_with(args: &[&str], level: &str, env: &[(&str, &str)]) -> Process {
+pub(crate) fn start_with(args: &[&str], level: &str, env: &[(&str, &str)]) -> Process {
     let mut child = Command::new(BIN)
         .args(args)
         .envs(env.iter().copied())
@@ -77,7 +77,7 @@ impl Drop for Process {
 
 impl Process {
     /// SIGTERM, then the exit status.
-    fn terminate(mut self) -> (std::process::ExitStatus, Vec<String>, Vec<String>) {
+    pub(crate) fn terminate(mut self) -> (std::process::ExitStatus, Vec<String>, Vec<String>) {
         Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().unwrap();
         let started = Instant::now();
         let status = loop {
@@ -94,7 +94,7 @@ impl Process {
     }
 
     /// Waits for the demo block on stdout and returns (initiator, approver, curl line).
-    fn demo_keys(&self) -> (String, String, String) {
+    pub(crate) fn demo_keys(&self) -> (String, String, String) {
         let started = Instant::now();
         loop {
             let lines = self.stdout.lock().unwrap().clone();
@@ -110,7 +110,7 @@ impl Process {
     }
 }
 
-fn metric(text: &str, name: &str) -> f64 {
+pub(crate) fn metric(text: &str, name: &str) -> f64 {
     text.lines()
         .find(|l| l.starts_with(name))
         .and_then(|l| l.rsplit(' ').next())
@@ -123,7 +123,7 @@ async fn served_binary_never_logs_secrets_runs_the_payments_walkthrough_and_shut
     let dir = tempfile::tempdir().unwrap();
     let server = start(dir.path(), &["serve", "--demo"], "trace");
     let (initiator, approver, _) = server.demo_keys();
-    let http = reqwest::Client::new();
+    let http = crate::harness::http();
     let me = http.get(format!("{}/v1/me", server.api)).bearer_auth(&initiator).send().await.unwrap();
     assert_eq!(me.status(), StatusCode::OK);
     let created: Value = http
@@ -221,7 +221,7 @@ async fn malformed_keys_never_reach_the_store() {
     let dir = tempfile::tempdir().unwrap();
     let server = start(dir.path(), &["serve", "--demo"], "warn,paygate_server=info");
     let (initiator, _, _) = server.demo_keys();
-    let http = reqwest::Client::new();
+    let http = crate::harness::http();
     let scrape = || async { http.get(format!("{}/metrics", server.ops)).send().await.unwrap().text().await.unwrap() };
     let before = scrape().await;
     let mut bad_checksum = initiator.clone().into_bytes();
@@ -267,17 +267,17 @@ async fn demo_curl_line_returns_the_demo_company() {
         let bearer = curl.split("Bearer ").nth(1).unwrap().trim_end_matches('\'').to_owned();
         assert_eq!(bearer, initiator);
         let me: Value =
-            reqwest::Client::new().get(&url).bearer_auth(&bearer).send().await.unwrap().json().await.unwrap();
+            crate::harness::http().get(&url).bearer_auth(&bearer).send().await.unwrap().json().await.unwrap();
         assert_eq!(me["company"]["name"], "Demo Co");
         let scopes = me["key"]["scopes"].as_array().unwrap();
         assert!(!scopes.contains(&Value::from("payments:approve")) && scopes.contains(&Value::from("payments:write")));
         let approver_me: Value =
-            reqwest::Client::new().get(&url).bearer_auth(&approver).send().await.unwrap().json().await.unwrap();
+            crate::harness::http().get(&url).bearer_auth(&approver).send().await.unwrap().json().await.unwrap();
         assert_eq!(approver_me["key"]["scopes"], serde_json::json!(["payments:read", "payments:approve"]));
         company_ids.push(me["company"]["id"].as_str().unwrap().to_owned());
         if let Some(previous) = &first_keys {
             // Each start revokes the previous start's demo keys.
-            let r = reqwest::Client::new().get(&url).bearer_auth(previous).send().await.unwrap();
+            let r = crate::harness::http().get(&url).bearer_auth(previous).send().await.unwrap();
             assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
         }
         first_keys = Some(initiator.clone());
@@ -305,7 +305,7 @@ fn invalid_configuration_stops_startup_with_one_line() {
 }
 
 /// Runs the `paygate` CLI with `env`; asserts success and returns its JSON output.
-fn cli_json(env: &[(&str, &str)], args: &[&str]) -> Value {
+pub(crate) fn cli_json(env: &[(&str, &str)], args: &[&str]) -> Value {
     let out = Command::new(BIN).args(args).envs(env.iter().copied()).env("PAYGATE_LOG_LEVEL", "warn").output().unwrap();
     assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
     serde_json::from_slice::<Value>(&out.stdout).unwrap_or(Value::Null)
@@ -346,7 +346,7 @@ async fn two_nodes_refuse_revoked_and_suspended_keys_within_1s() {
             "--json",
         ])
     };
-    let http = reqwest::Client::new();
+    let http = crate::harness::http();
     let status = |node: &Process, text: &str| {
         let request = http.get(format!("{}/v1/me", node.api)).bearer_auth(text);
         async move { request.send().await.unwrap().status() }
@@ -482,7 +482,7 @@ async fn two_nodes_append_to_one_audit_chain_without_forking() {
         "--json",
     ]);
     let key = serde_json::from_slice::<Value>(&out).unwrap()["secret"].as_str().unwrap().to_owned();
-    let http = reqwest::Client::new();
+    let http = crate::harness::http();
     let mut tasks = Vec::new();
     for (i, node) in [a.api.clone(), b.api.clone(), a.api.clone(), b.api.clone()].into_iter().enumerate() {
         let (http, key) = (http.clone(), key.clone());
@@ -549,7 +549,7 @@ async fn two_nodes_create_one_payment_per_idempotency_key() {
         .as_str()
         .unwrap()
         .to_owned();
-    let http = reqwest::Client::new();
+    let http = crate::harness::http();
     let payee: Value = http
         .post(format!("{}/v1/payees", a.api))
         .bearer_auth(&key)

@@ -172,7 +172,7 @@ async fn two_nodes_share_one_limit_through_redis() {
         };
         nodes.push((child, format!("http://{api}"), format!("http://{ops}")));
     }
-    let http = reqwest::Client::new();
+    let http = crate::harness::http();
     let started = Instant::now();
     let mut admitted = 0u32;
     let mut sent = 0u32;
