@@ -78,6 +78,24 @@ impl EventType {
         }
     }
 
+    /// The scope that may read events of this type (and subscribe to them):
+    /// the one that reads the object itself, so events never widen a key's view.
+    pub fn read_scope(self) -> crate::Scope {
+        use crate::Scope;
+        match self.object_type() {
+            "payment" => Scope::PaymentsRead,
+            "payee" => Scope::PayeesRead,
+            "api_key" => Scope::KeysRead,
+            "approval_policy" => Scope::PolicyManage,
+            _ => Scope::WebhooksManage,
+        }
+    }
+
+    /// The types a key holding `scopes` may read.
+    pub fn readable_with(scopes: crate::ScopeSet) -> Vec<Self> {
+        Self::ALL.iter().copied().filter(|t| scopes.contains(t.read_scope())).collect()
+    }
+
     /// `ping` is sent only by the endpoint test; nobody subscribes to it.
     pub fn subscribable(self) -> bool {
         self != Self::Ping

@@ -7,8 +7,8 @@ use paygate_domain::payment::{ApprovalPolicy, Payment, PaymentStatus};
 use paygate_domain::{CompanyId, EventType, KeyMode, PayeeId, PaymentId};
 use paygate_store::{
     CompanyScope, NewEvent, NewPayee, Page, PageRequest, Payee, PayeeColumns, PayeeStatus, PaymentColumns,
-    PaymentCreate, PaymentCreated, PaymentFilter, StoreError, StoreResult, StoredResponse, date_text, payment_doc,
-    policy_from_text, policy_text,
+    PaymentCreate, PaymentCreated, PaymentFilter, StoreError, StoreResult, StoredPaymentState, StoredResponse,
+    date_text, payment_doc, policy_from_text, policy_text,
 };
 use sqlx::PgConnection;
 use sqlx::postgres::PgRow;
@@ -512,8 +512,9 @@ impl PostgresStore {
         // The stored status under the expected revision, with the row locked:
         // the event is named after the change of status, and a writer that
         // loses the race finds the revision moved once the lock is released.
-        let before: Option<String> = sqlx::query_scalar(
-            "SELECT status FROM payments WHERE id = $1 AND company_id = $2 AND revision = $3 FOR NO KEY UPDATE",
+        let row = sqlx::query(
+            "SELECT status, version, updated_at FROM payments WHERE id = $1 AND company_id = $2 AND revision = $3 \
+             FOR NO KEY UPDATE",
         )
         .bind(p.id.as_uuid())
         .bind(scope.company_id().as_uuid())
@@ -521,8 +522,13 @@ impl PostgresStore {
         .fetch_optional(&mut *tx)
         .await
         .map_err(map_err)?;
-        let Some(before) = before else { return Ok(false) };
-        let before = PaymentStatus::parse(&before).ok_or_else(|| corrupt("payment status", &before))?;
+        let Some(row) = row else { return Ok(false) };
+        let status: String = get(&row, "status")?;
+        let stored = StoredPaymentState {
+            status: PaymentStatus::parse(&status).ok_or_else(|| corrupt("payment status", &status))?,
+            version: get::<i64>(&row, "version")? as u32,
+            updated_at: get(&row, "updated_at")?,
+        };
         let changed = sqlx::query(
             "UPDATE payments SET amount = $1, reference = $2, requested_execution_date = $3, status = $4, version = $5, \
              revision = $6, approval_expires_at = $7, rail_next_at = $8, updated_at = $9, doc = $10 \
@@ -548,7 +554,9 @@ impl PostgresStore {
         if changed == 0 {
             return Ok(false);
         }
-        commit_with_events(tx, audit, vec![NewEvent::payment(scope.company_id(), p, Some(before))]).await?;
+        // None when nothing visible changed (a worker rescheduling its next look).
+        let events = NewEvent::payment_update(scope.company_id(), p, &stored).into_iter().collect();
+        commit_with_events(tx, audit, events).await?;
         Ok(true)
     }
 

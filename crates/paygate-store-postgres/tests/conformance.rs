@@ -197,7 +197,7 @@ async fn a_payment_lost_to_another_node_writes_no_event() {
     let outcomes = batch.await.unwrap();
     assert!(matches!(&outcomes[0], PaymentCreated::Existing(r) if r.payment_id == seed.id), "{outcomes:?}");
     assert!(store.get_payment(&scope, KeyMode::Test, lost.id).await.unwrap().is_none());
-    let of = |id: String| EventFilter { kind: None, object_id: Some(id) };
+    let of = |id: String| EventFilter { object_id: Some(id), ..EventFilter::default() };
     let page = PageRequest { limit: 10, after: None };
     let events = store.list_events(&scope, KeyMode::Test, &of(lost.id.to_string()), page).await.unwrap();
     assert!(events.items.is_empty(), "no event for a payment that was not created");

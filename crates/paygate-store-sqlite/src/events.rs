@@ -182,7 +182,8 @@ impl SqliteStore {
         let after = page.after.map(|a| a.as_uuid()).unwrap_or(Uuid::max());
         let sql = format!(
             "SELECT {EVENT_COLUMNS} WHERE company_id = ?1 AND mode = ?2 AND id < ?3 \
-             AND (?4 IS NULL OR type = ?4) AND (?5 IS NULL OR object_id = ?5) ORDER BY id DESC LIMIT ?6"
+             AND (?4 IS NULL OR type = ?4) AND (?5 IS NULL OR object_id = ?5) \
+             AND (?7 IS NULL OR instr(?7, ' ' || type || ' ') > 0) ORDER BY id DESC LIMIT ?6"
         );
         let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(scope.company_id().as_uuid())
@@ -191,6 +192,7 @@ impl SqliteStore {
             .bind(filter.kind.map(|k| k.as_str()))
             .bind(filter.object_id.as_deref())
             .bind(page.limit as i64 + 1)
+            .bind(filter.types_param())
             .fetch_all(self.pool())
             .await
             .map_err(map_err)?;

@@ -7,8 +7,8 @@ use paygate_domain::payment::{ApprovalPolicy, Payment, PaymentStatus};
 use paygate_domain::{CompanyId, EventType, KeyMode, PayeeId, PaymentId};
 use paygate_store::{
     CompanyScope, NewEvent, NewPayee, Page, PageRequest, Payee, PayeeColumns, PayeeStatus, PaymentColumns,
-    PaymentCreate, PaymentCreated, PaymentFilter, StoreResult, StoredResponse, date_text, payment_doc,
-    policy_from_text, policy_text,
+    PaymentCreate, PaymentCreated, PaymentFilter, StoreResult, StoredPaymentState, StoredResponse, date_text,
+    payment_doc, policy_from_text, policy_text,
 };
 use sqlx::SqliteConnection;
 use sqlx::sqlite::SqliteRow;
@@ -466,17 +466,24 @@ impl SqliteStore {
         audit: &AuditEntry,
     ) -> StoreResult<bool> {
         let mut tx = self.begin_write().await?;
-        // The status before: the event is named after the change of status.
-        let before: Option<String> =
-            sqlx::query_scalar("SELECT status FROM payments WHERE id = ? AND company_id = ? AND revision = ?")
-                .bind(p.id.as_uuid())
-                .bind(scope.company_id().as_uuid())
-                .bind(expected_revision as i64)
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(map_err)?;
-        let Some(before) = before else { return Ok(false) };
-        let before = PaymentStatus::parse(&before).ok_or_else(|| corrupt("payment status", &before))?;
+        // The stored state decides the event: named after the new status, or
+        // none when nothing visible changed.
+        let row = sqlx::query(
+            "SELECT status, version, updated_at FROM payments WHERE id = ? AND company_id = ? AND revision = ?",
+        )
+        .bind(p.id.as_uuid())
+        .bind(scope.company_id().as_uuid())
+        .bind(expected_revision as i64)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        let Some(row) = row else { return Ok(false) };
+        let status: String = get(&row, "status")?;
+        let stored = StoredPaymentState {
+            status: PaymentStatus::parse(&status).ok_or_else(|| corrupt("payment status", &status))?,
+            version: get::<i64>(&row, "version")? as u32,
+            updated_at: from_micros(get(&row, "updated_at")?)?,
+        };
         let changed = sqlx::query(
             "UPDATE payments SET amount = ?, reference = ?, requested_execution_date = ?, status = ?, version = ?, \
              revision = ?, approval_expires_at = ?, rail_next_at = ?, updated_at = ?, doc = ? \
@@ -502,7 +509,8 @@ impl SqliteStore {
         if changed == 0 {
             return Ok(false);
         }
-        commit_with_events(tx, audit, vec![NewEvent::payment(scope.company_id(), p, Some(before))]).await?;
+        let events = NewEvent::payment_update(scope.company_id(), p, &stored).into_iter().collect();
+        commit_with_events(tx, audit, events).await?;
         Ok(true)
     }
 

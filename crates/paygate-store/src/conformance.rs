@@ -1349,7 +1349,7 @@ fn step(kind: &'static str, sequence: u64, previous: Option<&str>) -> Step {
 
 /// The object's events, oldest first.
 async fn events_of(store: &dyn OperatorStore, scope: &CompanyScope, mode: KeyMode, object: &str) -> Vec<Event> {
-    let filter = EventFilter { kind: None, object_id: Some(object.to_owned()) };
+    let filter = EventFilter { object_id: Some(object.to_owned()), ..EventFilter::default() };
     let mut events = store.list_events(scope, mode, &filter, ALL).await.unwrap().items;
     events.reverse();
     events
@@ -1544,6 +1544,11 @@ pub async fn every_change_writes_its_events(store: Arc<dyn OperatorStore>) {
         p.settle(settlement, "test", paygate_domain::now()).unwrap();
         assert!(store.update_payment(&sa, &p, revision, &audit()).await.unwrap());
     }
+    // A worker only rescheduling its next look changes nothing a reader sees: no event.
+    let revision = p.revision;
+    p.revision += 1;
+    p.rail_next_at = Some(paygate_domain::now() + Duration::minutes(1));
+    assert!(store.update_payment(&sa, &p, revision, &audit()).await.unwrap());
     assert_eq!(
         trail(&*store, &sa, test, &p.id.to_string()).await,
         vec![
@@ -1586,7 +1591,12 @@ pub async fn every_change_writes_its_events(store: Arc<dyn OperatorStore>) {
     let rest = PageRequest { limit: 100, after: first.items.last().map(|e| e.id) };
     let rest = store.list_events(&sa, test, &EventFilter::default(), rest).await.unwrap();
     assert_eq!([first.items, rest.items].concat(), all);
-    let disabled = EventFilter { kind: Some(EventType::PayeeDisabled), object_id: None };
+    let disabled = EventFilter { kind: Some(EventType::PayeeDisabled), ..EventFilter::default() };
+    let payees_only =
+        EventFilter { types: Some(vec![EventType::PayeeCreated, EventType::PayeeDisabled]), ..EventFilter::default() };
+    let readable = store.list_events(&sa, test, &payees_only, ALL).await.unwrap().items;
+    assert_eq!(readable.len(), 3, "two payees created, one disabled");
+    assert!(readable.iter().all(|e| e.kind.object_type() == "payee"));
     assert_eq!(store.list_events(&sa, test, &disabled, ALL).await.unwrap().items.len(), 1);
     assert!(store.list_events(&sb, test, &EventFilter::default(), ALL).await.unwrap().items.is_empty());
     assert!(store.list_events(&sa, KeyMode::Live, &EventFilter::default(), ALL).await.unwrap().items.is_empty());

@@ -75,6 +75,16 @@ impl NewEvent {
         )
     }
 
+    /// The event of an update, or `None` when nothing a reader can see
+    /// changed (a worker only rescheduling its next look): every visible
+    /// change moves the status, the version or `updated_at`.
+    pub fn payment_update(company: CompanyId, payment: &Payment, stored: &StoredPaymentState) -> Option<Self> {
+        let visible = stored.status != payment.status
+            || stored.version != payment.version
+            || stored.updated_at != payment.updated_at;
+        visible.then(|| Self::payment(company, payment, Some(stored.status)))
+    }
+
     pub fn payee(company: CompanyId, kind: EventType, payee: &Payee, previous_status: Option<&str>) -> Self {
         Self::new(
             company,
@@ -143,6 +153,15 @@ impl NewEvent {
     }
 }
 
+/// What an update reads of the stored payment (under its revision) to decide
+/// on the update's event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoredPaymentState {
+    pub status: PaymentStatus,
+    pub version: u32,
+    pub updated_at: OffsetDateTime,
+}
+
 /// A stored event.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Event {
@@ -170,6 +189,22 @@ impl Event {
 pub struct EventFilter {
     pub kind: Option<EventType>,
     pub object_id: Option<String>,
+    /// Only these types (the ones the caller's scopes may read); `None`: any.
+    pub types: Option<Vec<EventType>>,
+}
+
+impl EventFilter {
+    /// `types` as one bound parameter: ` a b c ` (each name between spaces).
+    pub fn types_param(&self) -> Option<String> {
+        self.types.as_ref().map(|types| {
+            let mut text = String::from(" ");
+            for t in types {
+                text.push_str(t.as_str());
+                text.push(' ');
+            }
+            text
+        })
+    }
 }
 
 /// An object's events are numbered per (company, mode, object id).

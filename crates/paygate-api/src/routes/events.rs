@@ -70,7 +70,13 @@ pub async fn list_events(
     if !errors.is_empty() {
         return Err(ApiError::invalid_parameter(errors));
     }
-    let filter = EventFilter { kind, object_id };
+    // Events never widen a key's view: only types whose objects it may read.
+    let readable = EventType::readable_with(auth.caller.record.key.scopes);
+    if let Some(k) = kind.filter(|k| !readable.contains(k)) {
+        return Err(ApiError::insufficient_scope(k.read_scope().as_str()));
+    }
+    let types = (readable.len() < EventType::ALL.len()).then_some(readable);
+    let filter = EventFilter { kind, object_id, types };
     let page = state.store.list_events(auth.scope(), auth.caller.record.key.mode, &filter, page).await?;
     let last = page.items.last().map(|e| e.id.to_string());
     Ok(Json(List::new(page.items.iter().map(EventView::from).collect(), page.has_more, last)))
@@ -97,8 +103,20 @@ pub async fn get_event(
     Path(id): Path<String>,
 ) -> Result<Json<EventView>, ApiError> {
     let id = EventId::parse(&id).map_err(|_| ApiError::not_found("event"))?;
-    let event = state.store.get_event(auth.scope(), auth.caller.record.key.mode, id).await?;
-    Ok(Json(EventView::from(&event.ok_or_else(|| ApiError::not_found("event"))?)))
+    let event = readable_event(&state, &auth.caller, id).await?;
+    Ok(Json(EventView::from(&event)))
+}
+
+/// The event, if it exists in the caller's company and mode and the caller's
+/// scopes may read its object; otherwise the same 404 as a missing event.
+async fn readable_event(
+    state: &AppState,
+    caller: &paygate_store::auth::Authenticated,
+    id: EventId,
+) -> Result<paygate_store::Event, ApiError> {
+    let scopes = caller.record.key.scopes;
+    let event = state.store.get_event(&caller.scope, caller.record.key.mode, id).await?;
+    event.filter(|e| scopes.contains(e.kind.read_scope())).ok_or_else(|| ApiError::not_found("event"))
 }
 
 /// Optional body of `POST /v1/events/{id}/redeliver`.
@@ -148,6 +166,7 @@ pub async fn redeliver_event(
             ApiError::validation(vec![FieldError::pointer("/endpoint_id", "must be a webhook endpoint id (we_…)")])
         })?),
     };
+    readable_event(&state, &auth.caller, id).await?;
     let record = audit.entry(
         "event.redeliver",
         Some(("event", id.to_string())),

@@ -71,9 +71,22 @@ fn parse_url(text: &str, state: &AppState, mode: KeyMode) -> Result<EndpointUrl,
     })
 }
 
-fn event_types_field(errors: &mut Vec<FieldError>, items: &[String]) -> Option<EventTypes> {
+/// The subscription, bounded by what the caller may read: `["*"]` becomes
+/// every type its scopes read; naming a type it may not read is 403.
+fn event_types_field(
+    errors: &mut Vec<FieldError>,
+    items: &[String],
+    scopes: paygate_domain::ScopeSet,
+) -> Result<Option<EventTypes>, ApiError> {
+    use paygate_domain::EventType;
+    let readable = EventType::readable_with(scopes);
     match EventTypes::parse(items) {
-        Ok(t) => Some(t),
+        Ok(EventTypes::All) if readable.len() == EventType::ALL.len() => Ok(Some(EventTypes::All)),
+        Ok(EventTypes::All) => Ok(Some(EventTypes::Only(readable.into_iter().filter(|t| t.subscribable()).collect()))),
+        Ok(EventTypes::Only(types)) => match types.iter().find(|t| !readable.contains(t)) {
+            Some(t) => Err(ApiError::insufficient_scope(t.read_scope().as_str())),
+            None => Ok(Some(EventTypes::Only(types))),
+        },
         Err(problems) => {
             for (i, e) in problems {
                 let pointer = if matches!(e, EventTypesError::Empty) {
@@ -83,7 +96,7 @@ fn event_types_field(errors: &mut Vec<FieldError>, items: &[String]) -> Option<E
                 };
                 errors.push(FieldError::pointer(pointer, e.to_string()));
             }
-            None
+            Ok(None)
         }
     }
 }
@@ -127,7 +140,7 @@ pub async fn create_webhook_endpoint(
     let mode = auth.caller.record.key.mode;
     let url = parse_url(&body.url, &state, mode)?;
     let mut errors = Vec::new();
-    let event_types = event_types_field(&mut errors, &body.event_types);
+    let event_types = event_types_field(&mut errors, &body.event_types, auth.caller.record.key.scopes)?;
     let description = description_field(&mut errors, body.description.as_deref());
     let (Some(event_types), true) = (event_types, errors.is_empty()) else {
         return Err(ApiError::validation(errors));
@@ -255,7 +268,11 @@ pub async fn update_webhook_endpoint(
     let mode = auth.caller.record.key.mode;
     let url = body.url.as_deref().map(|u| parse_url(u, &state, mode)).transpose()?;
     let mut errors = Vec::new();
-    let event_types = body.event_types.as_deref().and_then(|t| event_types_field(&mut errors, t));
+    let scopes = auth.caller.record.key.scopes;
+    let event_types = match body.event_types.as_deref() {
+        Some(t) => event_types_field(&mut errors, t, scopes)?,
+        None => None,
+    };
     let description = body.description.as_ref().map(|d| description_field(&mut errors, d.as_deref()));
     if !errors.is_empty() {
         return Err(ApiError::validation(errors));

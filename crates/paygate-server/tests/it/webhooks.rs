@@ -141,7 +141,7 @@ pub fn types(received: &[Received]) -> Vec<String> {
 
 struct Company {
     id: paygate_domain::CompanyId,
-    /// webhooks:manage, events:read, payees:*, payments:write/read (owner "erp").
+    /// webhooks:manage, events:read, payees:*, payments:write/read, keys:read (owner "erp").
     key: String,
     /// payments:approve + payments:read (owner "alice").
     approver: String,
@@ -153,7 +153,7 @@ async fn company(app: &TestApp, name: &str) -> Company {
 
 async fn company_in(app: &TestApp, name: &str, mode: KeyMode) -> Company {
     let c = app.company(name).await;
-    let scopes = "webhooks:manage,events:read,payees:write,payees:read,payments:write,payments:read";
+    let scopes = "webhooks:manage,events:read,payees:write,payees:read,payments:write,payments:read,keys:read";
     Company {
         id: c.id,
         key: app.key_owned(c.id, scopes, "erp", mode).await,
@@ -633,7 +633,7 @@ async fn endpoints_and_events_of_another_company_do_not_exist(app: TestApp) {
 
 async fn test_and_live_events_never_mix(app: TestApp) {
     let c = app.company("Modes").await;
-    let scopes = "webhooks:manage,events:read,payees:write";
+    let scopes = "webhooks:manage,events:read,payees:write,payees:read";
     let test_key = app.key_owned(c.id, scopes, "erp", KeyMode::Test).await;
     let live_key = app.key_owned(c.id, scopes, "erp", KeyMode::Live).await;
     let receiver = Receiver::start().await;
@@ -726,8 +726,36 @@ async fn bad_input_is_refused_with_pointers(app: TestApp) {
     )
     .await;
     assert_eq!(body["scope"], "webhooks:manage");
-    // At most 16 endpoints per company and mode.
-    for _ in 0..15 {
+    // Events never widen a key's view: a webhooks:manage key without
+    // payees:read cannot subscribe to payee events, and "*" means what it may read.
+    let manager = app.key_owned(c.id, "webhooks:manage", "manager", KeyMode::Test).await;
+    let body = json!({"url": receiver.url, "event_types": ["payee.created"]});
+    let response = app.post("/v1/webhook-endpoints", &manager).json(&body).send().await.unwrap();
+    let refused = problem(response, StatusCode::FORBIDDEN, "insufficient_scope").await;
+    assert_eq!(refused["scope"], "payees:read");
+    let (narrow, _) = endpoint(&app, &manager, &receiver.url, json!(["*"])).await;
+    assert_eq!(get_endpoint(&app, &manager, &narrow).await["event_types"], json!(["webhook_endpoint.disabled"]));
+    let lister = app.key_owned(c.id, "events:read,payments:read", "lister", KeyMode::Test).await;
+    payee(&app, &c.key).await;
+    let seen = body_of(app.get("/v1/events", &lister).send().await.unwrap(), StatusCode::OK).await;
+    assert!(seen["data"].as_array().unwrap().iter().all(|e| e["object_type"] == "payment"), "{seen}");
+    let all = body_of(app.get("/v1/events?type=payee.created", &c.key).send().await.unwrap(), StatusCode::OK).await;
+    let payee_event = all["data"][0]["id"].as_str().unwrap().to_owned();
+    problem(
+        app.get(&format!("/v1/events/{payee_event}"), &lister).send().await.unwrap(),
+        StatusCode::NOT_FOUND,
+        "not_found",
+    )
+    .await;
+    let refused = problem(
+        app.get("/v1/events?type=payee.created", &lister).send().await.unwrap(),
+        StatusCode::FORBIDDEN,
+        "insufficient_scope",
+    )
+    .await;
+    assert_eq!(refused["scope"], "payees:read");
+    // At most 16 endpoints per company and mode (the narrow one counts).
+    for _ in 0..14 {
         endpoint(&app, &c.key, &receiver.url, json!(["*"])).await;
     }
     problem(
@@ -951,13 +979,13 @@ async fn a_killed_node_loses_no_delivery_on_postgres() {
     crash_and_resume(&env).await;
 }
 
-/// A company and a `webhooks:manage payees:write` test key, made with the CLI; the key text.
+/// A company and a `webhooks:manage payees:write payees:read` test key, made with the CLI; the key text.
 fn company_key_by_cli(env: &[(&str, &str)], name: &str) -> String {
     use crate::process::cli_json;
     let company =
         cli_json(env, &["admin", "company", "create", "--name", name, "--json"])["id"].as_str().unwrap().to_owned();
     let args = ["admin", "key", "create", "--company", &company, "--name", "k", "--owner", "o"];
-    let scopes = ["--scopes", "webhooks:manage,payees:write", "--mode", "test", "--json"];
+    let scopes = ["--scopes", "webhooks:manage,payees:write,payees:read", "--mode", "test", "--json"];
     cli_json(env, &[&args[..], &scopes[..]].concat())["secret"].as_str().unwrap().to_owned()
 }
 
