@@ -126,6 +126,8 @@ pub enum EventTypesError {
     Unknown(String),
     #[error("\"*\" cannot be combined with other types")]
     WildcardWithOthers,
+    #[error("at most {MAX_SUBSCRIBED_TYPES} event types")]
+    TooMany,
 }
 
 impl EventTypes {
@@ -133,6 +135,9 @@ impl EventTypes {
     pub fn parse(items: &[String]) -> Result<Self, Vec<(usize, EventTypesError)>> {
         if items.is_empty() {
             return Err(vec![(0, EventTypesError::Empty)]);
+        }
+        if items.len() > MAX_SUBSCRIBED_TYPES {
+            return Err(vec![(0, EventTypesError::TooMany)]);
         }
         if items.iter().any(|t| t == "*") {
             return if items.len() == 1 { Ok(Self::All) } else { Err(vec![(0, EventTypesError::WildcardWithOthers)]) };
@@ -205,6 +210,8 @@ mod tests {
         assert_eq!(EventTypes::from_storage(&some.to_storage()), Some(some));
         assert!(!EventTypes::All.includes(EventType::Ping));
         assert!(EventTypes::parse(&[]).is_err());
+        let many: Vec<String> = (0..MAX_SUBSCRIBED_TYPES + 1).map(|_| "payment.approved".to_owned()).collect();
+        assert_eq!(EventTypes::parse(&many), Err(vec![(0, EventTypesError::TooMany)]));
         assert!(EventTypes::parse(&strings(&["*", "payment.approved"])).is_err());
         let errors = EventTypes::parse(&strings(&["payment.approved", "payment.nope", "ping"])).unwrap_err();
         assert_eq!(errors.iter().map(|(i, _)| *i).collect::<Vec<_>>(), vec![1, 2]);

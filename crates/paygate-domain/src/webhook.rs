@@ -263,24 +263,32 @@ impl AddressPolicy {
     /// Ok if `ip` is a public unicast address, or inside an allow-listed
     /// network (an IPv6 address embedding an IPv4 one is also permitted when
     /// the embedded address is allow-listed). Err names the class.
+    ///
+    /// A cloud metadata address is permitted only when allow-listed as a
+    /// single host: allowing `169.254.0.0/16` or `fd00::/8` for an internal
+    /// receiver must not open the instance's credentials to every tenant.
     pub fn check(&self, ip: IpAddr) -> Result<(), ForbiddenAddress> {
-        if self.is_allow_listed(ip) {
+        let class = classify(ip);
+        let exact = class == Some(AddressClass::Metadata);
+        if self.is_allow_listed(ip, exact) {
             return Ok(());
         }
         if let IpAddr::V6(v6) = ip
             && let Some(v4) = embedded_ipv4(v6)
-            && self.is_allow_listed(IpAddr::V4(v4))
+            && self.is_allow_listed(IpAddr::V4(v4), exact)
         {
             return Ok(());
         }
-        match classify(ip) {
+        match class {
             None => Ok(()),
             Some(class) => Err(ForbiddenAddress(class)),
         }
     }
 
-    fn is_allow_listed(&self, ip: IpAddr) -> bool {
-        self.allowed.iter().any(|net| net.contains(&ip))
+    fn is_allow_listed(&self, ip: IpAddr, single_host_only: bool) -> bool {
+        self.allowed
+            .iter()
+            .any(|net| net.contains(&ip) && (!single_host_only || net.prefix_len() == net.max_prefix_len()))
     }
 }
 
@@ -829,7 +837,20 @@ mod tests {
             assert_eq!(policy.check(bad.parse().unwrap()), Err(ForbiddenAddress(class)), "{bad}");
         }
         let v6 = AddressPolicy::new(vec!["fd00::/8".parse().unwrap()]);
-        assert_eq!(v6.check("fd00:ec2::254".parse().unwrap()), Ok(()));
+        assert_eq!(v6.check("fd00::1".parse().unwrap()), Ok(()));
+        // Metadata stays refused inside a wider allow-listed network ...
+        assert_eq!(v6.check("fd00:ec2::254".parse().unwrap()), Err(ForbiddenAddress(AddressClass::Metadata)));
+        let wide = AddressPolicy::new(vec!["169.254.0.0/16".parse().unwrap(), "100.64.0.0/10".parse().unwrap()]);
+        assert_eq!(wide.check("169.254.1.1".parse().unwrap()), Ok(()));
+        assert_eq!(wide.check("169.254.169.254".parse().unwrap()), Err(ForbiddenAddress(AddressClass::Metadata)));
+        assert_eq!(
+            wide.check("::ffff:169.254.169.254".parse().unwrap()),
+            Err(ForbiddenAddress(AddressClass::Metadata))
+        );
+        assert_eq!(wide.check("100.100.100.200".parse().unwrap()), Err(ForbiddenAddress(AddressClass::Metadata)));
+        // ... and is reachable only when named as a single host.
+        let exact = AddressPolicy::new(vec!["169.254.169.254/32".parse().unwrap()]);
+        assert_eq!(exact.check("169.254.169.254".parse().unwrap()), Ok(()));
         assert_eq!(v6.check("fc00::1".parse().unwrap()), Err(ForbiddenAddress(AddressClass::Private)));
     }
 

@@ -2,7 +2,10 @@
 //! limits, idempotency, audit) with full durability, under concurrency, on
 //! SQLite (`synchronous=FULL`) and PostgreSQL. Reported next to two baselines
 //! measured in the same run: the same payments with one transaction per
-//! payment (group commit off), and audited `GET /v1/me`.
+//! payment (group commit off), and audited `GET /v1/me`. A third round prices
+//! the webhook fan-out: the same payments for a company with two subscribed
+//! endpoints (every payment also writes two delivery rows), as a ratio to the
+//! company without endpoints (whose payments still write their event).
 //!
 //! Run: `cargo bench -p paygate-server --bench payment_throughput`
 //! (PostgreSQL too when `PAYGATE_TEST_POSTGRES_URL` is set).
@@ -63,9 +66,8 @@ async fn rate(
     done.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64()
 }
 
-async fn run(name: &str, store: Arc<dyn OperatorStore>, seconds: u64, concurrency: u64) {
-    let hasher = KeyHasher::new(&Pepper::new(1, vec![5; 32]).unwrap());
-    store.migrate().await.unwrap();
+/// A company and a key for it; with `endpoints` webhook endpoints subscribed to everything.
+async fn company_key(store: &dyn OperatorStore, hasher: &KeyHasher, endpoints: usize) -> String {
     let new = NewCompany::new(Label::parse("Bench").unwrap());
     let record = operator_entry("company.create", new.id, ("company", new.id.to_string()), Default::default());
     let company = store.create_company(new, &record).await.unwrap();
@@ -81,8 +83,41 @@ async fn run(name: &str, store: Arc<dyn OperatorStore>, seconds: u64, concurrenc
         expires_in: None,
         allowed_cidrs: Default::default(),
     };
-    let (_, text) = create_key(&*store, &hasher, request).await.unwrap();
-    let text = Arc::new(text.to_string());
+    let (_, text) = create_key(store, hasher, request).await.unwrap();
+    let scope = paygate_store::operator_scope(store, company.id);
+    for _ in 0..endpoints {
+        let now = paygate_domain::now();
+        let endpoint = paygate_store::WebhookEndpoint {
+            id: paygate_domain::WebhookEndpointId::generate(),
+            company_id: company.id,
+            mode: KeyMode::Test,
+            url: "https://hooks.example.com/bench".into(),
+            description: None,
+            event_types: paygate_domain::event::EventTypes::All,
+            enabled: true,
+            disabled_reason: None,
+            failing_since: None,
+            previous_secret_expires_at: None,
+            created_at: now,
+            updated_at: now,
+        };
+        let record = operator_entry(
+            "webhook_endpoint.create",
+            company.id,
+            ("company", company.id.to_string()),
+            Default::default(),
+        );
+        let new = paygate_store::NewWebhookEndpoint { endpoint, secret_sealed: vec![1; 45] };
+        assert!(store.create_webhook_endpoint(&scope, &new, &record).await.unwrap());
+    }
+    text.to_string()
+}
+
+async fn run(name: &str, store: Arc<dyn OperatorStore>, seconds: u64, concurrency: u64) {
+    let hasher = KeyHasher::new(&Pepper::new(1, vec![5; 32]).unwrap());
+    store.migrate().await.unwrap();
+    let text = Arc::new(company_key(&*store, &hasher, 0).await);
+    let fanned = Arc::new(company_key(&*store, &hasher, 2).await);
     let api_store: Arc<dyn Store> = store.clone();
     let auth = Arc::new(Authenticator::new(api_store.clone(), hasher, AuthConfig::default()));
     auth.poll_revision().await.unwrap();
@@ -115,8 +150,8 @@ async fn run(name: &str, store: Arc<dyn OperatorStore>, seconds: u64, concurrenc
         };
         paygate_api::router(state, &ApiConfig::default())
     };
-    // One payee, created through the API.
-    let payee = {
+    // One payee per company, created through the API.
+    let payee_of = |text: Arc<String>| {
         let body = r#"{"name":"Bench Supplier","type":"business","bank_account":{"scheme":"iban","iban":"DE89370400440532013000"}}"#;
         let mut r = Request::post("/v1/payees")
             .header("authorization", format!("Bearer {text}"))
@@ -124,15 +159,19 @@ async fn run(name: &str, store: Arc<dyn OperatorStore>, seconds: u64, concurrenc
             .body(Body::from(body))
             .unwrap();
         r.extensions_mut().insert(ConnectInfo("127.0.0.1:40000".parse::<SocketAddr>().unwrap()));
-        let response = router(1).oneshot(r).await.unwrap();
-        assert_eq!(response.status(), 201);
-        let bytes = axum::body::to_bytes(response.into_body(), 1 << 20).await.unwrap();
-        let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
-        v["id"].as_str().unwrap().to_owned()
+        let router = router(1);
+        async move {
+            let response = router.oneshot(r).await.unwrap();
+            assert_eq!(response.status(), 201);
+            let bytes = axum::body::to_bytes(response.into_body(), 1 << 20).await.unwrap();
+            let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+            v["id"].as_str().unwrap().to_owned()
+        }
     };
+    let payee = payee_of(text.clone()).await;
+    let fanned_payee = payee_of(fanned.clone()).await;
     let run_id = uuid::Uuid::now_v7();
-    let pay = {
-        let (text, payee) = (text.clone(), payee.clone());
+    let payments = |text: Arc<String>, payee: String| {
         Arc::new(move |n: u64| {
             let body = format!(
                 r#"{{"payee_id":"{payee}","amount":{},"currency":"EUR","reference":"bench {n}"}}"#,
@@ -146,29 +185,35 @@ async fn run(name: &str, store: Arc<dyn OperatorStore>, seconds: u64, concurrenc
                 .unwrap()
         }) as Arc<dyn Fn(u64) -> Request<Body> + Send + Sync>
     };
+    let pay = payments(text.clone(), payee.clone());
+    let pay_fanned = payments(fanned.clone(), fanned_payee);
     let me = {
         let text = text.clone();
         Arc::new(move |_| {
             Request::get("/v1/me").header("authorization", format!("Bearer {text}")).body(Body::empty()).unwrap()
         }) as Arc<dyn Fn(u64) -> Request<Body> + Send + Sync>
     };
-    let (mut grouped, mut single, mut reads) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut grouped, mut single, mut reads, mut fan) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for _ in 0..3 {
         grouped.push(rate(router(256), pay.clone(), 201, seconds, concurrency).await);
         single.push(rate(router(1), pay.clone(), 201, seconds, concurrency).await);
         reads.push(rate(router(256), me.clone(), 200, seconds, concurrency).await);
+        fan.push(rate(router(256), pay_fanned.clone(), 201, seconds, concurrency).await);
     }
-    for v in [&mut grouped, &mut single, &mut reads] {
+    for v in [&mut grouped, &mut single, &mut reads, &mut fan] {
         v.sort_by(f64::total_cmp);
     }
     println!(
         "{name}: POST /v1/payments {:.0}/s with group commit, {:.0}/s one transaction each (x{:.1}); \
-         audited GET /v1/me {:.0}/s (payments/reads {:.2}); concurrency {concurrency}, {seconds} s rounds, medians of 3",
+         audited GET /v1/me {:.0}/s (payments/reads {:.2}); with 2 subscribed webhook endpoints {:.0}/s \
+         (fan-out/no endpoint {:.2}); concurrency {concurrency}, {seconds} s rounds, medians of 3",
         grouped[1],
         single[1],
         grouped[1] / single[1],
         reads[1],
         grouped[1] / reads[1],
+        fan[1],
+        fan[1] / grouped[1],
     );
 }
 

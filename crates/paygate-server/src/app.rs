@@ -113,6 +113,8 @@ pub struct Server {
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
     workers: Vec<JoinHandle<()>>,
+    /// Awaited, not aborted, on shutdown: it lets its attempts in flight finish.
+    delivery_worker: JoinHandle<()>,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -224,7 +226,7 @@ pub async fn start(config: &Config, options: StartOptions) -> anyhow::Result<Ser
         }
         .run(stopped.clone()),
     );
-    let mut workers = vec![watcher, usage, checkpoints, payment_worker, delivery_worker];
+    let mut workers = vec![watcher, usage, checkpoints, payment_worker];
     workers.extend(audit_tasks);
     tracing::info!(api = %api_addr, ops = %ops_addr, database = %config.database.redacted(), backend = store.backend().as_str(), "paygate listening");
     Ok(Server {
@@ -239,6 +241,7 @@ pub async fn start(config: &Config, options: StartOptions) -> anyhow::Result<Ser
         stop,
         tasks: vec![api_task, ops_task],
         workers,
+        delivery_worker,
     })
 }
 
@@ -249,6 +252,9 @@ impl Server {
         for task in self.tasks {
             let _ = task.await;
         }
+        // Webhook attempts in flight are recorded (the worker stops claiming
+        // and waits for them, bounded by the attempt timeout).
+        let _ = self.delivery_worker.await;
         // Aggregated failure counts still open, then the workers.
         self.audit.flush_aggregated().await;
         for worker in self.workers {

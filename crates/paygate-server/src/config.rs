@@ -311,7 +311,14 @@ impl Config {
             retry_schedule: s.parse(
                 "webhook_retry_schedule",
                 paygate_domain::webhook::RetrySchedule::default(),
-                paygate_domain::webhook::RetrySchedule::parse,
+                |t| {
+                    let schedule = paygate_domain::webhook::RetrySchedule::parse(t)?;
+                    // Deliveries are due when their change commits.
+                    if schedule.delay_before(1) != Some(Duration::ZERO) {
+                        return Err("the first attempt is immediate: the schedule must start with 0s".into());
+                    }
+                    Ok(schedule)
+                },
             )?,
             connect_timeout: Duration::from_secs(s.parse("webhook_connect_timeout_secs", 5, positive(60))?),
             timeout: Duration::from_secs(s.parse("webhook_timeout_secs", 15, positive(300))?),

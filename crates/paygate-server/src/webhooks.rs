@@ -17,7 +17,7 @@ use paygate_store::{DeliveryAttempt, DeliveryJob, DeliveryResult, NextStep, Oper
 use tokio::sync::watch;
 
 use crate::config::Webhooks;
-use crate::webhook_client::{Attempt, AttemptError, WebhookClient};
+use crate::webhook_client::{Attempt, WebhookClient};
 
 /// Keys expiring within this time get their `api_key.expiring` event.
 pub const EXPIRY_NOTICE: time::Duration = time::Duration::days(7);
@@ -60,53 +60,63 @@ fn system_entry(
 }
 
 impl DeliveryWorker {
+    /// Keeps up to `concurrency` attempts in flight: a slot that frees is
+    /// refilled at once, so a slow attempt holds one slot, not a whole round.
+    /// On stop it claims nothing more and lets the attempts in flight finish
+    /// (bounded by the attempt timeout), so a graceful restart records them.
     pub async fn run(self, mut stopped: watch::Receiver<bool>) {
         let this = Arc::new(self);
+        let mut in_flight = tokio::task::JoinSet::new();
         let mut ticker = tokio::time::interval(this.config.worker_interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut last_expiry_scan: Option<tokio::time::Instant> = None;
+        let mut expiry = tokio::time::interval(EXPIRY_SCAN_EVERY);
+        expiry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = ticker.tick() => {}
+                Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {
+                    while in_flight.try_join_next().is_some() {}
+                }
+                _ = expiry.tick() => {
+                    this.notice_expiring_keys().await;
+                    continue;
+                }
                 _ = stopped.changed() => {}
             }
             if *stopped.borrow() {
-                return;
+                break;
             }
-            // Drain the backlog: another round at once while rounds come back full.
-            while this.clone().round().await >= this.config.concurrency as usize {
-                if *stopped.borrow() {
-                    return;
-                }
+            let free = (this.config.concurrency as usize).saturating_sub(in_flight.len());
+            if free == 0 {
+                continue;
             }
-            if last_expiry_scan.is_none_or(|t| t.elapsed() >= EXPIRY_SCAN_EVERY) {
-                last_expiry_scan = Some(tokio::time::Instant::now());
-                this.notice_expiring_keys().await;
+            for job in this.claim(free as u32).await {
+                in_flight.spawn(this.clone().deliver(job));
             }
+            metrics::gauge!("paygate_webhook_in_flight").set(in_flight.len() as f64);
         }
+        let grace = this.config.timeout + this.config.connect_timeout + Duration::from_secs(1);
+        let drained = tokio::time::timeout(grace, async { while in_flight.join_next().await.is_some() {} }).await;
+        if drained.is_err() {
+            tracing::warn!(
+                left = in_flight.len(),
+                "webhook attempts still running at shutdown; their leases will expire"
+            );
+        }
+        metrics::gauge!("paygate_webhook_in_flight").set(0.0);
     }
 
-    /// One claim and its attempts, concurrently. Returns how many were claimed.
-    async fn round(self: Arc<Self>) -> usize {
+    async fn claim(&self, limit: u32) -> Vec<DeliveryJob> {
         let now = paygate_domain::now();
         let lease = self.config.timeout + self.config.connect_timeout + Duration::from_secs(10);
         let lease_until = now + time::Duration::try_from(lease).unwrap_or(time::Duration::minutes(1));
-        let jobs = match self.store.claim_deliveries(now, &self.node, lease_until, self.config.concurrency).await {
+        match self.store.claim_deliveries(now, &self.node, lease_until, limit).await {
             Ok(jobs) => jobs,
             Err(error) => {
                 tracing::warn!(%error, "webhook delivery claim failed");
-                return 0;
+                Vec::new()
             }
-        };
-        let claimed = jobs.len();
-        metrics::gauge!("paygate_webhook_in_flight").set(claimed as f64);
-        let mut attempts = tokio::task::JoinSet::new();
-        for job in jobs {
-            attempts.spawn(self.clone().deliver(job));
         }
-        while attempts.join_next().await.is_some() {}
-        metrics::gauge!("paygate_webhook_in_flight").set(0.0);
-        claimed
     }
 
     fn secrets(&self, job: &DeliveryJob) -> Result<Vec<WebhookSecret>, &'static str> {
@@ -125,30 +135,22 @@ impl DeliveryWorker {
     async fn deliver(self: Arc<Self>, job: DeliveryJob) {
         let attempted_at = paygate_domain::now();
         let body = job.event.to_json();
-        let attempt = match self.secrets(&job) {
-            Ok(secrets) => {
-                let msg_id = job.event.id.to_string();
-                let timestamp = attempted_at.unix_timestamp();
-                let refs: Vec<&WebhookSecret> = secrets.iter().collect();
-                let headers = [
-                    ("webhook-id", msg_id.clone()),
-                    ("webhook-timestamp", timestamp.to_string()),
-                    ("webhook-signature", signature_header(&refs, &msg_id, timestamp, body.as_bytes())),
-                ];
-                self.client.post(&job.url, &headers, body.into()).await
-            }
-            Err(reason) => {
-                tracing::error!(endpoint = %job.endpoint_id, "webhook secret does not open with this data key");
-                Attempt {
-                    status: None,
-                    latency: Duration::ZERO,
-                    error: Some(AttemptError {
-                        reason,
-                        detail: "the endpoint's signing secret does not decrypt with this node's data key".into(),
-                    }),
-                }
-            }
+        let Ok(secrets) = self.secrets(&job) else {
+            // This node's data key is wrong: not the endpoint's fault. Nothing is
+            // recorded; the lease runs out and a correctly configured node delivers.
+            metrics::counter!("paygate_webhook_secret_unreadable_total").increment(1);
+            tracing::error!(endpoint = %job.endpoint_id, "webhook secret does not open with this node's data key");
+            return;
         };
+        let msg_id = job.event.id.to_string();
+        let timestamp = attempted_at.unix_timestamp();
+        let refs: Vec<&WebhookSecret> = secrets.iter().collect();
+        let headers = [
+            ("webhook-id", msg_id.clone()),
+            ("webhook-timestamp", timestamp.to_string()),
+            ("webhook-signature", signature_header(&refs, &msg_id, timestamp, body.as_bytes())),
+        ];
+        let attempt = self.client.post(&job.url, &headers, body.into()).await;
         self.record(job, attempted_at, attempt).await;
     }
 
@@ -168,7 +170,15 @@ impl DeliveryWorker {
             }
         };
         let reason = attempt.error.as_ref().map(|e| e.reason).unwrap_or("none");
-        let error = attempt.error.as_ref().map(|e| format!("{}: {}", e.reason, e.detail));
+        // The company sees the reason, and the detail only of what its own
+        // receiver said (a status, a timeout): what the network said about
+        // other hosts and ports stays in this node's log.
+        let error = attempt.error.as_ref().map(|e| match e.reason {
+            "http_status" | "timeout" => format!("{}: {}", e.reason, e.detail),
+            "address_not_allowed" => "address_not_allowed: the endpoint's address is not allowed".to_owned(),
+            "tls" => "tls: the TLS handshake with the endpoint failed".to_owned(),
+            reason => format!("{reason}: could not reach the endpoint"),
+        });
         let latency_ms = u32::try_from(attempt.latency.as_millis()).unwrap_or(u32::MAX);
         if attempt.succeeded() {
             metrics::counter!("paygate_webhook_deliveries_total", "result" => "succeeded").increment(1);
@@ -177,7 +187,8 @@ impl DeliveryWorker {
             // Endpoints are bounded per company (MAX_ENDPOINTS), so this label is too.
             metrics::counter!("paygate_webhook_delivery_failures_total", "endpoint" => endpoint.clone(), "reason" => reason)
                 .increment(1);
-            tracing::info!(endpoint = %endpoint, event = %job.event.id, attempt = job.attempt, reason, "webhook delivery failed");
+            let detail = attempt.error.as_ref().map(|e| e.detail.as_str()).unwrap_or("");
+            tracing::info!(endpoint = %endpoint, event = %job.event.id, attempt = job.attempt, reason, detail, "webhook delivery failed");
         }
         let company = job.event.company_id.to_string();
         let outcome = if attempt.succeeded() { Outcome::Success } else { Outcome::Failed };

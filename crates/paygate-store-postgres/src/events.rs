@@ -10,8 +10,8 @@ use paygate_domain::event::EventTypes;
 use paygate_domain::{ApiKeyId, CompanyId, EventId, EventType, KeyMode, WebhookDeliveryId, WebhookEndpointId};
 use paygate_store::{
     ApiKey, CompanyScope, Delivery, DeliveryAttempt, DeliveryJob, DeliveryResult, DeliveryStatus, EndpointPatch, Event,
-    EventFilter, MAX_ENDPOINTS, NewDelivery, NewEvent, NewWebhookEndpoint, NextStep, Page, PageRequest, StoreResult,
-    WebhookEndpoint, assign_sequences, fan_out, objects_to_sequence,
+    EventFilter, MAX_ENDPOINTS, MAX_IN_FLIGHT_PER_ENDPOINT, NewDelivery, NewEvent, NewWebhookEndpoint, NextStep, Page,
+    PageRequest, StoreResult, WebhookEndpoint, assign_sequences, fan_out, objects_to_sequence,
 };
 use sqlx::PgConnection;
 use sqlx::postgres::PgRow;
@@ -601,14 +601,21 @@ impl PostgresStore {
         limit: u32,
     ) -> StoreResult<Vec<DeliveryJob>> {
         let rows = sqlx::query(
-            "WITH picked AS MATERIALIZED ( \
-                 SELECT d.id FROM webhook_deliveries d JOIN webhook_endpoints w ON w.id = d.endpoint_id \
+            "WITH candidates AS ( \
+                 SELECT d.id, d.next_attempt_at, \
+                 ROW_NUMBER() OVER (PARTITION BY d.endpoint_id ORDER BY d.next_attempt_at, d.id) + \
+                     (SELECT COUNT(*) FROM webhook_deliveries l WHERE l.endpoint_id = d.endpoint_id \
+                      AND l.status = 'pending' AND l.lease_until > $1) AS slot \
+                 FROM webhook_deliveries d JOIN webhook_endpoints w ON w.id = d.endpoint_id \
                  WHERE d.status = 'pending' AND d.next_attempt_at <= $1 \
                  AND (d.lease_until IS NULL OR d.lease_until <= $1) AND w.enabled \
                  AND NOT EXISTS (SELECT 1 FROM webhook_deliveries p WHERE p.endpoint_id = d.endpoint_id \
                      AND p.object_id = d.object_id AND p.status = 'pending' \
-                     AND (p.sequence < d.sequence OR (p.sequence = d.sequence AND p.id < d.id))) \
-                 ORDER BY d.next_attempt_at, d.id LIMIT $2 \
+                     AND (p.sequence < d.sequence OR (p.sequence = d.sequence AND p.id < d.id) \
+                          OR p.lease_until > $1))), \
+             picked AS MATERIALIZED ( \
+                 SELECT d.id FROM webhook_deliveries d JOIN candidates c ON c.id = d.id WHERE c.slot <= $5 \
+                 ORDER BY c.next_attempt_at, c.id LIMIT $2 \
                  FOR UPDATE OF d SKIP LOCKED), \
              leased AS ( \
                  UPDATE webhook_deliveries d SET lease_owner = $3, lease_until = $4 FROM picked \
@@ -625,6 +632,7 @@ impl PostgresStore {
         .bind(limit as i64)
         .bind(owner)
         .bind(lease_until)
+        .bind(MAX_IN_FLIGHT_PER_ENDPOINT as i64)
         .fetch_all(self.pool())
         .await
         .map_err(map_err)?;

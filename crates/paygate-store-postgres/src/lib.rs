@@ -526,7 +526,7 @@ impl Store for PostgresStore {
             .map_err(map_err)?;
         let mut events = Vec::with_capacity(rows.len());
         for row in &rows {
-            events.push(NewEvent::api_key(EventType::ApiKeyRevoked, &key_from_row(row)?, Some("active")));
+            events.push(NewEvent::api_key_revoked(&key_from_row(row)?, at));
         }
         events::commit_with_events(tx, audit, events).await?;
         Ok(revoked.len() as u64)
@@ -1167,8 +1167,7 @@ impl PostgresStore {
         }
         let Some(key) = scoped_key(&mut tx, company, id).await? else { return Ok(None) };
         // Revoking twice changes nothing, and tells nobody again.
-        let events =
-            if changed > 0 { vec![NewEvent::api_key(EventType::ApiKeyRevoked, &key, Some("active"))] } else { vec![] };
+        let events = if changed > 0 { vec![NewEvent::api_key_revoked(&key, at)] } else { vec![] };
         events::commit_with_events(tx, audit, events).await?;
         Ok(Some(key))
     }

@@ -5,8 +5,8 @@ use paygate_domain::event::EventTypes;
 use paygate_domain::{ApiKeyId, CompanyId, EventId, EventType, KeyMode, WebhookDeliveryId, WebhookEndpointId};
 use paygate_store::{
     ApiKey, CompanyScope, Delivery, DeliveryAttempt, DeliveryJob, DeliveryResult, DeliveryStatus, EndpointPatch, Event,
-    EventFilter, MAX_ENDPOINTS, NewDelivery, NewEvent, NewWebhookEndpoint, NextStep, Page, PageRequest, StoreResult,
-    WebhookEndpoint, assign_sequences, fan_out, objects_to_sequence,
+    EventFilter, MAX_ENDPOINTS, MAX_IN_FLIGHT_PER_ENDPOINT, NewDelivery, NewEvent, NewWebhookEndpoint, NextStep, Page,
+    PageRequest, StoreResult, WebhookEndpoint, assign_sequences, fan_out, objects_to_sequence,
 };
 use sqlx::SqliteConnection;
 use sqlx::sqlite::SqliteRow;
@@ -499,25 +499,32 @@ impl SqliteStore {
         limit: u32,
     ) -> StoreResult<Vec<DeliveryJob>> {
         let mut tx = self.begin_write().await?;
-        // Due, enabled, not under a live lease, and first in line for its
-        // object at its endpoint.
+        // Due, enabled, not under a live lease, first in line for its object
+        // at its endpoint (no earlier one pending, none of it in flight), and
+        // within its endpoint's share: one slow endpoint cannot take every slot.
         let rows = sqlx::query(
-            "SELECT d.id, d.endpoint_id, d.attempts, w.url, w.secret_sealed, \
+            "SELECT c.id, c.endpoint_id, c.attempts, w.url, w.secret_sealed, \
              CASE WHEN w.previous_secret_expires_at > ?1 THEN w.previous_secret_sealed END AS previous_secret_sealed, \
              e.id AS event_id, e.company_id, e.mode, e.type, e.object_id, e.sequence, e.previous_status, e.object, \
              e.created_at \
-             FROM webhook_deliveries d \
-             JOIN webhook_endpoints w ON w.id = d.endpoint_id \
-             JOIN events e ON e.id = d.event_id \
-             WHERE d.status = 'pending' AND d.next_attempt_at <= ?1 AND (d.lease_until IS NULL OR d.lease_until <= ?1) \
-             AND w.enabled = 1 \
-             AND NOT EXISTS (SELECT 1 FROM webhook_deliveries p WHERE p.endpoint_id = d.endpoint_id \
-                 AND p.object_id = d.object_id AND p.status = 'pending' \
-                 AND (p.sequence < d.sequence OR (p.sequence = d.sequence AND p.id < d.id))) \
-             ORDER BY d.next_attempt_at, d.id LIMIT ?2",
+             FROM (SELECT d.id, d.endpoint_id, d.event_id, d.attempts, d.next_attempt_at, \
+                     ROW_NUMBER() OVER (PARTITION BY d.endpoint_id ORDER BY d.next_attempt_at, d.id) AS rank \
+                   FROM webhook_deliveries d JOIN webhook_endpoints w ON w.id = d.endpoint_id \
+                   WHERE d.status = 'pending' AND d.next_attempt_at <= ?1 \
+                   AND (d.lease_until IS NULL OR d.lease_until <= ?1) AND w.enabled = 1 \
+                   AND NOT EXISTS (SELECT 1 FROM webhook_deliveries p WHERE p.endpoint_id = d.endpoint_id \
+                       AND p.object_id = d.object_id AND p.status = 'pending' \
+                       AND (p.sequence < d.sequence OR (p.sequence = d.sequence AND p.id < d.id) \
+                            OR p.lease_until > ?1))) c \
+             JOIN webhook_endpoints w ON w.id = c.endpoint_id \
+             JOIN events e ON e.id = c.event_id \
+             WHERE c.rank + (SELECT COUNT(*) FROM webhook_deliveries l WHERE l.endpoint_id = c.endpoint_id \
+                 AND l.status = 'pending' AND l.lease_until > ?1) <= ?3 \
+             ORDER BY c.next_attempt_at, c.id LIMIT ?2",
         )
         .bind(micros(now))
         .bind(limit as i64)
+        .bind(MAX_IN_FLIGHT_PER_ENDPOINT as i64)
         .fetch_all(&mut *tx)
         .await
         .map_err(map_err)?;

@@ -528,7 +528,7 @@ impl Store for SqliteStore {
         let mut events = Vec::with_capacity(revoked.len());
         for id in &revoked {
             if let Some(key) = scoped_key(&mut tx, Some(scope.company_id()), ApiKeyId::from_uuid(*id)).await? {
-                events.push(NewEvent::api_key(EventType::ApiKeyRevoked, &key, Some("active")));
+                events.push(NewEvent::api_key_revoked(&key, at));
             }
         }
         events::commit_with_events(tx, audit, events).await?;
@@ -1146,8 +1146,7 @@ impl SqliteStore {
         }
         let Some(key) = scoped_key(&mut tx, company, id).await? else { return Ok(None) };
         // Revoking twice changes nothing, and tells nobody again.
-        let events =
-            if changed > 0 { vec![NewEvent::api_key(EventType::ApiKeyRevoked, &key, Some("active"))] } else { vec![] };
+        let events = if changed > 0 { vec![NewEvent::api_key_revoked(&key, at)] } else { vec![] };
         events::commit_with_events(tx, audit, events).await?;
         Ok(Some(key))
     }

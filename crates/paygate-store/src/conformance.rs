@@ -2053,9 +2053,12 @@ pub async fn concurrent_payment_updates_write_one_event(store: Arc<dyn OperatorS
 
 pub async fn concurrent_claims_never_share_a_delivery(store: Arc<dyn OperatorStore>) {
     let a = company(&*store, "Acme").await;
-    endpoint(&*store, a.id, KeyMode::Test, &["payee.created"], true).await;
-    const DELIVERIES: usize = 40;
-    for _ in 0..DELIVERIES {
+    const ENDPOINTS: usize = 10;
+    const PAYEES: usize = 10;
+    for _ in 0..ENDPOINTS {
+        endpoint(&*store, a.id, KeyMode::Test, &["payee.created"], true).await;
+    }
+    for _ in 0..PAYEES {
         payee_in(&*store, a.id).await;
     }
     let at = paygate_domain::now();
@@ -2066,12 +2069,12 @@ pub async fn concurrent_claims_never_share_a_delivery(store: Arc<dyn OperatorSto
             let owner = format!("node-{n}");
             let mut mine = Vec::new();
             // Bounded: a store that hands out leased deliveries again must fail, not spin.
-            for _ in 0..DELIVERIES {
+            for _ in 0..ENDPOINTS * PAYEES {
                 let jobs = store.claim_deliveries(at, &owner, at + Duration::minutes(1), 3).await.unwrap();
                 if jobs.is_empty() {
                     break;
                 }
-                mine.extend(jobs.into_iter().map(|j| j.delivery_id));
+                mine.extend(jobs.into_iter().map(|j| (j.delivery_id, j.endpoint_id)));
             }
             mine
         }));
@@ -2081,9 +2084,20 @@ pub async fn concurrent_claims_never_share_a_delivery(store: Arc<dyn OperatorSto
         claimed.extend(t.await.unwrap());
     }
     let total = claimed.len();
-    claimed.sort_unstable();
-    claimed.dedup();
-    assert_eq!(claimed.len(), total, "a delivery was leased twice");
-    assert_eq!(total, DELIVERIES);
+    let mut ids: Vec<_> = claimed.iter().map(|(d, _)| *d).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), total, "a delivery was leased twice");
+    // Each endpoint's share: at most MAX_IN_FLIGHT_PER_ENDPOINT leased at once.
+    let mut per_endpoint = std::collections::HashMap::new();
+    for (_, e) in &claimed {
+        *per_endpoint.entry(*e).or_insert(0u32) += 1;
+    }
+    assert_eq!(per_endpoint.len(), ENDPOINTS);
+    assert!(per_endpoint.values().all(|n| *n <= crate::MAX_IN_FLIGHT_PER_ENDPOINT), "{per_endpoint:?}");
+    assert_eq!(total, ENDPOINTS * crate::MAX_IN_FLIGHT_PER_ENDPOINT as usize);
     assert!(store.claim_deliveries(at, "late", at + Duration::minutes(1), 100).await.unwrap().is_empty());
+    // Once the leases pass, the rest is handed out.
+    let later = at + Duration::minutes(2);
+    assert!(!store.claim_deliveries(later, "late", later + Duration::minutes(1), 100).await.unwrap().is_empty());
 }

@@ -108,6 +108,12 @@ impl NewEvent {
         )
     }
 
+    /// A key's revocation at `at`; it was `active`, or already `expired`.
+    pub fn api_key_revoked(key: &ApiKey, at: OffsetDateTime) -> Self {
+        let before = if key.is_expired_at(at) { "expired" } else { "active" };
+        Self::api_key(EventType::ApiKeyRevoked, key, Some(before))
+    }
+
     pub fn approval_policy(company: CompanyId, mode: KeyMode, policy: &ApprovalPolicy) -> Self {
         Self::new(
             company,
@@ -277,8 +283,10 @@ pub struct EndpointPatch {
 impl EndpointPatch {
     /// The endpoint after the patch. Enabling clears the failure state.
     pub fn apply(&self, mut e: WebhookEndpoint, now: OffsetDateTime) -> WebhookEndpoint {
-        if let Some(url) = &self.url {
+        if let Some(url) = self.url.as_ref().filter(|u| **u != e.url) {
+            // Another receiver: earlier failures say nothing about it.
             e.url = url.clone();
+            e.failing_since = None;
         }
         if let Some(d) = &self.description {
             e.description = d.clone();
@@ -302,6 +310,11 @@ impl EndpointPatch {
 
 /// At most this many endpoints per company and mode.
 pub const MAX_ENDPOINTS: u32 = 16;
+
+/// At most this many deliveries of one endpoint are leased at once (per
+/// claim's view; two nodes claiming together may each reach it), so one slow
+/// or hanging endpoint cannot take every delivery slot of a node.
+pub const MAX_IN_FLIGHT_PER_ENDPOINT: u32 = 4;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]

@@ -21,13 +21,20 @@ pub const SECRET_OVERLAP: time::Duration = time::Duration::hours(24);
 
 /// An endpoint with its signing secret: only in the answers to creation and
 /// rotation. Store the secret; Paygate never shows it again.
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Serialize, ToSchema)]
 pub struct WebhookEndpointWithSecret {
     #[serde(flatten)]
     pub endpoint: WebhookEndpointView,
     /// `whsec_` + base64 of 32 random bytes (Standard Webhooks).
     #[schema(example = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSwAbCdEfGhIjK=")]
     pub secret: String,
+}
+
+/// Never prints the secret.
+impl std::fmt::Debug for WebhookEndpointWithSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WebhookEndpointWithSecret").field("endpoint", &self.endpoint).finish_non_exhaustive()
+    }
 }
 
 /// Body of `POST /v1/webhook-endpoints`.
@@ -89,7 +96,7 @@ fn event_types_field(
         },
         Err(problems) => {
             for (i, e) in problems {
-                let pointer = if matches!(e, EventTypesError::Empty) {
+                let pointer = if matches!(e, EventTypesError::Empty | EventTypesError::TooMany) {
                     "/event_types".to_owned()
                 } else {
                     format!("/event_types/{i}")

@@ -48,8 +48,13 @@ async fn every_authenticated_response_names_its_tightest_policy(app: TestApp) {
     let acme = app.company("Acme").await;
     let key = app.key(acme.id, "keys:read").await;
     let mut last_remaining = u64::MAX;
+    let mut last_at = std::time::Instant::now();
     for _ in 0..3 {
         let r = app.get("/v1/me", &key).send().await.unwrap();
+        // The key's bucket refills 100 a second: a slow round trip (PostgreSQL
+        // and Redis on a loaded machine) may give back what a request took.
+        let refilled = (last_at.elapsed().as_millis() as u64).div_ceil(10);
+        last_at = std::time::Instant::now();
         let (policy_name, policy) = structured(r.headers()["ratelimit-policy"].to_str().unwrap());
         let (state_name, state) = structured(r.headers()["ratelimit"].to_str().unwrap());
         assert_eq!(policy_name, state_name);
@@ -58,7 +63,7 @@ async fn every_authenticated_response_names_its_tightest_policy(app: TestApp) {
         assert_eq!(policy_name, "key");
         assert_eq!((param(&policy, "q"), param(&policy, "w")), (200, 2));
         let remaining = param(&state, "r");
-        assert!(remaining <= last_remaining && remaining < param(&policy, "q"));
+        assert!(remaining <= last_remaining.saturating_add(refilled) && remaining < param(&policy, "q"));
         assert!(param(&state, "t") >= 1);
         last_remaining = remaining;
     }

@@ -34,6 +34,7 @@ backend_tests!(
     events_list_filters_and_pages,
     expiring_keys_get_one_notice,
     webhook_secrets_are_only_stored_encrypted,
+    a_hanging_endpoint_does_not_hold_up_another_company,
 );
 
 /// What the receiver answers next: a status, after a delay.
@@ -1227,4 +1228,29 @@ fn base64_decode(text: &str) -> Vec<u8> {
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// One company's endpoint that never answers holds at most its share of the
+/// node's delivery slots: another company's event goes out while the hanging
+/// attempts are still waiting for their timeout.
+async fn a_hanging_endpoint_does_not_hold_up_another_company(app: TestApp) {
+    let slow = company(&app, "Slow").await;
+    let fast = company(&app, "Fast").await;
+    let hanging = Receiver::start().await;
+    hanging.plan(&vec![Reply { status: 200, delay: Duration::from_secs(30) }; 100]);
+    let receiver = Receiver::start().await;
+    let (hanging_id, _) = endpoint(&app, &slow.key, &hanging.url, json!(["payee.created"])).await;
+    endpoint(&app, &fast.key, &receiver.url, json!(["payee.created"])).await;
+    // More hanging deliveries than the node has slots (16).
+    for _ in 0..24 {
+        payee(&app, &slow.key).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    payee(&app, &fast.key).await;
+    receiver.wait_for("the other company's event", |r| !r.is_empty()).await;
+    // Every hanging attempt is still in flight (each times out after 2 s): the
+    // other company did not wait for any of them.
+    let log = deliveries(&app, &slow.key, &hanging_id).await;
+    assert!(log.iter().all(|d| d["attempts"].as_array().unwrap().is_empty()), "{log:?}");
+    app.shutdown().await;
 }
