@@ -177,18 +177,20 @@ impl SqliteStore {
         audit: &AuditEntry,
     ) -> StoreResult<()> {
         let mut tx = self.begin_write().await?;
-        sqlx::query(
+        let changed = sqlx::query(
             "INSERT INTO approval_policies (company_id, mode, policy) VALUES (?, ?, ?) \
-             ON CONFLICT (company_id, mode) DO UPDATE SET policy = excluded.policy",
+             ON CONFLICT (company_id, mode) DO UPDATE SET policy = excluded.policy WHERE approval_policies.policy IS NOT excluded.policy",
         )
         .bind(scope.company_id().as_uuid())
         .bind(mode.as_str())
         .bind(policy_text(policy))
         .execute(&mut *tx)
         .await
-        .map_err(map_err)?;
+        .map_err(map_err)?
+        .rows_affected();
         let event = NewEvent::approval_policy(scope.company_id(), mode, policy);
-        commit_with_events(tx, audit, vec![event]).await
+        // The same policy again changes nothing and tells nobody.
+        commit_with_events(tx, audit, if changed > 0 { vec![event] } else { vec![] }).await
     }
 
     pub(crate) async fn insert_payee(

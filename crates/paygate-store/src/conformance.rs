@@ -1519,10 +1519,11 @@ pub async fn every_change_writes_its_events(store: Arc<dyn OperatorStore>) {
         .collect(),
         ..ApprovalPolicy::default()
     };
-    for policy in [&ApprovalPolicy::default(), &two] {
+    for policy in [&ApprovalPolicy::default(), &two, &two] {
         let audit = entry_for(a.id, "approval_policy.update", Outcome::Success);
         store.set_approval_policy(&sa, test, policy, &audit).await.unwrap();
     }
+    // Setting the same policy again tells nobody.
     let updated = vec![step("approval_policy.updated", 1, None), step("approval_policy.updated", 2, None)];
     assert_eq!(trail(&*store, &sa, test, "approval_policy_test").await, updated);
 
