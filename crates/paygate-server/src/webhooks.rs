@@ -71,11 +71,18 @@ impl DeliveryWorker {
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut expiry = tokio::time::interval(EXPIRY_SCAN_EVERY);
         expiry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // A claim ranks the due backlog: after an attempt ends, claim again
+        // once half the slots are free (or at the next tick), not per attempt.
+        let refill_at = (this.config.concurrency as usize).div_ceil(2);
         loop {
             tokio::select! {
                 _ = ticker.tick() => {}
                 Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {
                     while in_flight.try_join_next().is_some() {}
+                    let free = (this.config.concurrency as usize).saturating_sub(in_flight.len());
+                    if free < refill_at && !in_flight.is_empty() {
+                        continue;
+                    }
                 }
                 _ = expiry.tick() => {
                     this.notice_expiring_keys().await;

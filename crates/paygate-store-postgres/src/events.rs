@@ -601,12 +601,15 @@ impl PostgresStore {
         limit: u32,
     ) -> StoreResult<Vec<DeliveryJob>> {
         let rows = sqlx::query(
-            "WITH candidates AS ( \
+            "WITH busy AS ( \
+                 SELECT endpoint_id, COUNT(*) AS leased FROM webhook_deliveries \
+                 WHERE status = 'pending' AND lease_until > $1 GROUP BY endpoint_id), \
+             candidates AS ( \
                  SELECT d.id, d.next_attempt_at, \
-                 ROW_NUMBER() OVER (PARTITION BY d.endpoint_id ORDER BY d.next_attempt_at, d.id) + \
-                     (SELECT COUNT(*) FROM webhook_deliveries l WHERE l.endpoint_id = d.endpoint_id \
-                      AND l.status = 'pending' AND l.lease_until > $1) AS slot \
+                 ROW_NUMBER() OVER (PARTITION BY d.endpoint_id ORDER BY d.next_attempt_at, d.id) \
+                     + COALESCE(b.leased, 0) AS slot \
                  FROM webhook_deliveries d JOIN webhook_endpoints w ON w.id = d.endpoint_id \
+                 LEFT JOIN busy b ON b.endpoint_id = d.endpoint_id \
                  WHERE d.status = 'pending' AND d.next_attempt_at <= $1 \
                  AND (d.lease_until IS NULL OR d.lease_until <= $1) AND w.enabled \
                  AND NOT EXISTS (SELECT 1 FROM webhook_deliveries p WHERE p.endpoint_id = d.endpoint_id \

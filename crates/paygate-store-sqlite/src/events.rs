@@ -508,8 +508,12 @@ impl SqliteStore {
              e.id AS event_id, e.company_id, e.mode, e.type, e.object_id, e.sequence, e.previous_status, e.object, \
              e.created_at \
              FROM (SELECT d.id, d.endpoint_id, d.event_id, d.attempts, d.next_attempt_at, \
-                     ROW_NUMBER() OVER (PARTITION BY d.endpoint_id ORDER BY d.next_attempt_at, d.id) AS rank \
+                     ROW_NUMBER() OVER (PARTITION BY d.endpoint_id ORDER BY d.next_attempt_at, d.id) \
+                       + COALESCE(b.leased, 0) AS rank \
                    FROM webhook_deliveries d JOIN webhook_endpoints w ON w.id = d.endpoint_id \
+                   LEFT JOIN (SELECT endpoint_id, COUNT(*) AS leased FROM webhook_deliveries \
+                       WHERE status = 'pending' AND lease_until > ?1 GROUP BY endpoint_id) b \
+                     ON b.endpoint_id = d.endpoint_id \
                    WHERE d.status = 'pending' AND d.next_attempt_at <= ?1 \
                    AND (d.lease_until IS NULL OR d.lease_until <= ?1) AND w.enabled = 1 \
                    AND NOT EXISTS (SELECT 1 FROM webhook_deliveries p WHERE p.endpoint_id = d.endpoint_id \
@@ -518,8 +522,7 @@ impl SqliteStore {
                             OR p.lease_until > ?1))) c \
              JOIN webhook_endpoints w ON w.id = c.endpoint_id \
              JOIN events e ON e.id = c.event_id \
-             WHERE c.rank + (SELECT COUNT(*) FROM webhook_deliveries l WHERE l.endpoint_id = c.endpoint_id \
-                 AND l.status = 'pending' AND l.lease_until > ?1) <= ?3 \
+             WHERE c.rank <= ?3 \
              ORDER BY c.next_attempt_at, c.id LIMIT ?2",
         )
         .bind(micros(now))
