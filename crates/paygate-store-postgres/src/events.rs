@@ -91,29 +91,7 @@ pub(crate) async fn write_events(conn: &mut PgConnection, events: Vec<NewEvent>)
     if events.is_empty() {
         return Ok(Vec::new());
     }
-    let keys = objects_to_sequence(&events);
-    let mut last = std::collections::HashMap::with_capacity(keys.len());
-    if !keys.is_empty() {
-        // Every object's last number in one statement, in the order of `keys`.
-        let numbers: Vec<i64> = sqlx::query_scalar(
-            "SELECT COALESCE(l.sequence, 0) FROM UNNEST($1::uuid[], $2::text[], $3::text[]) \
-             WITH ORDINALITY AS o(company_id, mode, object_id, n) \
-             LEFT JOIN LATERAL (SELECT e.sequence FROM events e WHERE e.company_id = o.company_id \
-                 AND e.mode = o.mode AND e.object_id = o.object_id ORDER BY e.sequence DESC LIMIT 1) l ON true \
-             ORDER BY o.n",
-        )
-        .bind(keys.iter().map(|k| k.0.as_uuid()).collect::<Vec<_>>())
-        .bind(keys.iter().map(|k| k.1.as_str().to_owned()).collect::<Vec<_>>())
-        .bind(keys.iter().map(|k| k.2.clone()).collect::<Vec<_>>())
-        .fetch_all(&mut *conn)
-        .await
-        .map_err(map_err)?;
-        for (key, n) in keys.into_iter().zip(numbers) {
-            last.insert(key, n as u64);
-        }
-    }
-    let events = assign_sequences(events, &last);
-    insert_event_rows(conn, &events).await?;
+    let events = number_events(conn, events).await?;
     let mut tenants: Vec<(CompanyId, KeyMode)> = events.iter().map(|e| (e.company_id, e.mode)).collect();
     tenants.sort_by_key(|(c, m)| (*c, m.as_str()));
     tenants.dedup();
@@ -172,6 +150,35 @@ async fn insert_event_rows(conn: &mut PgConnection, events: &[Event]) -> StoreRe
     .await
     .map_err(map_err)?;
     Ok(())
+}
+
+/// Numbers the events per object (from each object's last stored sequence)
+/// and inserts them, without fan-out.
+async fn number_events(conn: &mut PgConnection, events: Vec<NewEvent>) -> StoreResult<Vec<Event>> {
+    let keys = objects_to_sequence(&events);
+    let mut last = std::collections::HashMap::with_capacity(keys.len());
+    if !keys.is_empty() {
+        // Every object's last number in one statement, in the order of `keys`.
+        let numbers: Vec<i64> = sqlx::query_scalar(
+            "SELECT COALESCE(l.sequence, 0) FROM UNNEST($1::uuid[], $2::text[], $3::text[]) \
+             WITH ORDINALITY AS o(company_id, mode, object_id, n) \
+             LEFT JOIN LATERAL (SELECT e.sequence FROM events e WHERE e.company_id = o.company_id \
+                 AND e.mode = o.mode AND e.object_id = o.object_id ORDER BY e.sequence DESC LIMIT 1) l ON true \
+             ORDER BY o.n",
+        )
+        .bind(keys.iter().map(|k| k.0.as_uuid()).collect::<Vec<_>>())
+        .bind(keys.iter().map(|k| k.1.as_str().to_owned()).collect::<Vec<_>>())
+        .bind(keys.iter().map(|k| k.2.clone()).collect::<Vec<_>>())
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(map_err)?;
+        for (key, n) in keys.into_iter().zip(numbers) {
+            last.insert(key, n as u64);
+        }
+    }
+    let events = assign_sequences(events, &last);
+    insert_event_rows(conn, &events).await?;
+    Ok(events)
 }
 
 async fn insert_deliveries(conn: &mut PgConnection, deliveries: &[NewDelivery]) -> StoreResult<()> {
@@ -475,17 +482,7 @@ impl PostgresStore {
         };
         let new = NewEvent::webhook_endpoint(EventType::Ping, &endpoint, None);
         // A ping goes to this endpoint only: it is written without fan-out.
-        let last: i64 = sqlx::query_scalar(
-            "SELECT COALESCE(MAX(sequence), 0) FROM events WHERE company_id = $1 AND mode = $2 AND object_id = $3",
-        )
-        .bind(new.company_id.as_uuid())
-        .bind(new.mode.as_str())
-        .bind(&new.object_id)
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(map_err)?;
-        let event = new.with_sequence(last as u64 + 1);
-        insert_event_rows(&mut tx, std::slice::from_ref(&event)).await?;
+        let event = number_events(&mut tx, vec![new]).await?.remove(0);
         insert_deliveries(&mut tx, &[NewDelivery::of(&event, id)]).await?;
         commit_change(tx, audit).await?;
         Ok(Some(event))

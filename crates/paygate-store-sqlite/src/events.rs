@@ -66,21 +66,7 @@ pub(crate) async fn write_events(conn: &mut SqliteConnection, events: Vec<NewEve
     if events.is_empty() {
         return Ok(Vec::new());
     }
-    let mut last = std::collections::HashMap::new();
-    for key in objects_to_sequence(&events) {
-        let n: i64 = sqlx::query_scalar(
-            "SELECT COALESCE(MAX(sequence), 0) FROM events WHERE company_id = ? AND mode = ? AND object_id = ?",
-        )
-        .bind(key.0.as_uuid())
-        .bind(key.1.as_str())
-        .bind(&key.2)
-        .fetch_one(&mut *conn)
-        .await
-        .map_err(map_err)?;
-        last.insert(key, n as u64);
-    }
-    let events = assign_sequences(events, &last);
-    insert_event_rows(conn, &events).await?;
+    let events = number_events(conn, events).await?;
     let mut tenants: Vec<(CompanyId, KeyMode)> = events.iter().map(|e| (e.company_id, e.mode)).collect();
     tenants.sort_by_key(|(c, m)| (*c, m.as_str()));
     tenants.dedup();
@@ -99,6 +85,27 @@ pub(crate) async fn write_events(conn: &mut SqliteConnection, events: Vec<NewEve
         }
     }
     insert_deliveries(conn, &fan_out(&events, &endpoints)?).await?;
+    Ok(events)
+}
+
+/// Numbers the events per object (from each object's last stored sequence)
+/// and inserts them, without fan-out.
+async fn number_events(conn: &mut SqliteConnection, events: Vec<NewEvent>) -> StoreResult<Vec<Event>> {
+    let mut last = std::collections::HashMap::new();
+    for key in objects_to_sequence(&events) {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT COALESCE(MAX(sequence), 0) FROM events WHERE company_id = ? AND mode = ? AND object_id = ?",
+        )
+        .bind(key.0.as_uuid())
+        .bind(key.1.as_str())
+        .bind(&key.2)
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(map_err)?;
+        last.insert(key, n as u64);
+    }
+    let events = assign_sequences(events, &last);
+    insert_event_rows(conn, &events).await?;
     Ok(events)
 }
 
@@ -376,18 +383,7 @@ impl SqliteStore {
         let Some(endpoint) = endpoint_in(&mut tx, scope.company_id(), Some(mode), id).await? else { return Ok(None) };
         let new = NewEvent::webhook_endpoint(EventType::Ping, &endpoint, None);
         // A ping goes to this endpoint only: it is written without fan-out.
-        let key = (new.company_id, new.mode, new.object_id.clone());
-        let last: i64 = sqlx::query_scalar(
-            "SELECT COALESCE(MAX(sequence), 0) FROM events WHERE company_id = ? AND mode = ? AND object_id = ?",
-        )
-        .bind(key.0.as_uuid())
-        .bind(key.1.as_str())
-        .bind(&key.2)
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(map_err)?;
-        let event = new.with_sequence(last as u64 + 1);
-        insert_event_rows(&mut tx, std::slice::from_ref(&event)).await?;
+        let event = number_events(&mut tx, vec![new]).await?.remove(0);
         insert_deliveries(&mut tx, &[NewDelivery::of(&event, id)]).await?;
         crate::commit_change(tx, audit).await?;
         Ok(Some(event))

@@ -530,15 +530,7 @@ async fn addresses_are_checked_again_at_connection_time(app: TestApp) {
     app.env.remove("PAYGATE_WEBHOOK_ALLOWED_NETWORKS");
     app.restart().await;
     payee(&app, &c.key).await;
-    let started = Instant::now();
-    let attempt = loop {
-        let d = deliveries(&app, &c.key, &id).await;
-        if let Some(a) = d.first().and_then(|d| d["attempts"].as_array()).and_then(|a| a.first()).cloned() {
-            break a;
-        }
-        assert!(started.elapsed() < Duration::from_secs(10), "no attempt recorded");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    };
+    let attempt = first_attempt(&app, &c.key, &id).await;
     assert!(attempt["error"].as_str().unwrap().starts_with("address_not_allowed"), "{attempt}");
     assert_eq!(attempt["status_code"], Value::Null);
     assert!(receiver.received().is_empty(), "no connection reached the receiver");
@@ -547,21 +539,26 @@ async fn addresses_are_checked_again_at_connection_time(app: TestApp) {
         let port = receiver.url.split(':').nth(2).unwrap().split('/').next().unwrap().to_owned();
         let (named, _) = endpoint(&app, &c.key, &format!("http://{name}:{port}/hook"), json!(["*"])).await;
         payee(&app, &c.key).await;
-        let started = Instant::now();
-        loop {
-            let d = deliveries(&app, &c.key, &named).await;
-            if let Some(a) = d.first().and_then(|d| d["attempts"].as_array()).and_then(|a| a.first()).cloned() {
-                assert!(a["error"].as_str().unwrap().starts_with("address_not_allowed"), "{a}");
-                break;
-            }
-            assert!(started.elapsed() < Duration::from_secs(10), "no attempt recorded for {name}");
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
+        let a = first_attempt(&app, &c.key, &named).await;
+        assert!(a["error"].as_str().unwrap().starts_with("address_not_allowed"), "{a}");
         assert!(receiver.received().is_empty());
     } else {
         eprintln!("no non-localhost loopback name in /etc/hosts: DNS case skipped");
     }
     app.shutdown().await;
+}
+
+/// The first recorded attempt of the endpoint's newest delivery, once there is one.
+async fn first_attempt(app: &TestApp, key: &str, endpoint: &str) -> Value {
+    let started = Instant::now();
+    loop {
+        let d = deliveries(app, key, endpoint).await;
+        if let Some(a) = d.first().and_then(|d| d["attempts"].as_array()).and_then(|a| a.first()).cloned() {
+            return a;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "no attempt recorded for {endpoint}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
 }
 
 /// A host name other than `localhost` that /etc/hosts maps to 127.0.0.0/8.
