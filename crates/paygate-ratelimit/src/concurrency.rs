@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 
-use crate::{RedisLimiter, RedisSlot};
+use crate::{DecisionTally, RedisLimiter, RedisSlot, Tally};
 
 const ACQUIRE_SCRIPT: &str = r"
 local t = redis.call('TIME')
@@ -30,6 +30,7 @@ pub struct ConcurrencyLimiter {
     script: redis::Script,
     /// Longest a Redis slot can be held (the request timeout plus a margin).
     stale_after: Duration,
+    tally: DecisionTally,
 }
 
 /// Holds a slot until dropped.
@@ -53,7 +54,13 @@ impl ConcurrencyLimiter {
             nodes: nodes.max(1),
             script: redis::Script::new(ACQUIRE_SCRIPT),
             stale_after,
+            tally: DecisionTally::default(),
         }
+    }
+
+    /// Where this cap's decisions were made so far.
+    pub fn tally(&self) -> Tally {
+        self.tally.get()
     }
 
     /// A slot for `company` if fewer than `limit` are held. Uses Redis when
@@ -63,11 +70,14 @@ impl ConcurrencyLimiter {
             if let Some(redis) = slot.get()
                 && let Some(result) = self.acquire_shared(redis, company, limit).await
             {
+                self.tally.redis();
                 return result;
             }
             // Redis failed: this node's share of the cap, as for rate limits.
+            self.tally.degraded();
             return self.acquire_local(company, limit.div_ceil(self.nodes));
         }
+        self.tally.in_process();
         self.acquire_local(company, limit)
     }
 

@@ -10,12 +10,14 @@ mod gcra;
 mod memory;
 mod redis_backend;
 mod resilient;
+mod tally;
 
 pub use concurrency::{ConcurrencyGuard, ConcurrencyLimiter};
 pub use gcra::{Outcome, Quota, evaluate};
 pub use memory::MemoryLimiter;
 pub use redis_backend::RedisLimiter;
 pub use resilient::{Backend, RedisSlot, SharedLimiter};
+pub use tally::{DecisionTally, Tally};
 
 use async_trait::async_trait;
 

@@ -119,19 +119,20 @@ mod tests {
     use super::*;
     use crate::Quota;
 
-    fn limit(key: &str, rate: u32, burst: u32) -> Limit {
-        Limit { policy: "key", key: key.into(), quota: Quota::new(rate, burst) }
+    fn limit(policy: &'static str, key: &str, rate: u32, burst: u32) -> Limit {
+        Limit { policy, key: key.into(), quota: Quota::new(rate, burst) }
     }
 
     #[test]
     fn all_or_nothing_across_limits() {
         let l = MemoryLimiter::new(1000);
-        let tight = limit("company", 1, 1);
-        let loose = limit("key", 1000, 1000);
+        // Distinct policies, so naming the refusing one can fail.
+        let tight = limit("company", "company:1", 1, 1);
+        let loose = limit("key", "key:1", 1000, 1000);
         assert!(l.decide(&[loose.clone(), tight.clone()], Mode::Consume).allowed());
         let refused = l.decide(&[loose.clone(), tight.clone()], Mode::Consume);
         assert!(!refused.allowed());
-        assert_eq!(refused.tightest().unwrap().policy, "key");
+        assert_eq!(refused.tightest().unwrap().policy, "company");
         // The refused request consumed nothing from the loose limit.
         let after = l.decide(&[loose], Mode::Peek);
         assert_eq!(after.outcomes[0].remaining, 998);
@@ -140,7 +141,7 @@ mod tests {
     #[test]
     fn peek_consumes_nothing() {
         let l = MemoryLimiter::new(10);
-        let one = limit("x", 1, 1);
+        let one = limit("key", "x", 1, 1);
         for _ in 0..5 {
             assert!(l.decide(std::slice::from_ref(&one), Mode::Peek).allowed());
         }

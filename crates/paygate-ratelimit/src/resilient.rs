@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 
-use crate::{Decision, Limit, LimiterError, MemoryLimiter, Mode, RateLimiter, RedisLimiter};
+use crate::{Decision, DecisionTally, Limit, LimiterError, MemoryLimiter, Mode, RateLimiter, RedisLimiter, Tally};
 
 /// A Redis connection that may arrive after start-up.
 pub type RedisSlot = Arc<tokio::sync::OnceCell<RedisLimiter>>;
@@ -38,6 +38,7 @@ pub struct SharedLimiter {
     retry_at_us: AtomicU64,
     epoch: Instant,
     probe_every: Duration,
+    tally: DecisionTally,
 }
 
 impl SharedLimiter {
@@ -96,6 +97,7 @@ impl SharedLimiter {
             retry_at_us: AtomicU64::new(0),
             epoch: Instant::now(),
             probe_every: Duration::from_millis(500),
+            tally: DecisionTally::default(),
         }
     }
 
@@ -105,6 +107,11 @@ impl SharedLimiter {
             (Some(slot), false) if slot.initialized() => Backend::Redis,
             (Some(_), _) => Backend::Degraded,
         }
+    }
+
+    /// Where this limiter's decisions were made so far.
+    pub fn tally(&self) -> Tally {
+        self.tally.get()
     }
 
     pub fn redis(&self) -> Option<&RedisLimiter> {
@@ -124,6 +131,7 @@ impl SharedLimiter {
     }
 
     fn fall_back(&self, limits: &[Limit], mode: Mode) -> Decision {
+        self.tally.degraded();
         let shares: Vec<Limit> =
             limits.iter().map(|l| Limit { quota: l.quota.divided(self.nodes), ..l.clone() }).collect();
         let mut decision = self.memory_for(limits).decide(&shares, mode);
@@ -154,7 +162,10 @@ impl SharedLimiter {
 #[async_trait]
 impl RateLimiter for SharedLimiter {
     async fn check(&self, limits: &[Limit], mode: Mode) -> Result<Decision, LimiterError> {
-        let Some(slot) = &self.redis else { return Ok(self.memory_for(limits).decide(limits, mode)) };
+        let Some(slot) = &self.redis else {
+            self.tally.in_process();
+            return Ok(self.memory_for(limits).decide(limits, mode));
+        };
         let Some(redis) = slot.get() else {
             self.mark_degraded(&LimiterError::Redis("not connected yet".into()));
             return Ok(self.fall_back(limits, mode));
@@ -164,6 +175,7 @@ impl RateLimiter for SharedLimiter {
         }
         match redis.check(limits, mode).await {
             Ok(decision) => {
+                self.tally.redis();
                 self.mark_recovered();
                 Ok(decision)
             }

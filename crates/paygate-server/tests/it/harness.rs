@@ -2,6 +2,7 @@ use std::collections::BTreeMap;
 use std::process::Output;
 use std::sync::Arc;
 
+use paygate_api::limits::RateLimits;
 use paygate_domain::{CompanyId, KeyHasher, KeyMode, Label, ScopeSet};
 use paygate_server::app::{self, Server, StartOptions};
 use paygate_server::config::Config;
@@ -28,7 +29,7 @@ macro_rules! backend_tests {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $case() {
                     if let Some(app) = $crate::harness::TestApp::spawn($crate::harness::Backend::Sqlite).await {
-                        super::$case(app).await;
+                        $crate::harness::run_case(app, super::$case).await;
                     }
                 }
             )+
@@ -38,12 +39,49 @@ macro_rules! backend_tests {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $case() {
                     if let Some(app) = $crate::harness::TestApp::spawn($crate::harness::Backend::Postgres).await {
-                        super::$case(app).await;
+                        $crate::harness::run_case(app, super::$case).await;
                     }
                 }
             )+
         }
     };
+}
+
+tokio::task_local! {
+    /// The rate limits of every server a case starts, so the case can be
+    /// checked afterwards for where its limit decisions were made.
+    static STARTED: Arc<std::sync::Mutex<Vec<Arc<RateLimits>>>>;
+}
+
+/// Runs one case, then asserts that every server it started with Redis
+/// configured made its rate-limit and write-concurrency decisions on Redis: a
+/// node that silently fell back to its in-process share would answer the same
+/// way and let a Redis-variant case pass without testing Redis.
+pub async fn run_case<F: std::future::Future<Output = ()>>(app: TestApp, case: impl FnOnce(TestApp) -> F) {
+    let started = Arc::new(std::sync::Mutex::new(Vec::new()));
+    if let Some(server) = &app.server {
+        register(&app.env, server, &started);
+    }
+    STARTED.scope(started.clone(), case(app)).await;
+    for limits in started.lock().unwrap().iter() {
+        let (rates, caps) = (limits.limiter.tally(), limits.concurrency.tally());
+        assert_eq!(
+            (rates.degraded, rates.in_process, caps.degraded, caps.in_process),
+            (0, 0, 0, 0),
+            "with Redis configured, limit decisions were made in process: rates {rates:?}, concurrency {caps:?}"
+        );
+    }
+}
+
+fn register(env: &BTreeMap<String, String>, server: &Server, started: &std::sync::Mutex<Vec<Arc<RateLimits>>>) {
+    if env.contains_key("PAYGATE_REDIS_URL") {
+        started.lock().unwrap().push(server.state.limits.clone());
+    }
+}
+
+/// Records a server started inside a case (outside one, nothing to record).
+fn register_in_case(env: &BTreeMap<String, String>, server: &Server) {
+    let _ = STARTED.try_with(|started| register(env, server, started));
 }
 
 /// The PostgreSQL server for tests. Unset: PostgreSQL cases are skipped, except
@@ -153,6 +191,7 @@ impl TestApp {
         }
         let config = Config::from_sources(None, env.clone()).unwrap();
         let server = app::start(&config, StartOptions::default()).await.unwrap();
+        register_in_case(&env, &server);
         Some(Self {
             backend,
             base: format!("http://{}", server.api_addr),
@@ -175,6 +214,7 @@ impl TestApp {
         }
         let config = Config::from_sources(None, self.env.clone()).unwrap();
         let server = app::start(&config, StartOptions::default()).await.unwrap();
+        register_in_case(&self.env, &server);
         self.base = format!("http://{}", server.api_addr);
         self.ops = format!("http://{}", server.ops_addr);
         self.store = server.store.clone();
@@ -208,32 +248,75 @@ impl TestApp {
         text.to_string()
     }
 
-    /// Everything the database holds, as text (PostgreSQL: every row of the
-    /// named tables; SQLite: the database and WAL files' raw bytes).
-    pub async fn raw_contents(&self, tables: &[&str]) -> String {
-        use sqlx::Connection;
+    /// Everything the database holds: every column of every row of every
+    /// table, each value as its bytes (binary columns as stored, not hex; other
+    /// values as their text), and on SQLite also the database and WAL files'
+    /// raw bytes.
+    pub async fn raw_contents(&self) -> RawContents {
+        use sqlx::{Connection, Row};
+        let url = &self.env["PAYGATE_DATABASE_URL"];
+        let mut raw = RawContents::default();
         match self.backend {
             Backend::Sqlite => {
-                let mut all = String::new();
                 for entry in std::fs::read_dir(self.dir.path()).unwrap() {
                     let path = entry.unwrap().path();
-                    if path.file_name().unwrap().to_string_lossy().starts_with("paygate.db") {
-                        all.push_str(&String::from_utf8_lossy(&std::fs::read(&path).unwrap()));
+                    let name = path.file_name().unwrap().to_string_lossy().into_owned();
+                    // The database, its WAL and shared memory; not the key files beside it.
+                    if ["paygate.db", "paygate.db-wal", "paygate.db-shm", "paygate.db-journal"].contains(&name.as_str())
+                    {
+                        raw.bytes.extend(std::fs::read(&path).unwrap());
                     }
                 }
-                all
+                let mut conn = sqlx::SqliteConnection::connect(url).await.unwrap();
+                let tables: Vec<String> =
+                    sqlx::query_scalar("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
+                        .fetch_all(&mut conn)
+                        .await
+                        .unwrap();
+                for table in tables {
+                    let columns: Vec<String> = sqlx::query_scalar("SELECT name FROM pragma_table_info(?)")
+                        .bind(&table)
+                        .fetch_all(&mut conn)
+                        .await
+                        .unwrap();
+                    for column in &columns {
+                        // CAST AS BLOB: text as its bytes, numbers as their digits.
+                        let sql = format!(r#"SELECT CAST("{column}" AS BLOB) FROM "{table}""#);
+                        for row in sqlx::query(sqlx::AssertSqlSafe(sql)).fetch_all(&mut conn).await.unwrap() {
+                            raw.push(row.get::<Option<Vec<u8>>, _>(0));
+                        }
+                    }
+                    raw.tables.push((table, columns));
+                }
             }
             Backend::Postgres => {
-                let mut conn = sqlx::PgConnection::connect(&self.env["PAYGATE_DATABASE_URL"]).await.unwrap();
-                let mut all = String::new();
-                for table in tables {
-                    let sql = format!("SELECT coalesce(string_agg(t::text, E'\\n'), '') FROM {table} t");
-                    let text: String = sqlx::query_scalar(sqlx::AssertSqlSafe(sql)).fetch_one(&mut conn).await.unwrap();
-                    all.push_str(&text);
+                let mut conn = sqlx::PgConnection::connect(url).await.unwrap();
+                let columns: Vec<(String, String, String)> = sqlx::query_as(
+                    "SELECT table_name::text, column_name::text, udt_name::text FROM information_schema.columns \
+                     WHERE table_schema = 'public' ORDER BY table_name, ordinal_position",
+                )
+                .fetch_all(&mut conn)
+                .await
+                .unwrap();
+                for (table, column, udt) in columns {
+                    let value = match udt.as_str() {
+                        "bytea" => format!(r#""{column}""#),
+                        // Arrays of bytes: each element decoded, not rendered as hex.
+                        "_bytea" => format!(r#"(SELECT string_agg(e, '\x0a'::bytea) FROM unnest("{column}") e)"#),
+                        _ => format!(r#"convert_to("{column}"::text, 'UTF8')"#),
+                    };
+                    let sql = format!(r#"SELECT {value} FROM "{table}""#);
+                    for row in sqlx::query(sqlx::AssertSqlSafe(sql)).fetch_all(&mut conn).await.unwrap() {
+                        raw.push(row.get::<Option<Vec<u8>>, _>(0));
+                    }
+                    match raw.tables.last_mut() {
+                        Some((last, columns)) if *last == table => columns.push(column),
+                        _ => raw.tables.push((table, vec![column])),
+                    }
                 }
-                all
             }
         }
+        raw
     }
 
     pub async fn shutdown(mut self) {
@@ -316,6 +399,35 @@ impl TestApp {
             .output()
             .await
             .unwrap()
+    }
+}
+
+/// A dump of a database's stored bytes, for "never stored in clear" checks.
+#[derive(Default)]
+pub struct RawContents {
+    pub bytes: Vec<u8>,
+    /// Every table scanned, with its columns.
+    pub tables: Vec<(String, Vec<String>)>,
+}
+
+impl RawContents {
+    fn push(&mut self, value: Option<Vec<u8>>) {
+        if let Some(value) = value {
+            self.bytes.extend(value);
+            self.bytes.push(b'\n');
+        }
+    }
+
+    pub fn contains(&self, text: &str) -> bool {
+        self.contains_bytes(text.as_bytes())
+    }
+
+    pub fn contains_bytes(&self, needle: &[u8]) -> bool {
+        self.bytes.windows(needle.len()).any(|w| w == needle)
+    }
+
+    pub fn has_table(&self, table: &str) -> bool {
+        self.tables.iter().any(|(t, _)| t == table)
     }
 }
 

@@ -7,7 +7,7 @@ use reqwest::StatusCode;
 use serde_json::{Value, json as body};
 
 use crate::backend_tests;
-use crate::harness::{TestApp, json, problem};
+use crate::harness::{Backend, TestApp, json, problem};
 
 backend_tests!(
     rotation_overlaps_then_the_old_key_expires,
@@ -188,13 +188,42 @@ async fn last_use_is_recorded_without_a_write_per_request(app: TestApp) {
     assert!(before["last_used_at"].is_null() || before["last_used_at"] == seen["last_used_at"]);
     assert_eq!(seen["last_used_ip"], "127.0.0.1", "{seen}");
     let first = seen["last_used_at"].clone();
-    // Many more uses within the minute: no new write, so the value stands.
+    // From here on the database counts every write to the key's usage columns.
+    let counter = match app.backend {
+        Backend::Sqlite => {
+            "CREATE TABLE usage_writes (n INTEGER); \
+             CREATE TRIGGER count_usage_writes AFTER UPDATE OF last_used_at, last_used_ip ON api_keys \
+             BEGIN INSERT INTO usage_writes VALUES (1); END;"
+        }
+        Backend::Postgres => {
+            "CREATE TABLE usage_writes (n integer); \
+             CREATE FUNCTION count_usage_write() RETURNS trigger LANGUAGE plpgsql AS \
+             $$ BEGIN INSERT INTO usage_writes VALUES (1); RETURN NEW; END $$; \
+             CREATE TRIGGER count_usage_writes AFTER UPDATE OF last_used_at, last_used_ip ON api_keys \
+             FOR EACH ROW EXECUTE FUNCTION count_usage_write();"
+        }
+    };
+    app.raw_sql(counter).await.unwrap();
+    // Many more uses within the minute, past several flushes: no write at all.
     for _ in 0..20 {
-        app.get("/v1/me", &key).send().await.unwrap();
+        json(app.get("/v1/me", &key).send().await.unwrap(), StatusCode::OK).await;
     }
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let after: Value = json(app.get(&format!("/v1/api-keys/{id}"), &key).send().await.unwrap(), StatusCode::OK).await;
     assert_eq!(after["last_used_at"], first);
+    // DELETE's row count is the number of writes counted.
+    assert_eq!(app.raw_sql("DELETE FROM usage_writes").await.unwrap(), 0, "usage written per request");
+    // The counter is real: a use it does note (another key) is counted.
+    let other = app.key(acme.id, "keys:read").await;
+    json(app.get("/v1/me", &other).send().await.unwrap(), StatusCode::OK).await;
+    let started = std::time::Instant::now();
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if app.raw_sql("DELETE FROM usage_writes").await.unwrap() > 0 {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(5), "the counting trigger never fired");
+    }
 }
 
 async fn allow_list_uses_the_tcp_peer_and_ignores_spoofed_forwarded_for(app: TestApp) {

@@ -516,8 +516,9 @@ async fn two_nodes_append_to_one_audit_chain_without_forking() {
 
 /// Two `paygate serve` processes on one PostgreSQL database receive the same
 /// payment with the same `Idempotency-Key` at once, many times over: each key
-/// creates exactly one payment, and every success names it (the node that
-/// loses the race replays the winner's response).
+/// creates exactly one payment; the node that loses the race replays the
+/// winner's response, at once or, if it answered 409 while the winner was in
+/// flight, on the client's retry.
 #[tokio::test]
 async fn two_nodes_create_one_payment_per_idempotency_key() {
     let Some(admin_url) = crate::harness::postgres_url() else {
@@ -572,19 +573,35 @@ async fn two_nodes_create_one_payment_per_idempotency_key() {
                 .send()
         };
         let (ra, rb) = tokio::join!(send(a.api.clone()), send(b.api.clone()));
-        let mut ids = std::collections::BTreeSet::new();
-        for r in [ra.unwrap(), rb.unwrap()] {
-            let status = r.status();
-            let v: Value = r.json().await.unwrap();
-            match status {
-                StatusCode::CREATED => {
-                    ids.insert(v["id"].as_str().unwrap().to_owned());
+        let mut first = Vec::new();
+        let mut replays = Vec::new();
+        for (base, r) in [(&a.api, ra.unwrap()), (&b.api, rb.unwrap())] {
+            let mut r = r;
+            if r.status() == StatusCode::CONFLICT {
+                let v: Value = r.json().await.unwrap();
+                assert_eq!(v["code"], "idempotency_key_in_use", "round {round}");
+                // In flight on the other node: the retry replays once it committed.
+                let started = std::time::Instant::now();
+                loop {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    r = send(base.clone()).await.unwrap();
+                    if r.status() != StatusCode::CONFLICT {
+                        break;
+                    }
+                    assert!(started.elapsed() < Duration::from_secs(10), "round {round}: still in flight");
                 }
-                StatusCode::CONFLICT => assert_eq!(v["code"], "idempotency_key_in_use"),
-                other => panic!("round {round}: {other} {v}"),
+            }
+            assert_eq!(r.status(), StatusCode::CREATED, "round {round}");
+            let replayed = r.headers().get("idempotent-replayed").map(|v| v.to_str().unwrap().to_owned());
+            let v: Value = r.json().await.unwrap();
+            match replayed.as_deref() {
+                None => first.push(v),
+                Some("true") => replays.push(v),
+                Some(other) => panic!("round {round}: Idempotent-Replayed: {other}"),
             }
         }
-        assert_eq!(ids.len(), 1, "round {round}: one payment per key");
+        assert_eq!(first.len(), 1, "round {round}: exactly one node created the payment");
+        assert_eq!(replays, first, "round {round}: the other node replayed the winner's response");
     }
     let list: Value = http
         .get(format!("{}/v1/payments?limit=100", b.api))
