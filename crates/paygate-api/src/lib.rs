@@ -238,12 +238,53 @@ mod tests {
                 let text = std::fs::read_to_string(&path).unwrap();
                 let code: String =
                     text.lines().filter(|l| !l.trim_start().starts_with("//")).collect::<Vec<_>>().join("\n");
-                let code = code.split("#[cfg(test)]").next().unwrap_or_default();
+                let code = without_test_items(&code);
                 for forbidden in ["OperatorStore", "operator_scope", "revoke_api_key_by_id"] {
                     assert!(!code.contains(forbidden), "{} names {forbidden}", path.display());
                 }
             }
         }
         assert!(files > 5);
+    }
+
+    /// The code with each `#[cfg(test)]` item cut out (up to its `;` or its
+    /// matching closing brace): whatever follows a test module is still scanned.
+    fn without_test_items(code: &str) -> String {
+        let mut kept = String::new();
+        let mut rest = code;
+        while let Some(start) = rest.find("#[cfg(test)]") {
+            kept.push_str(&rest[..start]);
+            let item = &rest[start..];
+            let end = match (item.find('{'), item.find(';')) {
+                (Some(open), semi) if semi.is_none_or(|s| open < s) => {
+                    let mut depth = 0;
+                    let close = item[open..]
+                        .char_indices()
+                        .find(|&(_, c)| {
+                            depth += match c {
+                                '{' => 1,
+                                '}' => -1,
+                                _ => 0,
+                            };
+                            depth == 0
+                        })
+                        .map(|(i, _)| open + i + 1);
+                    close.unwrap_or(item.len())
+                }
+                (_, Some(semi)) => semi + 1,
+                _ => item.len(),
+            };
+            rest = &item[end..];
+        }
+        kept.push_str(rest);
+        kept
+    }
+
+    #[test]
+    fn the_capability_scan_reads_past_test_modules() {
+        let code = "fn a() {}\n#[cfg(test)]\nmod tests { fn t() { let _ = \"{}\"; } }\nfn b() { operator_scope() }\n#[cfg(test)] use x;\nfn c() {}";
+        let kept = without_test_items(code);
+        assert!(kept.contains("fn a()") && kept.contains("operator_scope") && kept.contains("fn c()"), "{kept}");
+        assert!(!kept.contains("fn t()") && !kept.contains("use x"), "{kept}");
     }
 }

@@ -10,6 +10,7 @@ use crate::backend_tests;
 use crate::harness::{Backend, TestApp, json, problem};
 
 backend_tests!(
+    revoke_all_racing_creation_and_rotation_misses_no_earlier_key,
     rotation_overlaps_then_the_old_key_expires,
     rotation_refuses_bad_states_escalation_and_foreign_keys,
     keys_near_expiry_carry_a_warning_header,
@@ -320,6 +321,102 @@ async fn key_policy_sets_default_and_maximum_lifetimes(app: TestApp) {
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap();
     json(create(body!({"expires_at": fine})).send().await.unwrap(), StatusCode::CREATED).await;
+}
+
+/// Emergency revocation racing key creation and rotation. A key whose creation
+/// committed before revoke-all did (earlier in the company's audit chain,
+/// which commits with each change) is revoked, as is one whose creation or
+/// rotation had returned before revoke-all began; a key created after
+/// revoke-all returned stays live; and nothing deadlocks (a hang fails).
+async fn revoke_all_racing_creation_and_rotation_misses_no_earlier_key(app: TestApp) {
+    use std::time::Instant;
+    let acme = app.company("Race").await;
+    let chain = acme.id.to_string();
+    let mut earlier_in_chain = 0;
+    for round in 0..6u64 {
+        let admin = app.key(acme.id, "keys:read,keys:manage").await;
+        let seed = id_of(&app.key(acme.id, "keys:read").await);
+        let creator = {
+            let (store, hasher, company) = (app.store.clone(), app.hasher.clone(), acme.id);
+            tokio::spawn(async move {
+                let mut created = Vec::new();
+                for _ in 0..6 {
+                    let request = paygate_server::admin::KeyRequest {
+                        company,
+                        name: "racer",
+                        owner: "racer",
+                        scopes: paygate_domain::ScopeSet::parse_list("keys:read").unwrap(),
+                        mode: paygate_domain::KeyMode::Test,
+                        expires_in: None,
+                        allowed_cidrs: Default::default(),
+                    };
+                    let started = Instant::now();
+                    let (key, _) = paygate_server::admin::create_key(&*store, &hasher, request).await.unwrap();
+                    created.push((key.id.to_string(), started, Instant::now()));
+                }
+                created
+            })
+        };
+        let rotation =
+            app.post(&format!("/v1/api-keys/{seed}/rotate"), &admin).json(&body!({"grace_period_seconds": 0})).send();
+        let rotator = async move {
+            let response = rotation.await.unwrap();
+            let done = Instant::now();
+            let status = response.status();
+            let body: Value = response.json().await.unwrap();
+            (status, body["id"].as_str().map(str::to_owned), done)
+        };
+        let revoker = async {
+            // Spread revoke-all over the creations across rounds.
+            tokio::time::sleep(Duration::from_millis(2 * round)).await;
+            let record = crate::harness::op("api_key.revoke_all", acme.id);
+            let record_id = record.id;
+            let scope = paygate_store::operator_scope(&*app.store, acme.id);
+            let started = Instant::now();
+            app.store.revoke_all_api_keys(&scope, paygate_domain::now(), &record).await.unwrap();
+            (record_id, started, Instant::now())
+        };
+        let raced = tokio::time::timeout(Duration::from_secs(30), async {
+            let (rotated, revoked) = tokio::join!(rotator, revoker);
+            (creator.await.unwrap(), rotated, revoked)
+        });
+        let (created, rotated, (record_id, revoke_started, revoke_done)) =
+            raced.await.unwrap_or_else(|_| panic!("round {round}: revoke-all, creation and rotation deadlocked"));
+
+        let scope = paygate_store::operator_scope(&*app.store, acme.id);
+        let keys = app.store.list_api_keys(&scope, paygate_store::PageRequest { limit: 100, after: None }).await;
+        let revoked: std::collections::HashMap<String, bool> =
+            keys.unwrap().items.iter().map(|k| (k.id.to_string(), k.revoked_at.is_some())).collect();
+        let audit = app.store.audit_records(&chain, 0, 100_000).await.unwrap();
+        let revoke_seq = audit.iter().find(|r| r.entry.id == record_id).expect("revoke-all's record").seq;
+        for record in audit.iter().filter(|r| r.entry.action == "api_key.create") {
+            let id = record.entry.resource_id.as_deref().unwrap();
+            if record.seq < revoke_seq && created.iter().any(|(c, _, _)| c == id) {
+                earlier_in_chain += 1;
+                assert!(revoked[id], "round {round}: {id} committed before revoke-all and survived it");
+            }
+        }
+        for (id, started, done) in &created {
+            if *done < revoke_started {
+                assert!(revoked[id], "round {round}: {id} was created before revoke-all began and survived it");
+            }
+            if *started > revoke_done {
+                assert!(!revoked[id], "round {round}: {id} was created after revoke-all and is revoked");
+            }
+        }
+        match rotated {
+            (StatusCode::CREATED, Some(successor), done) if done < revoke_started => {
+                assert!(revoked[&successor], "round {round}: a rotation done before revoke-all survived it");
+            }
+            (StatusCode::CREATED | StatusCode::UNAUTHORIZED | StatusCode::CONFLICT, _, _) => {}
+            (other, _, _) => panic!("round {round}: rotation answered {other}"),
+        }
+        assert!(revoked[&seed], "round {round}: the seed key survived");
+        // Revoke-all again: the next round starts with every key revoked.
+        let record = crate::harness::op("api_key.revoke_all", acme.id);
+        app.store.revoke_all_api_keys(&scope, paygate_domain::now(), &record).await.unwrap();
+    }
+    assert!(earlier_in_chain > 0, "no creation ever committed before a revoke-all: the race was never run");
 }
 
 async fn revoke_all_stops_every_key_of_one_company(app: TestApp) {

@@ -7,6 +7,7 @@ mod harness;
 mod audit;
 mod auth;
 mod cli;
+mod docs;
 mod errors;
 mod keys;
 mod lifecycle;
