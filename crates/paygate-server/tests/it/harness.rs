@@ -56,7 +56,10 @@ tokio::task_local! {
 /// Runs one case, then asserts that every server it started with Redis
 /// configured made its rate-limit and write-concurrency decisions on Redis: a
 /// node that silently fell back to its in-process share would answer the same
-/// way and let a Redis-variant case pass without testing Redis.
+/// way and let a Redis-variant case pass without testing Redis. A decision
+/// that timed out against a loaded Redis falls back by design, so a few
+/// degraded ones are tolerated; Redis must still have made at least nine in
+/// ten, and "no Redis configured" decisions must never happen.
 pub async fn run_case<F: std::future::Future<Output = ()>>(app: TestApp, case: impl FnOnce(TestApp) -> F) {
     let started = Arc::new(std::sync::Mutex::new(Vec::new()));
     if let Some(server) = &app.server {
@@ -65,11 +68,13 @@ pub async fn run_case<F: std::future::Future<Output = ()>>(app: TestApp, case: i
     STARTED.scope(started.clone(), case(app)).await;
     for limits in started.lock().unwrap().iter() {
         let (rates, caps) = (limits.limiter.tally(), limits.concurrency.tally());
-        assert_eq!(
-            (rates.degraded, rates.in_process, caps.degraded, caps.in_process),
-            (0, 0, 0, 0),
-            "with Redis configured, limit decisions were made in process: rates {rates:?}, concurrency {caps:?}"
-        );
+        for (what, tally) in [("rates", rates), ("concurrency", caps)] {
+            let total = tally.redis + tally.degraded + tally.in_process;
+            assert!(
+                tally.in_process == 0 && tally.degraded * 10 <= total && (total == 0 || tally.redis > 0),
+                "with Redis configured, {what} decisions were made in process: rates {rates:?}, concurrency {caps:?}"
+            );
+        }
     }
 }
 
