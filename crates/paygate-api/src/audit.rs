@@ -14,6 +14,7 @@
 //!   (the response waits for it); later ones in the interval are counted and
 //!   written as one record per address when the interval closes.
 
+use crate::error_code::ErrorCode;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -426,13 +427,19 @@ pub async fn middleware(State(writer): State<AuditWriter>, request: Request, nex
     let code = response.extensions().get::<ApiError>().map(|e| e.code);
     let (action, resource_type) = match (code, route.as_deref().and_then(|r| route_action(&method, r))) {
         (
-            Some("unauthenticated" | "api_key_revoked" | "api_key_expired" | "company_suspended" | "ip_not_allowed"),
+            Some(
+                ErrorCode::Unauthenticated
+                | ErrorCode::ApiKeyRevoked
+                | ErrorCode::ApiKeyExpired
+                | ErrorCode::CompanySuspended
+                | ErrorCode::IpNotAllowed,
+            ),
             _,
         ) => ("auth.failed", None),
-        (Some("auth_throttled"), _) => ("auth.throttled", None),
-        (Some("rate_limited" | "concurrency_limited"), _) => ("rate_limit.exceeded", None),
-        (Some("timeout"), _) => ("request.timeout", None),
-        (Some("overloaded"), _) => ("request.overloaded", None),
+        (Some(ErrorCode::AuthThrottled), _) => ("auth.throttled", None),
+        (Some(ErrorCode::RateLimited | ErrorCode::ConcurrencyLimited), _) => ("rate_limit.exceeded", None),
+        (Some(ErrorCode::Timeout), _) => ("request.timeout", None),
+        (Some(ErrorCode::Overloaded), _) => ("request.overloaded", None),
         (_, Some(found)) => found,
         _ => ("request.unrouted", None),
     };
@@ -443,7 +450,7 @@ pub async fn middleware(State(writer): State<AuditWriter>, request: Request, nex
     let resource = resource.and_then(|(t, id)| id.map(|id| (t, id)));
     let mut details = serde_json::json!({"method": method.as_str(), "route": route.as_deref().unwrap_or("unmatched")});
     if let Some(code) = code {
-        details["code"] = serde_json::Value::from(code);
+        details["code"] = serde_json::Value::from(code.as_str());
     }
     let entry = context.entry(action, resource, status, details);
     // Only anonymous floods are aggregated: an authenticated caller's denials
@@ -455,9 +462,7 @@ pub async fn middleware(State(writer): State<AuditWriter>, request: Request, nex
         response
     } else {
         let mut refused = ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "audit_unavailable",
-            "Audit unavailable",
+            ErrorCode::AuditUnavailable,
             "The request could not be recorded, so it was not answered; retry shortly.",
         )
         .into_response();

@@ -3,6 +3,7 @@
 //! then checks the scope the handler declares in its own signature, so a handler
 //! cannot forget it, and a handler without it fails the route walk test.
 
+use crate::error_code::ErrorCode;
 use std::marker::PhantomData;
 
 use std::net::{IpAddr, Ipv4Addr};
@@ -130,12 +131,9 @@ fn problem_for(error: AuthError) -> ApiError {
         AuthError::Revoked => ApiError::key_revoked(),
         AuthError::Expired => ApiError::key_expired(),
         AuthError::CompanySuspended => ApiError::company_suspended(),
-        AuthError::IpNotAllowed => ApiError::new(
-            axum::http::StatusCode::FORBIDDEN,
-            "ip_not_allowed",
-            "Client address not allowed",
-            "This API key may not be used from this client address.",
-        ),
+        AuthError::IpNotAllowed => {
+            ApiError::new(ErrorCode::IpNotAllowed, "This API key may not be used from this client address.")
+        }
         AuthError::Unavailable(e) => ApiError::from(e),
     }
 }

@@ -1,6 +1,7 @@
 //! Extractors whose rejections are problems with stable codes, never the
 //! framework's plain-text bodies.
 
+use crate::error_code::ErrorCode;
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::StatusCode;
@@ -29,9 +30,7 @@ fn json_rejection(rejection: JsonRejection) -> ApiError {
     match rejection {
         JsonRejection::MissingJsonContentType(_) => ApiError::for_status(StatusCode::UNSUPPORTED_MEDIA_TYPE),
         JsonRejection::JsonSyntaxError(e) => ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_json",
-            "Invalid JSON",
+            ErrorCode::InvalidJson,
             format!(
                 "The body is not valid JSON: {}",
                 std::error::Error::source(&e).map(|s| s.to_string()).unwrap_or_default()
@@ -60,7 +59,7 @@ fn json_rejection(rejection: JsonRejection) -> ApiError {
         JsonRejection::BytesRejection(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
             ApiError::payload_too_large()
         }
-        other => ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", "Invalid body", other.body_text()),
+        other => ApiError::new(ErrorCode::InvalidBody, other.body_text()),
     }
 }
 
@@ -104,7 +103,7 @@ impl<T: DeserializeOwned + Default, S: Send + Sync> FromRequest<S> for OptionalJ
             if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
                 ApiError::payload_too_large()
             } else {
-                ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", "Invalid body", rejection.body_text())
+                ApiError::new(ErrorCode::InvalidBody, rejection.body_text())
             }
         })?;
         if bytes.iter().all(u8::is_ascii_whitespace) {

@@ -7,6 +7,7 @@
 pub mod audit;
 pub mod auth;
 pub mod client;
+pub mod error_code;
 pub mod extract;
 pub mod limits;
 pub mod pagination;
@@ -17,6 +18,7 @@ pub mod request_id;
 pub mod routes;
 pub mod views;
 
+use crate::error_code::ErrorCode;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -161,6 +163,16 @@ pub fn router(state: AppState, config: &ApiConfig) -> Router {
                 async move { ([(axum::http::header::CONTENT_TYPE, "application/json")], doc.as_str().to_owned()) }
             }),
         )
+        // The page each problem `type` points into.
+        .route(
+            "/errors",
+            axum::routing::get(|| async {
+                (
+                    [(axum::http::header::CONTENT_TYPE, "text/markdown; charset=utf-8")],
+                    error_code::ErrorCode::markdown(),
+                )
+            }),
+        )
         .nest("/v1", v1)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -208,13 +220,8 @@ async fn method_not_allowed() -> ApiError {
 async fn with_timeout(timeout: Duration, request: Request, next: Next) -> Response {
     match tokio::time::timeout(timeout, next.run(request)).await {
         Ok(response) => response,
-        Err(_) => ApiError::new(
-            axum::http::StatusCode::SERVICE_UNAVAILABLE,
-            "timeout",
-            "Timeout",
-            "The request took too long; it may or may not have taken effect.",
-        )
-        .into_response(),
+        Err(_) => ApiError::new(ErrorCode::Timeout, "The request took too long; it may or may not have taken effect.")
+            .into_response(),
     }
 }
 

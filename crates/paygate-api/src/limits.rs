@@ -3,13 +3,14 @@
 //! GCRA limits and per-company write concurrency after it, plus overload
 //! shedding. Every refusal is a 429 (or 503) problem naming the policy.
 
+use crate::error_code::ErrorCode;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use axum::extract::{Request, State};
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderValue, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use paygate_domain::RateLimitOverride;
@@ -95,9 +96,7 @@ impl RateLimits {
         let outcome = *decision.tightest()?;
         Some(refusal(
             ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "auth_throttled",
-                "Too many failed authentications",
+                ErrorCode::AuthThrottled,
                 "Too many failed authentication attempts from this address; wait before retrying.",
             ),
             &outcome,
@@ -135,9 +134,7 @@ impl RateLimits {
         }
         Err(refusal(
             ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "rate_limited",
-                "Rate limited",
+                ErrorCode::RateLimited,
                 format!("The `{}` rate limit is exhausted; retry after the indicated delay.", outcome.policy),
             ),
             &outcome,
@@ -158,9 +155,7 @@ impl RateLimits {
             None => {
                 metrics::counter!("paygate_rate_limited_total", "policy" => "write_concurrency").increment(1);
                 let mut error = ApiError::new(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    "concurrency_limited",
-                    "Too many concurrent writes",
+                    ErrorCode::ConcurrencyLimited,
                     format!("At most {} write requests may run at once per company.", self.config.write_concurrency),
                 );
                 error.policy = Some("write_concurrency");
@@ -198,9 +193,7 @@ pub async fn client_middleware(State(limits): State<Arc<RateLimits>>, request: R
     {
         return refusal(
             ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "rate_limited",
-                "Rate limited",
+                ErrorCode::RateLimited,
                 "Too many requests from this client address; retry after the indicated delay.",
             ),
             outcome,
@@ -216,13 +209,8 @@ pub async fn overload_middleware(State(limits): State<Arc<RateLimits>>, request:
     let _release = InFlight(&limits.in_flight);
     if running >= limits.config.max_in_flight {
         metrics::counter!("paygate_overload_shed_total").increment(1);
-        let mut response = ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "overloaded",
-            "Overloaded",
-            "This node is at capacity; retry shortly.",
-        )
-        .into_response();
+        let mut response =
+            ApiError::new(ErrorCode::Overloaded, "This node is at capacity; retry shortly.").into_response();
         response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         return response;
     }

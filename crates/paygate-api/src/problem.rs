@@ -12,6 +12,8 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use utoipa::ToSchema;
 
+use crate::error_code::ErrorCode;
+
 pub const PROBLEM_CONTENT_TYPE: &str = "application/problem+json";
 
 /// One field-level problem: `pointer` is a JSON Pointer into the request body,
@@ -35,15 +37,16 @@ impl FieldError {
     }
 }
 
-/// The problem body. `type` is `urn:paygate:problem:<code>`.
+/// The problem body. `type` is `/errors#<code>`: the code's section of the
+/// errors page this API serves at `/errors` (a reference relative to its URL).
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct Problem {
     #[serde(rename = "type")]
-    #[schema(example = "urn:paygate:problem:not_found")]
+    #[schema(example = "/errors#not_found")]
     pub type_: String,
     #[schema(example = "Not found")]
     pub title: String,
-    #[schema(example = 404)]
+    #[schema(example = 404, minimum = 100, maximum = 599)]
     pub status: u16,
     #[schema(example = "No such API key.")]
     pub detail: String,
@@ -82,8 +85,7 @@ impl std::ops::DerefMut for ApiError {
 #[derive(Debug, Clone)]
 pub struct ApiErrorFields {
     pub status: StatusCode,
-    pub code: &'static str,
-    pub title: &'static str,
+    pub code: ErrorCode,
     pub detail: String,
     pub errors: Vec<FieldError>,
     pub scope: Option<&'static str>,
@@ -92,11 +94,17 @@ pub struct ApiErrorFields {
 }
 
 impl ApiError {
-    pub fn new(status: StatusCode, code: &'static str, title: &'static str, detail: impl Into<String>) -> Self {
+    /// A problem with `code`'s status and title.
+    pub fn new(code: ErrorCode, detail: impl Into<String>) -> Self {
+        Self::with_status(code.status(), code, detail)
+    }
+
+    /// Only for statuses the framework chose (`for_status`): the code's own
+    /// status is what everything else answers with.
+    fn with_status(status: StatusCode, code: ErrorCode, detail: impl Into<String>) -> Self {
         Self(Box::new(ApiErrorFields {
             status,
             code,
-            title,
             detail: detail.into(),
             errors: Vec::new(),
             scope: None,
@@ -108,46 +116,30 @@ impl ApiError {
     /// The one 401 for missing, malformed, bad-checksum, unknown and wrong keys:
     /// the body never says which, so it cannot be used as an oracle.
     pub fn unauthenticated() -> Self {
-        let mut e = Self::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthenticated",
-            "Unauthenticated",
-            "A valid API key is required: send `Authorization: Bearer <key>`.",
-        );
+        let mut e =
+            Self::new(ErrorCode::Unauthenticated, "A valid API key is required: send `Authorization: Bearer <key>`.");
         e.www_authenticate = Some("Bearer realm=\"paygate\"".into());
         e
     }
 
     pub fn key_revoked() -> Self {
-        let mut e =
-            Self::new(StatusCode::UNAUTHORIZED, "api_key_revoked", "API key revoked", "This API key has been revoked.");
+        let mut e = Self::new(ErrorCode::ApiKeyRevoked, "This API key has been revoked.");
         e.www_authenticate = Some("Bearer realm=\"paygate\", error=\"invalid_token\"".into());
         e
     }
 
     pub fn key_expired() -> Self {
-        let mut e =
-            Self::new(StatusCode::UNAUTHORIZED, "api_key_expired", "API key expired", "This API key has expired.");
+        let mut e = Self::new(ErrorCode::ApiKeyExpired, "This API key has expired.");
         e.www_authenticate = Some("Bearer realm=\"paygate\", error=\"invalid_token\"".into());
         e
     }
 
     pub fn company_suspended() -> Self {
-        Self::new(
-            StatusCode::FORBIDDEN,
-            "company_suspended",
-            "Company suspended",
-            "This company is suspended; contact support.",
-        )
+        Self::new(ErrorCode::CompanySuspended, "This company is suspended; contact support.")
     }
 
     pub fn insufficient_scope(scope: &'static str) -> Self {
-        let mut e = Self::new(
-            StatusCode::FORBIDDEN,
-            "insufficient_scope",
-            "Insufficient scope",
-            format!("This API key lacks the `{scope}` scope."),
-        );
+        let mut e = Self::new(ErrorCode::InsufficientScope, format!("This API key lacks the `{scope}` scope."));
         e.scope = Some(scope);
         e.www_authenticate =
             Some(format!("Bearer realm=\"paygate\", error=\"insufficient_scope\", scope=\"{scope}\"").into());
@@ -155,27 +147,17 @@ impl ApiError {
     }
 
     pub fn not_found(what: &str) -> Self {
-        Self::new(StatusCode::NOT_FOUND, "not_found", "Not found", format!("No such {what}."))
+        Self::new(ErrorCode::NotFound, format!("No such {what}."))
     }
 
     pub fn invalid_parameter(errors: Vec<FieldError>) -> Self {
-        let mut e = Self::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_parameter",
-            "Invalid parameter",
-            "A query or path parameter is invalid.",
-        );
+        let mut e = Self::new(ErrorCode::InvalidParameter, "A query or path parameter is invalid.");
         e.errors = errors;
         e
     }
 
     pub fn validation(errors: Vec<FieldError>) -> Self {
-        let mut e = Self::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "validation_failed",
-            "Validation failed",
-            "The request body has invalid fields.",
-        );
+        let mut e = Self::new(ErrorCode::ValidationFailed, "The request body has invalid fields.");
         e.errors = errors;
         e
     }
@@ -187,65 +169,44 @@ impl ApiError {
     }
 
     pub fn unavailable() -> Self {
-        Self::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "service_unavailable",
-            "Service unavailable",
-            "Storage is temporarily unavailable; retry with backoff.",
-        )
+        Self::new(ErrorCode::ServiceUnavailable, "Storage is temporarily unavailable; retry with backoff.")
     }
 
     pub fn internal() -> Self {
-        Self::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal_error",
-            "Internal error",
-            "An unexpected error occurred.",
-        )
+        Self::new(ErrorCode::InternalError, "An unexpected error occurred.")
     }
 
     /// The generic problem for an error status produced outside our handlers.
     pub fn for_status(status: StatusCode) -> Self {
         match status {
-            StatusCode::NOT_FOUND => Self::new(status, "not_found", "Not found", "No such resource."),
-            StatusCode::METHOD_NOT_ALLOWED => Self::new(
-                status,
-                "method_not_allowed",
-                "Method not allowed",
-                "This resource does not support that method.",
-            ),
+            StatusCode::NOT_FOUND => Self::new(ErrorCode::NotFound, "No such resource."),
+            StatusCode::METHOD_NOT_ALLOWED => {
+                Self::new(ErrorCode::MethodNotAllowed, "This resource does not support that method.")
+            }
             StatusCode::PAYLOAD_TOO_LARGE => Self::payload_too_large(),
-            StatusCode::UNSUPPORTED_MEDIA_TYPE => Self::new(
-                status,
-                "unsupported_media_type",
-                "Unsupported media type",
-                "Send the body as `Content-Type: application/json`.",
-            ),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE => {
+                Self::new(ErrorCode::UnsupportedMediaType, "Send the body as `Content-Type: application/json`.")
+            }
             StatusCode::REQUEST_TIMEOUT | StatusCode::GATEWAY_TIMEOUT => {
-                Self::new(StatusCode::SERVICE_UNAVAILABLE, "timeout", "Timeout", "The request took too long.")
+                Self::new(ErrorCode::Timeout, "The request took too long.")
             }
             s if s.is_server_error() => Self::internal(),
-            s => Self::new(s, "bad_request", "Bad request", "The request could not be processed."),
+            s => Self::with_status(s, ErrorCode::BadRequest, "The request could not be processed."),
         }
     }
 
     pub fn payload_too_large() -> Self {
-        Self::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "payload_too_large",
-            "Payload too large",
-            "The request body is too large.",
-        )
+        Self::new(ErrorCode::PayloadTooLarge, "The request body is too large.")
     }
 
     pub fn into_problem(self, request_id: &str) -> Problem {
         let this = *self.0;
         Problem {
-            type_: format!("urn:paygate:problem:{}", this.code),
-            title: this.title.to_owned(),
+            type_: this.code.type_uri(),
+            title: this.code.title().to_owned(),
             status: this.status.as_u16(),
             detail: this.detail,
-            code: this.code.to_owned(),
+            code: this.code.as_str().to_owned(),
             request_id: request_id.to_owned(),
             errors: this.errors,
             scope: this.scope.map(str::to_owned),

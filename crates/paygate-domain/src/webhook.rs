@@ -569,23 +569,9 @@ impl fmt::Display for RetrySchedule {
     }
 }
 
+/// One delay, in the duration syntax the CLI and configuration share.
 fn parse_delay(entry: &str) -> Result<Duration, String> {
-    let err = || format!("invalid delay {entry:?}: expected a number followed by ms, s, m, h or d (e.g. 30m)");
-    let split = entry.find(|c: char| !c.is_ascii_digit()).ok_or_else(err)?;
-    let (digits, unit) = entry.split_at(split);
-    if digits.is_empty() || digits.len() > 12 {
-        return Err(err());
-    }
-    let n: u64 = digits.parse().map_err(|_| err())?;
-    let ms_per_unit: u64 = match unit {
-        "ms" => 1,
-        "s" => 1_000,
-        "m" => 60_000,
-        "h" => 3_600_000,
-        "d" => 86_400_000,
-        _ => return Err(err()),
-    };
-    let delay = Duration::from_millis(n.checked_mul(ms_per_unit).ok_or_else(err)?);
+    let delay = crate::duration::parse_span(entry).map_err(|e| e.to_string())?;
     if delay > MAX_RETRY_DELAY {
         return Err(format!("delay {entry:?} is longer than 7 days"));
     }

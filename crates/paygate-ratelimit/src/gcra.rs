@@ -3,7 +3,7 @@
 //! arithmetic that turns it into a decision lives here, once.
 
 /// `limit` requests per `window_s` seconds sustained, `burst` at once.
-/// `limit` and `window_s` are what the `RateLimit-Policy` header advertises.
+/// What a client may send in a window follows from both: see `max_in_window`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Quota {
     pub limit: u32,
@@ -32,6 +32,19 @@ impl Quota {
         self.interval_us() * self.burst as u64
     }
 
+    /// The most requests this limit admits in any window of `window_us`
+    /// (start included, end excluded): the full burst at the start, then one
+    /// more per interval that begins inside the window. A fresh bucket
+    /// reaches it exactly, so it is a ceiling and not an estimate.
+    pub fn max_in_window(&self, window_us: u64) -> u64 {
+        self.burst as u64 + window_us.div_ceil(self.interval_us()).saturating_sub(1)
+    }
+
+    /// How long an emptied bucket takes to hold its full burst again.
+    pub fn refill_us(&self) -> u64 {
+        self.tolerance_us()
+    }
+
     /// This quota shared among `nodes` nodes (each enforces its share).
     pub fn divided(&self, nodes: u32) -> Self {
         let nodes = nodes.max(1);
@@ -50,6 +63,22 @@ pub struct Outcome {
     pub reset_us: u64,
     /// Microseconds until one request would be allowed (0 when allowed).
     pub retry_after_us: u64,
+}
+
+impl Outcome {
+    /// Microseconds until one more request is allowed than `remaining` says:
+    /// for a refusal the wait for the first one, otherwise the time until the
+    /// next unit of the burst comes back (at most one interval).
+    pub fn more_quota_us(&self) -> u64 {
+        if !self.allowed {
+            return self.retry_after_us;
+        }
+        let t = self.quota.interval_us();
+        // After this request the backlog is `reset_us`; `remaining + 1` more
+        // fit once it has shrunk to `tolerance - (remaining + 1) * t`.
+        let fits_at = self.quota.tolerance_us().saturating_sub((self.remaining as u64 + 1) * t);
+        self.reset_us.saturating_sub(fits_at).max(1)
+    }
 }
 
 /// The decision for one request given the current backlog (theoretical
@@ -91,6 +120,46 @@ mod tests {
         assert_eq!(refused.retry_after_us, 100_000);
         // After one interval, one more.
         assert!(evaluate("k", q, backlog - 100_000).allowed);
+    }
+
+    #[test]
+    fn window_ceiling_matches_a_greedy_client() {
+        // 2/s, burst 3: 3 at once, then one at 0.5 s, 1 s and 1.5 s: 6 in 2 s.
+        let q = Quota::new(2, 3);
+        assert_eq!(q.max_in_window(2_000_000), 6);
+        assert_eq!(Quota::new(100, 200).max_in_window(2_000_000), 399);
+        assert_eq!(Quota::per_window(20, 300).max_in_window(300_000_000), 39);
+        // Replay a greedy client at every microsecond tick that matters.
+        for quota in [Quota::new(2, 3), Quota::new(7, 3), Quota::new(3, 1), Quota::per_window(5, 2)] {
+            let window = quota.refill_us().div_ceil(1_000_000) * 1_000_000;
+            let (mut tat, mut admitted, mut now) = (0u64, 0u64, 0u64);
+            while now < window {
+                let o = evaluate("k", quota, tat.saturating_sub(now));
+                if o.allowed {
+                    admitted += 1;
+                    tat = now + o.reset_us;
+                } else {
+                    now += o.retry_after_us;
+                }
+            }
+            assert_eq!(admitted, quota.max_in_window(window), "{quota:?}");
+        }
+    }
+
+    #[test]
+    fn more_quota_comes_when_promised() {
+        let q = Quota::new(2, 3); // 500 ms interval
+        let first = evaluate("k", q, 0);
+        assert_eq!((first.remaining, first.more_quota_us()), (2, 500_000));
+        let last = evaluate("k", q, 2 * q.interval_us());
+        assert_eq!((last.remaining, last.more_quota_us()), (0, 500_000));
+        // 200 ms after the last one, the unit comes back 300 ms later.
+        let refused = evaluate("k", q, 3 * q.interval_us() - 200_000);
+        assert!(!refused.allowed);
+        assert_eq!(refused.more_quota_us(), 300_000);
+        let later = evaluate("k", q, 3 * q.interval_us() - 500_000);
+        assert!(later.allowed);
+        assert_eq!(later.remaining, 0);
     }
 
     #[test]

@@ -123,3 +123,45 @@ async fn concurrent_checks_never_over_admit() {
         assert_eq!(admitted, 10, "{name}");
     }
 }
+
+/// A client that sends while `remaining` says it may and otherwise waits the
+/// advertised time for more quota is never refused, gets exactly the window
+/// ceiling from a fresh bucket over several windows, and no window of the
+/// advertised length ever holds more than the advertised quota.
+#[tokio::test]
+async fn a_client_following_the_advertised_quota_gets_exactly_it() {
+    for (name, limiter) in backends().await {
+        // 4/s, burst 3: the burst refills in 750 ms, so the advertised window
+        // is 1 s and its quota 3 + 4 − 1 = 6.
+        let quota = Quota::new(4, 3);
+        let window = Duration::from_micros(quota.refill_us().div_ceil(1_000_000) * 1_000_000);
+        let advertised = quota.max_in_window(window.as_micros() as u64);
+        assert_eq!((window, advertised), (Duration::from_secs(1), 6));
+        let l = [Limit { policy: "key", key: unique("follow"), quota }];
+        let run = window * 3;
+        let started = Instant::now();
+        // (sent, answered) of every admitted request, client clock.
+        let mut admitted: Vec<(Instant, Instant)> = Vec::new();
+        while started.elapsed() < run {
+            let sent = Instant::now();
+            let decision = limiter.check(&l, Mode::Consume).await.unwrap();
+            let answered = Instant::now();
+            let outcome = *decision.tightest().unwrap();
+            assert!(decision.allowed(), "{name}: refused after following the headers: {outcome:?}");
+            admitted.push((sent, answered));
+            if outcome.remaining == 0 {
+                tokio::time::sleep(Duration::from_micros(outcome.more_quota_us())).await;
+            }
+        }
+        // From a fresh bucket the run admits its own ceiling: 3 + 12 − 1.
+        assert_eq!(admitted.len() as u64, quota.max_in_window(run.as_micros() as u64), "{name}");
+        // Requests sent and answered within one window were admitted within
+        // it by the limiter's clock too; there are never more than advertised.
+        for (i, (first_sent, _)) in admitted.iter().enumerate() {
+            let within = admitted[i..].iter().take_while(|(_, answered)| *answered < *first_sent + window).count();
+            assert!(within as u64 <= advertised, "{name}: {within} admitted within one window");
+        }
+        let first_window = admitted.iter().filter(|(sent, _)| *sent < started + window).count();
+        assert_eq!(first_window as u64, advertised, "{name}: the first window admits its quota exactly");
+    }
+}

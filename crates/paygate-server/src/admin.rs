@@ -302,8 +302,17 @@ async fn create_key_command(store: &dyn OperatorStore, hasher: &KeyHasher, args:
         anyhow!("--scopes: {e}; known scopes: {}", all.join(", "))
     })?;
     let mode = match args.mode {
-        ModeArg::Live => KeyMode::Live,
-        ModeArg::Test => KeyMode::Test,
+        Some(ModeArg::Live) => KeyMode::Live,
+        Some(ModeArg::Test) => KeyMode::Test,
+        None => {
+            // Live is the safe default for an operator tool (no sandbox data
+            // leaks into production), but never a silent one.
+            eprintln!(
+                "no --mode given: creating a live key (real money; payments are not settled by the simulated rail). \
+                 Pass --mode test for a sandbox key."
+            );
+            KeyMode::Live
+        }
     };
     let expires_in =
         args.expires_in.as_deref().map(parse_duration).transpose().map_err(|e| anyhow!("--expires-in: {e}"))?;

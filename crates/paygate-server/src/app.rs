@@ -23,13 +23,26 @@ use tokio::task::JoinHandle;
 use crate::config::{Config, Database};
 use crate::{pepper, telemetry};
 
+/// Refuses a SQLite path whose directory does not exist unless asked to
+/// create it: a typo in the path must not start a new, empty installation
+/// with new keys (the pepper file is created beside the database too).
+fn database_dir(config: &Config, path: &std::path::Path) -> anyhow::Result<()> {
+    let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty() && !d.exists()) else { return Ok(()) };
+    if !config.create_database_dir {
+        anyhow::bail!(
+            "the database directory {} does not exist; check the path, or create it with `paygate migrate` \
+             or `paygate serve --create`",
+            dir.display()
+        );
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))
+}
+
 /// Opens the configured backend.
 pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn OperatorStore>> {
     let store: Arc<dyn OperatorStore> = match &config.database {
         Database::Sqlite { url, path } => {
-            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-            }
+            database_dir(config, path)?;
             Arc::new(paygate_store_sqlite::SqliteStore::connect(url).await.context("cannot open the SQLite database")?)
         }
         Database::Postgres { url } => {
@@ -125,6 +138,9 @@ pub struct StartOptions {
 pub async fn start(config: &Config, options: StartOptions) -> anyhow::Result<Server> {
     crate::install_tls_provider();
     let metrics = telemetry::metrics_handle();
+    if let Database::Sqlite { path, .. } = &config.database {
+        database_dir(config, path)?;
+    }
     let pepper = pepper::load(config)?;
     let hasher = KeyHasher::new(&pepper);
     let store = open_store(config).await?;

@@ -23,8 +23,13 @@ pub enum Command {
         /// Do not apply migrations on start.
         #[arg(long)]
         no_migrate: bool,
+        /// Create the SQLite database's directory if it does not exist (a
+        /// mistyped path is refused otherwise, rather than starting empty).
+        #[arg(long)]
+        create: bool,
     },
-    /// Apply the embedded database migrations and exit.
+    /// Apply the embedded database migrations and exit (creates the SQLite
+    /// database and its directory if needed).
     Migrate,
     /// Print the OpenAPI document.
     Openapi,
@@ -70,8 +75,10 @@ pub enum AuditCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum AdminCommand {
+    /// Create, list, suspend and limit companies.
     #[command(subcommand)]
     Company(CompanyCommand),
+    /// Issue, list, revoke and limit a company's API keys.
     #[command(subcommand)]
     Key(AdminKeyCommand),
 }
@@ -80,28 +87,39 @@ pub enum AdminCommand {
 pub enum CompanyCommand {
     /// Create a company.
     Create {
+        /// The company's display name.
         #[arg(long)]
         name: String,
+        /// Print the created company as JSON.
         #[arg(long)]
         json: bool,
     },
     /// List companies, newest first.
     List {
+        /// Print a JSON array instead of tab-separated lines.
         #[arg(long)]
         json: bool,
     },
     /// Suspend a company: every key of it is refused on every node within 1 s.
-    Suspend { id: String },
+    Suspend {
+        /// Company id (`cmp_…`).
+        id: String,
+    },
     /// Resume a suspended company.
-    Resume { id: String },
+    Resume {
+        /// Company id (`cmp_…`).
+        id: String,
+    },
     /// Override the company's rate limit (all its keys together).
     SetLimits {
+        /// Company id (`cmp_…`).
         id: String,
         #[command(flatten)]
         limits: LimitArgs,
     },
     /// Set the lifetime of keys the company creates over the API.
     SetKeyPolicy {
+        /// Company id (`cmp_…`).
         id: String,
         /// Longest lifetime, e.g. 90d; omit for none.
         #[arg(long)]
@@ -114,14 +132,18 @@ pub enum CompanyCommand {
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum ModeArg {
+    /// Real money: payments go to the rail and never settle by themselves.
     Live,
+    /// The sandbox: a simulated rail settles payments after a short delay.
     Test,
 }
 
 #[derive(Debug, Args)]
 pub struct KeyCreateArgs {
+    /// Company id (`cmp_…`) the key belongs to.
     #[arg(long)]
     pub company: String,
+    /// A label for the key, e.g. "nightly sync".
     #[arg(long)]
     pub name: String,
     /// Who or which system the key is issued to.
@@ -130,14 +152,17 @@ pub struct KeyCreateArgs {
     /// Comma-separated scopes, e.g. payments:read,payees:read.
     #[arg(long)]
     pub scopes: String,
-    #[arg(long, value_enum, default_value = "live")]
-    pub mode: ModeArg,
+    /// Test (sandbox) or live (real money). Without it the key is live and
+    /// the command says so on standard error.
+    #[arg(long, value_enum)]
+    pub mode: Option<ModeArg>,
     /// Lifetime such as 90d, 12h or 2w.
     #[arg(long)]
     pub expires_in: Option<String>,
     /// Comma-separated client networks the key may be used from (at most 32).
     #[arg(long)]
     pub allowed_cidrs: Option<String>,
+    /// Print the key (with its secret) as JSON.
     #[arg(long)]
     pub json: bool,
 }
@@ -148,21 +173,28 @@ pub enum AdminKeyCommand {
     Create(KeyCreateArgs),
     /// List a company's keys (never secrets).
     List {
+        /// Company id (`cmp_…`).
         #[arg(long)]
         company: String,
+        /// Print a JSON array instead of tab-separated lines.
         #[arg(long)]
         json: bool,
     },
     /// Revoke a key at once.
-    Revoke { id: String },
+    Revoke {
+        /// Key id (`key_…`).
+        id: String,
+    },
     /// Override one key's rate limit.
     SetLimits {
+        /// Key id (`key_…`).
         id: String,
         #[command(flatten)]
         limits: LimitArgs,
     },
     /// Emergency: revoke every key of a company at once.
     RevokeAll {
+        /// Company id (`cmp_…`).
         #[arg(long)]
         company: String,
     },
@@ -172,7 +204,10 @@ pub enum AdminKeyCommand {
 pub enum KeyCommand {
     /// Exit 0 if TEXT is a well-formed Paygate key (checksum included), 1 if not.
     /// Offline; never prints the key. Use `-` to read it from standard input.
-    Check { text: String },
+    Check {
+        /// The key text, or `-` for standard input.
+        text: String,
+    },
 }
 
 #[derive(Debug, Args)]

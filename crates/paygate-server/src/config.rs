@@ -129,6 +129,9 @@ pub struct Config {
     pub rail_submit_delay: Duration,
     pub rail_settle_delay: Duration,
     pub webhooks: Webhooks,
+    /// Create a missing SQLite directory (set by `migrate` and `serve --create`,
+    /// never by a setting: a typo in a path must not start an empty installation).
+    pub create_database_dir: bool,
 }
 
 /// Webhook delivery settings.
@@ -202,6 +205,7 @@ impl Config {
             None => BTreeMap::new(),
             Some(path) => read_file(path)?,
         };
+        unknown_variables(&env)?;
         let env = SETTINGS
             .iter()
             .filter_map(|(name, _)| env.get(&env_name(name)).map(|v| (name.to_string(), v.clone())))
@@ -256,7 +260,7 @@ impl Config {
             "json" => Ok(LogFormat::Json),
             _ => Err("must be text or json".into()),
         })?;
-        let log_level = s.get("log_level").unwrap_or("info").to_owned();
+        let log_level = s.parse("log_level", "info".to_owned(), parse_log_level)?;
         let positive = |max: u64| {
             move |t: &str| {
                 t.parse::<u64>()
@@ -331,6 +335,7 @@ impl Config {
             allowed_networks: s.parse("webhook_allowed_networks", Vec::new(), parse_cidrs)?,
         };
         Ok(Self {
+            create_database_dir: false,
             webhooks,
             data_key_file,
             payment_worker_interval,
@@ -363,6 +368,70 @@ impl Config {
     pub fn settings() -> impl Iterator<Item = (String, &'static str, &'static str)> {
         SETTINGS.iter().map(|(name, doc)| (env_name(name), *name, *doc))
     }
+}
+
+/// `PAYGATE_*` variables that are not settings but are read elsewhere: the
+/// CLI's own (`--config`, the webhook listener's secret, the operator name).
+const OTHER_VARIABLES: &[&str] = &["PAYGATE_CONFIG", "PAYGATE_WEBHOOK_SECRET", "PAYGATE_OPERATOR"];
+/// Prefixes of variables the test and benchmark tools read from the same environment.
+const TOOL_PREFIXES: &[&str] = &["PAYGATE_TEST_", "PAYGATE_BENCH_", "PAYGATE_UPDATE_"];
+
+/// A misspelled variable would silently fall back to a default (a typo in
+/// `PAYGATE_LISTEN` binds the default address), so an unknown one is refused
+/// with the nearest known name.
+fn unknown_variables(env: &BTreeMap<String, String>) -> Result<(), ConfigError> {
+    let known: Vec<String> =
+        SETTINGS.iter().map(|(name, _)| env_name(name)).chain(OTHER_VARIABLES.iter().map(|v| v.to_string())).collect();
+    for name in env.keys().filter(|k| k.starts_with("PAYGATE_")) {
+        if known.contains(name) || TOOL_PREFIXES.iter().any(|p| name.starts_with(p)) {
+            continue;
+        }
+        let nearest = known.iter().min_by_key(|k| edit_distance(k, name)).expect("settings exist");
+        return Err(ConfigError {
+            setting: name.trim_start_matches("PAYGATE_").to_ascii_lowercase(),
+            env: name.clone(),
+            message: format!("unknown setting; did you mean {nearest}?"),
+        });
+    }
+    Ok(())
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut previous = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let substituted = previous + usize::from(ca != *cb);
+            previous = row[j + 1];
+            row[j + 1] = substituted.min(row[j] + 1).min(previous + 1);
+        }
+    }
+    row[b.len()]
+}
+
+const LOG_LEVELS: &[&str] = &["trace", "debug", "info", "warn", "error", "off"];
+
+/// A level (`info`) or comma-separated `target=level` directives. A bare word
+/// is a valid target for tracing's filter, so `inof` would silently turn all
+/// other logging off: only level names are accepted bare.
+fn parse_log_level(text: &str) -> Result<String, String> {
+    for directive in text.split(',').map(str::trim) {
+        let level = match directive.rsplit_once('=') {
+            Some((target, level)) if !target.is_empty() => level,
+            _ => directive,
+        };
+        if !LOG_LEVELS.contains(&level.to_ascii_lowercase().as_str()) {
+            let nearest = LOG_LEVELS.iter().min_by_key(|l| edit_distance(l, level)).expect("levels exist");
+            return Err(format!(
+                "{level:?} is not a log level (one of {}, or target=level); did you mean {nearest}?",
+                LOG_LEVELS.join(", ")
+            ));
+        }
+    }
+    tracing_subscriber::EnvFilter::try_new(text).map_err(|e| e.to_string())?;
+    Ok(text.to_owned())
 }
 
 /// Comma- or space-separated networks.

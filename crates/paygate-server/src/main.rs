@@ -50,8 +50,11 @@ fn main() -> ExitCode {
 
 async fn run(command: Command, config: Config) -> anyhow::Result<()> {
     match command {
-        Command::Serve { demo, no_migrate } => serve(config, demo, no_migrate).await,
+        Command::Serve { demo, no_migrate, create } => {
+            serve(Config { create_database_dir: create, ..config }, demo, no_migrate).await
+        }
         Command::Migrate => {
+            let config = Config { create_database_dir: true, ..config };
             let store = app::open_store(&config).await?;
             store.migrate().await?;
             println!("migrations applied ({})", store.backend().as_str());
@@ -117,12 +120,29 @@ async fn serve(mut config: Config, demo: bool, no_migrate: bool) -> anyhow::Resu
     let server = app::start(&config, app::StartOptions { skip_migrations: no_migrate }).await?;
     if demo {
         demo::prepare(&*server.store, &server.hasher, server.api_addr).await?;
+    } else if server.store.list_companies().await?.is_empty() {
+        print_next_steps(server.api_addr);
     }
     let _store: Arc<_> = server.store.clone();
     shutdown_signal().await;
     tracing::info!("shutdown signal received; finishing in-flight requests");
     server.shutdown().await;
     Ok(())
+}
+
+/// An empty installation answers every request with 401: say how to get a key.
+fn print_next_steps(api: std::net::SocketAddr) {
+    let lines = [
+        format!("Paygate is running on http://{api} but has no company yet. Next steps:"),
+        String::new(),
+        "  paygate admin company create --name \"Acme\"".into(),
+        "  paygate admin key create --company cmp_… --name \"first key\" --owner you@example.com \\".into(),
+        "      --scopes payments:read,payments:write,payees:read,payees:write --mode test".into(),
+        format!("  curl -s http://{api}/v1/me -H 'Authorization: Bearer <the key printed above>'"),
+        String::new(),
+        "Or start with `paygate serve --demo` for a sandbox company and two test keys.".into(),
+    ];
+    println!("{}", lines.join("\n"));
 }
 
 async fn shutdown_signal() {

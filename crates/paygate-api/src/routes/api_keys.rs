@@ -1,3 +1,4 @@
+use crate::error_code::ErrorCode;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::Json;
@@ -168,9 +169,7 @@ pub async fn create_api_key(
     if !scopes.is_subset_of(caller.scopes) {
         let extra: Vec<_> = scopes.iter().filter(|s| !caller.scopes.contains(*s)).map(Scope::as_str).collect();
         return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "scope_escalation",
-            "Scope escalation",
+            ErrorCode::ScopeEscalation,
             format!("A key cannot grant scopes it does not hold: {}.", extra.join(", ")),
         ));
     }
@@ -259,12 +258,7 @@ fn check_mode(caller: paygate_domain::KeyMode, target: paygate_domain::KeyMode, 
     if caller == target {
         return Ok(());
     }
-    Err(ApiError::new(
-        StatusCode::FORBIDDEN,
-        "mode_mismatch",
-        "Mode mismatch",
-        format!("A {caller} key cannot {action} a {target} key."),
-    ))
+    Err(ApiError::new(ErrorCode::ModeMismatch, format!("A {caller} key cannot {action} a {target} key.")))
 }
 
 /// A 201 with `Location` and the key text, shown this once.
@@ -281,9 +275,7 @@ fn created(key: ApiKeyView, text: &str) -> Created {
 /// two credentials.
 pub fn conflicting_scopes((a, b): (Scope, Scope)) -> ApiError {
     let mut error = ApiError::new(
-        StatusCode::UNPROCESSABLE_ENTITY,
-        "conflicting_scopes",
-        "Conflicting scopes",
+        ErrorCode::ConflictingScopes,
         format!("A key may not hold both {a} and {b} under this company's approval policy."),
     );
     error.errors = vec![FieldError::pointer("/scopes", format!("{a} and {b} on one key"))];
@@ -292,9 +284,7 @@ pub fn conflicting_scopes((a, b): (Scope, Scope)) -> ApiError {
 
 fn lifetime_exceeded(e: LifetimeExceedsPolicy) -> ApiError {
     let mut error = ApiError::new(
-        StatusCode::UNPROCESSABLE_ENTITY,
-        "lifetime_exceeds_policy",
-        "Lifetime exceeds policy",
+        ErrorCode::LifetimeExceedsPolicy,
         format!("Keys of this company may live at most {} seconds.", e.max_seconds),
     );
     error.errors = vec![FieldError::pointer("/expires_at", e.to_string())];
@@ -354,9 +344,7 @@ pub async fn rotate_api_key(
     // must hold all of them, in the same mode.
     if !old.scopes.is_subset_of(caller.scopes) {
         return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "scope_escalation",
-            "Scope escalation",
+            ErrorCode::ScopeEscalation,
             "A key can rotate only keys whose scopes it holds itself.",
         ));
     }
@@ -387,7 +375,7 @@ pub async fn rotate_api_key(
         principal: Some(if old.principal == caller.principal { old.principal } else { caller.principal }),
     };
     let grace_until = now + time::Duration::seconds(grace);
-    let invalid = |detail: &str| ApiError::new(StatusCode::CONFLICT, "invalid_state", "Invalid state", detail);
+    let invalid = |detail: &str| ApiError::new(ErrorCode::InvalidState, detail);
     let record = audit.entry(
         "api_key.rotate",
         Some(("api_key", id.to_string())),

@@ -1,3 +1,4 @@
+use crate::error_code::ErrorCode;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Json, Response};
@@ -56,16 +57,14 @@ pub(crate) fn caller_actor(caller: &Authenticated) -> Actor {
     Actor::key(key.id, &key.owner, key.principal)
 }
 
-fn idempotency_problem(status: StatusCode, code: &'static str, title: &'static str, detail: &str) -> ApiError {
-    ApiError::new(status, code, title, detail.to_owned())
+fn idempotency_problem(code: ErrorCode, detail: &str) -> ApiError {
+    ApiError::new(code, detail.to_owned())
 }
 
 fn replay(stored: &StoredResponse, fingerprint: &str) -> Result<Response, ApiError> {
     if stored.fingerprint != fingerprint {
         return Err(idempotency_problem(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "idempotency_key_reused",
-            "Idempotency key reused",
+            ErrorCode::IdempotencyKeyReused,
             "This Idempotency-Key was used with a different request body; use a new key for a new payment.",
         ));
     }
@@ -140,17 +139,13 @@ pub async fn create_payment(
     let key = match headers.get("idempotency-key") {
         None => {
             return Err(idempotency_problem(
-                StatusCode::BAD_REQUEST,
-                "idempotency_key_missing",
-                "Idempotency key missing",
+                ErrorCode::IdempotencyKeyMissing,
                 "POST /v1/payments requires an Idempotency-Key header (e.g. a UUID per payment).",
             ));
         }
         Some(v) => v.to_str().ok().and_then(IdempotencyKey::parse).ok_or_else(|| {
             idempotency_problem(
-                StatusCode::BAD_REQUEST,
-                "invalid_idempotency_key",
-                "Invalid idempotency key",
+                ErrorCode::InvalidIdempotencyKey,
                 "The Idempotency-Key must be 1 to 255 printable ASCII characters without spaces.",
             )
         })?,
@@ -160,9 +155,7 @@ pub async fn create_payment(
     let company = auth.scope().company_id();
     let Some(_in_flight) = state.payments.claim(company, mode, key.as_str()) else {
         return Err(idempotency_problem(
-            StatusCode::CONFLICT,
-            "idempotency_key_in_use",
-            "Idempotency key in use",
+            ErrorCode::IdempotencyKeyInUse,
             "A request with this Idempotency-Key is still being processed; retry after it completes.",
         ));
     };
@@ -225,12 +218,7 @@ pub async fn create_payment(
             Err(ApiError::validation(vec![FieldError::pointer("/payee_id", "no such payee")]))
         }
         PaymentCreated::PayeeDisabled => {
-            let mut e = ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "payee_disabled",
-                "Payee disabled",
-                "The payee is disabled; payments to it are refused.",
-            );
+            let mut e = ApiError::new(ErrorCode::PayeeDisabled, "The payee is disabled; payments to it are refused.");
             e.errors = vec![FieldError::pointer("/payee_id", "payee is disabled")];
             Err(e)
         }
@@ -325,18 +313,10 @@ pub async fn get_payment(
 fn payment_error(e: PaymentError) -> ApiError {
     let detail = e.to_string();
     match e {
-        PaymentError::InvalidState { .. } => {
-            ApiError::new(StatusCode::CONFLICT, "invalid_state", "Invalid state", detail)
-        }
-        PaymentError::ApproverIsInitiator => {
-            ApiError::new(StatusCode::FORBIDDEN, "approver_is_initiator", "Approver is initiator", detail)
-        }
-        PaymentError::AlreadyApproved => {
-            ApiError::new(StatusCode::CONFLICT, "already_approved", "Already approved", detail)
-        }
-        PaymentError::ApprovalExpired(_) => {
-            ApiError::new(StatusCode::CONFLICT, "approval_expired", "Approval window closed", detail)
-        }
+        PaymentError::InvalidState { .. } => ApiError::new(ErrorCode::InvalidState, detail),
+        PaymentError::ApproverIsInitiator => ApiError::new(ErrorCode::ApproverIsInitiator, detail),
+        PaymentError::AlreadyApproved => ApiError::new(ErrorCode::AlreadyApproved, detail),
+        PaymentError::ApprovalExpired(_) => ApiError::new(ErrorCode::ApprovalExpired, detail),
     }
 }
 
@@ -355,9 +335,7 @@ enum Binding {
 
 fn payment_changed(expected: u32, actual: u32) -> ApiError {
     ApiError::new(
-        StatusCode::CONFLICT,
-        "payment_changed",
-        "Payment changed",
+        ErrorCode::PaymentChanged,
         format!("The payment is at version {actual}, not {expected}: read it again and decide on what it is now."),
     )
 }
@@ -429,9 +407,7 @@ async fn change_payment(
         tokio::task::yield_now().await;
     }
     Err(ApiError::new(
-        StatusCode::CONFLICT,
-        "concurrent_update",
-        "Concurrent update",
+        ErrorCode::ConcurrentUpdate,
         "The payment changed too often while this request ran; read it and retry.",
     ))
 }

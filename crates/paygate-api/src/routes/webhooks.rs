@@ -1,3 +1,4 @@
+use crate::error_code::ErrorCode;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::Json;
@@ -68,13 +69,15 @@ pub struct UpdateWebhookEndpoint {
 /// the caller): `invalid_url`, `url_scheme_not_allowed` or `url_not_allowed`.
 fn parse_url(text: &str, state: &AppState, mode: KeyMode) -> Result<EndpointUrl, ApiError> {
     EndpointUrl::parse(text, mode == KeyMode::Test, &state.webhook_addresses).map_err(|e: UrlError| {
-        let title = match e {
-            UrlError::Forbidden(_) => "URL not allowed",
-            UrlError::SchemeNotAllowed => "URL scheme not allowed",
-            _ => "Invalid URL",
+        let code = match e {
+            UrlError::Forbidden(_) => ErrorCode::UrlNotAllowed,
+            UrlError::SchemeNotAllowed => ErrorCode::UrlSchemeNotAllowed,
+            UrlError::Invalid(_) | UrlError::Credentials | UrlError::Fragment | UrlError::TooLong => {
+                ErrorCode::InvalidUrl
+            }
         };
-        ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e.code(), title, e.to_string())
-            .with_errors(vec![FieldError::pointer("/url", e.to_string())])
+        debug_assert_eq!(code.as_str(), e.code());
+        ApiError::new(code, e.to_string()).with_errors(vec![FieldError::pointer("/url", e.to_string())])
     })
 }
 
@@ -180,9 +183,7 @@ pub async fn create_webhook_endpoint(
     let new = NewWebhookEndpoint { endpoint: endpoint.clone(), secret_sealed };
     if !state.store.create_webhook_endpoint(auth.scope(), &new, &record).await? {
         return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "endpoint_limit_reached",
-            "Endpoint limit reached",
+            ErrorCode::EndpointLimitReached,
             format!("A company may have at most {} webhook endpoints per mode.", paygate_store::MAX_ENDPOINTS),
         ));
     }
@@ -407,9 +408,7 @@ pub async fn test_webhook_endpoint(
         .ok_or_else(|| ApiError::not_found("webhook endpoint"))?;
     if !endpoint.enabled {
         return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "endpoint_disabled",
-            "Endpoint disabled",
+            ErrorCode::EndpointDisabled,
             "The endpoint is disabled; enable it with PATCH {\"enabled\": true} first.",
         ));
     }

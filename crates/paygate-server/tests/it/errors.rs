@@ -5,7 +5,34 @@ use reqwest::{Method, StatusCode};
 use crate::backend_tests;
 use crate::harness::{TestApp, json, problem};
 
-backend_tests!(framework_rejections_are_problems, request_ids_are_accepted_only_when_safe, bad_list_parameters_are_400);
+backend_tests!(
+    framework_rejections_are_problems,
+    request_ids_are_accepted_only_when_safe,
+    bad_list_parameters_are_400,
+    every_problem_type_points_at_its_section_of_the_errors_page,
+);
+
+async fn every_problem_type_points_at_its_section_of_the_errors_page(app: TestApp) {
+    let page = app.request(Method::GET, "/errors", None).send().await.unwrap();
+    assert_eq!(page.status(), StatusCode::OK);
+    assert_eq!(page.headers()["content-type"], "text/markdown; charset=utf-8");
+    let page = page.text().await.unwrap();
+    // The served page is the committed one.
+    let committed = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/errors.md")).unwrap();
+    assert_eq!(page, committed);
+    let body = problem(
+        app.request(Method::GET, "/v1/me", None).send().await.unwrap(),
+        StatusCode::UNAUTHORIZED,
+        "unauthenticated",
+    )
+    .await;
+    let (path, anchor) = body["type"].as_str().unwrap().split_once('#').unwrap();
+    assert_eq!(path, "/errors");
+    assert!(page.contains(&format!("<a id=\"{anchor}\"></a>\n## {anchor}\n")), "no section for {anchor}");
+    for code in paygate_api::error_code::ErrorCode::ALL {
+        assert!(page.contains(&format!("<a id=\"{code}\"></a>")), "{code}");
+    }
+}
 
 async fn framework_rejections_are_problems(app: TestApp) {
     let acme = app.company("Acme").await;

@@ -12,6 +12,7 @@ use crate::harness::{TestApp, json, problem};
 backend_tests!(
     every_authenticated_response_names_its_tightest_policy,
     key_limit_refuses_with_retry_after,
+    a_client_following_the_headers_gets_what_they_promise,
     company_limit_aggregates_its_keys,
     failed_authentication_throttles_the_address_even_for_a_valid_key,
     client_address_limit_applies_before_authentication,
@@ -59,12 +60,14 @@ async fn every_authenticated_response_names_its_tightest_policy(app: TestApp) {
         let (state_name, state) = structured(r.headers()["ratelimit"].to_str().unwrap());
         assert_eq!(policy_name, state_name);
         // Defaults: key 100/s burst 200, company 500/s burst 1000; the key is
-        // tighter. At most q=200 requests in any w=2 seconds.
+        // tighter. Its burst refills in 2 s, during which it admits at most
+        // 200 + 199 requests.
         assert_eq!(policy_name, "key");
-        assert_eq!((param(&policy, "q"), param(&policy, "w")), (200, 2));
+        assert_eq!((param(&policy, "q"), param(&policy, "w")), (399, 2));
         let remaining = param(&state, "r");
         assert!(remaining <= last_remaining.saturating_add(refilled) && remaining < param(&policy, "q"));
-        assert!(param(&state, "t") >= 1);
+        // More quota comes back within one interval (10 ms), not when the bucket is full.
+        assert_eq!(param(&state, "t"), 1);
         last_remaining = remaining;
     }
     // Errors of an authenticated caller carry them too; unauthenticated ones do not.
@@ -91,7 +94,10 @@ async fn key_limit_refuses_with_retry_after(app: TestApp) {
     let retry_after: u64 = refused.headers()["retry-after"].to_str().unwrap().parse().unwrap();
     assert!((1..=1).contains(&retry_after), "{retry_after}");
     let (name, policy) = structured(refused.headers()["ratelimit-policy"].to_str().unwrap());
-    assert_eq!((name.as_str(), param(&policy, "q"), param(&policy, "w")), ("key", 3, 3));
+    // 1/s, burst 3: refilled in 3 s, which admit 3 at once plus 2 refills.
+    assert_eq!((name.as_str(), param(&policy, "q"), param(&policy, "w")), ("key", 5, 3));
+    let (_, state) = structured(refused.headers()["ratelimit"].to_str().unwrap());
+    assert_eq!((param(&state, "r"), param(&state, "t")), (0, retry_after));
     let body = problem(refused, StatusCode::TOO_MANY_REQUESTS, "rate_limited").await;
     assert_eq!(body["policy"], "key");
     // Another key of the same company is not affected.
@@ -105,6 +111,58 @@ async fn key_limit_refuses_with_retry_after(app: TestApp) {
     // Bad input to the CLI.
     let out = app.cli(&["admin", "key", "set-limits", &id, "--rate", "0", "--burst", "3"]).await;
     assert!(!out.status.success());
+}
+
+/// Over several advertised windows a client that sends while `r` > 0 and
+/// otherwise waits `t` is never refused, and gets the advertised quota in the
+/// first window and never more in any window.
+async fn a_client_following_the_headers_gets_what_they_promise(app: TestApp) {
+    let acme = app.company("Acme").await;
+    let key = app.key(acme.id, "keys:read").await;
+    let id = paygate_domain::ApiKeyText::parse(&key).unwrap().id().to_string();
+    // 1/s, burst 2: the burst refills in 2 s, which admit 2 + 1 (t is whole
+    // seconds, so a slow rate keeps the waits exact).
+    let out = app.cli(&["admin", "key", "set-limits", &id, "--rate", "1", "--burst", "2"]).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let started = std::time::Instant::now();
+    let mut admitted: Vec<(std::time::Instant, std::time::Instant)> = Vec::new();
+    let mut window = None;
+    while started.elapsed() < Duration::from_secs(6) {
+        let sent = std::time::Instant::now();
+        let r = app.get("/v1/me", &key).send().await.unwrap();
+        let answered = std::time::Instant::now();
+        assert_eq!(r.status(), StatusCode::OK, "refused after following the headers");
+        let (_, policy) = structured(r.headers()["ratelimit-policy"].to_str().unwrap());
+        let (_, state) = structured(r.headers()["ratelimit"].to_str().unwrap());
+        let (q, w) = (param(&policy, "q"), param(&policy, "w"));
+        assert_eq!((q, w), (3, 2));
+        window = Some((q, Duration::from_secs(w)));
+        admitted.push((sent, answered));
+        if param(&state, "r") == 0 {
+            tokio::time::sleep(Duration::from_secs(param(&state, "t"))).await;
+        }
+    }
+    let (quota, window) = window.unwrap();
+    let first = admitted.iter().filter(|(sent, _)| *sent < started + window).count() as u64;
+    assert_eq!(first, quota, "the first window admits the advertised quota");
+    for (i, (sent, _)) in admitted.iter().enumerate() {
+        let within = admitted[i..].iter().take_while(|(_, answered)| *answered < *sent + window).count() as u64;
+        assert!(within <= quota, "{within} admitted within one window of {window:?}");
+    }
+    // One more than allowed right now is refused with t equal to Retry-After.
+    let mut last = None;
+    for _ in 0..3 {
+        last = Some(app.get("/v1/me", &key).send().await.unwrap());
+    }
+    let refused = last.unwrap();
+    assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
+    let retry_after: u64 = refused.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    let (_, state) = structured(refused.headers()["ratelimit"].to_str().unwrap());
+    assert_eq!((param(&state, "r"), param(&state, "t")), (0, retry_after));
+    if app.env.contains_key("PAYGATE_REDIS_URL") {
+        assert_eq!(app.server.as_ref().unwrap().state.limits.limiter.backend(), paygate_ratelimit::Backend::Redis);
+    }
 }
 
 async fn company_limit_aggregates_its_keys(app: TestApp) {
