@@ -6,6 +6,7 @@ mod harness;
 
 mod audit;
 mod auth;
+mod ceilings;
 mod cli;
 mod errors;
 mod keys;
