@@ -16,6 +16,7 @@ pub mod ratelimit_headers;
 pub mod request_id;
 pub mod routes;
 pub mod views;
+pub mod wire;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -58,11 +59,18 @@ pub struct ApiConfig {
     pub request_timeout: Duration,
     /// Peers whose `X-Forwarded-For` is believed. Empty: the TCP peer is the client.
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// The whole body must arrive within this time (408 otherwise).
+    pub body_read_timeout: Duration,
 }
 
 impl Default for ApiConfig {
     fn default() -> Self {
-        Self { max_body_bytes: 64 * 1024, request_timeout: Duration::from_secs(30), trusted_proxies: Vec::new() }
+        Self {
+            max_body_bytes: 64 * 1024,
+            request_timeout: Duration::from_secs(30),
+            trusted_proxies: Vec::new(),
+            body_read_timeout: Duration::from_secs(10),
+        }
     }
 }
 
@@ -153,6 +161,7 @@ pub fn router(state: AppState, config: &ApiConfig) -> Router {
     let audit_writer = state.audit.clone();
     let v1 = protect(v1, state);
     let timeout = config.request_timeout;
+    let (body_timeout, max_body) = (config.body_read_timeout, config.max_body_bytes);
     Router::new()
         .route(
             "/openapi.json",
@@ -166,11 +175,15 @@ pub fn router(state: AppState, config: &ApiConfig) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(config.max_body_bytes))
         .layer(tower_http::limit::RequestBodyLimitLayer::new(config.max_body_bytes))
+        .layer(middleware::from_fn(move |req: Request, next: Next| {
+            wire::body_deadline(body_timeout, max_body, req, next)
+        }))
         .layer(middleware::from_fn(move |req: Request, next: Next| with_timeout(timeout, req, next)))
         .layer(middleware::from_fn_with_state(limits.clone(), limits::client_middleware))
         .layer(middleware::from_fn_with_state(limits, limits::overload_middleware))
         // Inside the audit layer too, so a panic's 500 is recorded like any answer.
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(panicked))
+        .layer(middleware::from_fn(wire::header_bounds))
         .layer(middleware::from_fn_with_state(audit_writer, audit::middleware))
         .layer(middleware::from_fn_with_state(Arc::new(config.trusted_proxies.clone()), client::middleware))
         // A panic in a handler is a bug: answer 500 problem+json, keep serving.

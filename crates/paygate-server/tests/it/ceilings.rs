@@ -120,7 +120,11 @@ async fn a_narrow_key_cannot_change_an_endpoint_it_could_not_read(app: TestApp) 
     let other_wide = app.key(other.id, WIDE).await;
     let live_wide = app.key_with(acme.id, WIDE, KeyMode::Live, None).await;
     for key in [&other_wide, &live_wide] {
-        for write in endpoint_writes(everything_id) {
+        for mut write in endpoint_writes(everything_id) {
+            // A live key may not name an http:// URL at all (422 before any lookup).
+            if let Some(body) = write.2.as_mut().filter(|b| b.get("url").is_some()) {
+                body["url"] = json!("https://127.0.0.1:9/attacker");
+            }
             problem(send(&app, key, &write).await, StatusCode::NOT_FOUND, "not_found").await;
         }
     }

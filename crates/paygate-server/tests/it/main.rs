@@ -20,3 +20,4 @@ mod secrets;
 mod shared_limits;
 mod tenancy;
 mod webhooks;
+mod wire;
