@@ -161,7 +161,6 @@ pub fn router(state: AppState, config: &ApiConfig) -> Router {
     let audit_writer = state.audit.clone();
     let v1 = protect(v1, state);
     let timeout = config.request_timeout;
-    let (body_timeout, max_body) = (config.body_read_timeout, config.max_body_bytes);
     Router::new()
         .route(
             "/openapi.json",
@@ -175,9 +174,6 @@ pub fn router(state: AppState, config: &ApiConfig) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(config.max_body_bytes))
         .layer(tower_http::limit::RequestBodyLimitLayer::new(config.max_body_bytes))
-        .layer(middleware::from_fn(move |req: Request, next: Next| {
-            wire::body_deadline(body_timeout, max_body, req, next)
-        }))
         .layer(middleware::from_fn(move |req: Request, next: Next| with_timeout(timeout, req, next)))
         .layer(middleware::from_fn_with_state(limits.clone(), limits::client_middleware))
         .layer(middleware::from_fn_with_state(limits, limits::overload_middleware))
