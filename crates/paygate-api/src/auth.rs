@@ -28,9 +28,14 @@ use crate::problem::ApiError;
 pub const KEY_EXPIRES_HEADER: &str = "paygate-key-expires";
 
 /// Extracts the credential from `Authorization: Bearer <key>` (scheme
-/// case-insensitive, per RFC 9110). `None` for anything else.
+/// case-insensitive, per RFC 9110). `None` for anything else, and for a
+/// repeated header: a proxy may pick the last where we would pick the first.
 fn bearer(parts: &axum::http::HeaderMap) -> Option<&str> {
-    let value = parts.get(AUTHORIZATION)?.to_str().ok()?;
+    let mut values = parts.get_all(AUTHORIZATION).iter();
+    let value = values.next()?.to_str().ok()?;
+    if values.next().is_some() {
+        return None;
+    }
     let (scheme, token) = value.split_once(' ')?;
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }

@@ -19,11 +19,135 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Json<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        match axum::Json::<T>::from_request(req, state).await {
+        if !json_content_type(req.headers()) {
+            return Err(ApiError::for_status(StatusCode::UNSUPPORTED_MEDIA_TYPE));
+        }
+        let bytes = axum::body::Bytes::from_request(req, state).await.map_err(bytes_rejection)?;
+        // serde would take an array for a struct and let the last duplicate
+        // key win: two parsers (ours and a proxy's, a client's) would then
+        // disagree about what was sent. Refused before any field is read.
+        check_shape(&bytes)?;
+        match axum::Json::<T>::from_bytes(&bytes) {
             Ok(axum::Json(value)) => Ok(Self(value)),
             Err(rejection) => Err(json_rejection(rejection)),
         }
     }
+}
+
+/// `application/json` or `application/…+json`, as axum's own extractor.
+fn json_content_type(headers: &axum::http::HeaderMap) -> bool {
+    let Some(value) = headers.get(axum::http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()) else {
+        return false;
+    };
+    let essence = value.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    essence == "application/json" || (essence.starts_with("application/") && essence.ends_with("+json"))
+}
+
+fn bytes_rejection(rejection: axum::extract::rejection::BytesRejection) -> ApiError {
+    if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        ApiError::payload_too_large()
+    } else {
+        ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", "Invalid body", "The body could not be read.")
+    }
+}
+
+/// A body must be one JSON object, and no object in it may repeat a key.
+fn check_shape(bytes: &[u8]) -> Result<(), ApiError> {
+    let invalid = |detail: String| ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", "Invalid JSON", detail);
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    match serde::Deserialize::deserialize(&mut de).and_then(|shape: Shape| de.end().map(|()| shape)) {
+        Ok(Shape::Object) => Ok(()),
+        Ok(Shape::Other) => Err(ApiError::validation(vec![FieldError::pointer("", "the body must be a JSON object")])),
+        Err(e) => Err(invalid(format!("The body is not valid JSON: {e}"))),
+    }
+}
+
+/// What a JSON value was, after checking every object in it for repeated keys.
+enum Shape {
+    Object,
+    Other,
+}
+
+impl<'de> serde::Deserialize<'de> for Shape {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(ShapeVisitor)
+    }
+}
+
+struct ShapeVisitor;
+
+impl<'de> serde::de::Visitor<'de> for ShapeVisitor {
+    type Value = Shape;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Shape, A::Error> {
+        let mut seen = std::collections::HashSet::new();
+        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+            if !seen.insert(key.clone()) {
+                let shown: String = key.chars().take(64).collect();
+                return Err(serde::de::Error::custom(format!("duplicate key {shown:?}")));
+            }
+            map.next_value::<Shape>()?;
+        }
+        Ok(Shape::Object)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Shape, A::Error> {
+        while seq.next_element::<Shape>()?.is_some() {}
+        Ok(Shape::Other)
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<Shape, E> {
+        Ok(Shape::Other)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Shape, E> {
+        Ok(Shape::Other)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Shape, E> {
+        Ok(Shape::Other)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Shape, E> {
+        Ok(Shape::Other)
+    }
+    fn visit_str<E>(self, _: &str) -> Result<Shape, E> {
+        Ok(Shape::Other)
+    }
+    fn visit_unit<E>(self) -> Result<Shape, E> {
+        Ok(Shape::Other)
+    }
+}
+
+/// serde names the Rust type it expected ("expected struct CreatePayment",
+/// "expected u64"): the caller gets the JSON kind instead.
+fn without_type_names(detail: &str) -> String {
+    let mut out = Vec::new();
+    let mut words = detail.split(' ').peekable();
+    while let Some(word) = words.next() {
+        match word {
+            "struct" | "enum" | "tuple" if words.peek().is_some() => {
+                let name = words.next().unwrap_or("");
+                let trail: String = name.chars().skip_while(|c| c.is_alphanumeric() || *c == '_').collect();
+                out.push(format!(
+                    "{}{trail}",
+                    if word == "enum" { "one of the documented values" } else { "an object" }
+                ));
+            }
+            w => {
+                let (core, trail) = w.split_at(w.find(|c: char| !c.is_alphanumeric()).unwrap_or(w.len()));
+                let kind = match core {
+                    "u8" | "u16" | "u32" | "u64" | "u128" | "usize" | "i8" | "i16" | "i32" | "i64" | "i128"
+                    | "isize" => Some("an integer"),
+                    "f32" | "f64" => Some("a number"),
+                    _ => None,
+                };
+                out.push(kind.map(|k| format!("{k}{trail}")).unwrap_or_else(|| w.to_owned()));
+            }
+        }
+    }
+    out.join(" ")
 }
 
 fn json_rejection(rejection: JsonRejection) -> ApiError {
@@ -48,6 +172,7 @@ fn json_rejection(rejection: JsonRejection) -> ApiError {
                 Some(i) => detail[..i].to_owned(),
                 None => detail,
             };
+            let detail = without_type_names(&detail);
             let mut pointer = to_json_pointer(&path);
             // A missing field is reported at its parent; point at the field itself.
             if let Some(field) = detail.strip_prefix("missing field `").and_then(|r| r.split('`').next()) {
@@ -140,7 +265,41 @@ fn param_name(detail: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::to_json_pointer;
+    use super::{check_shape, to_json_pointer, without_type_names};
+
+    #[test]
+    fn shapes() {
+        assert!(check_shape(br#"{"a": {"b": [1, {"c": 2}]}, "d": null}"#).is_ok());
+        for (body, code) in [
+            (&br#"["pye_1", 777700, "EUR"]"#[..], "validation_failed"),
+            (br#""text""#, "validation_failed"),
+            (br#"{"a": 1, "a": 2}"#, "invalid_json"),
+            (br#"{"a": {"b": 1, "b": 1}}"#, "invalid_json"),
+            (br#"{"a": [{"x": 1, "x": 2}]}"#, "invalid_json"),
+            (br#"{"a": 1} {"b": 2}"#, "invalid_json"),
+        ] {
+            let error = check_shape(body).unwrap_err();
+            assert_eq!(error.code, code, "{}", String::from_utf8_lossy(body));
+        }
+        let error = check_shape(br#"{"amount": 1, "amount": 2}"#).unwrap_err();
+        assert!(error.detail.contains("duplicate key \"amount\""), "{}", error.detail);
+    }
+
+    #[test]
+    fn details_name_json_kinds_not_rust_types() {
+        assert_eq!(
+            without_type_names("invalid type: sequence, expected struct CreatePayment"),
+            "invalid type: sequence, expected an object"
+        );
+        assert_eq!(
+            without_type_names("invalid type: string \"x\", expected u64"),
+            "invalid type: string \"x\", expected an integer"
+        );
+        assert_eq!(
+            without_type_names("unknown variant `x`, expected one of `a`, `b`"),
+            "unknown variant `x`, expected one of `a`, `b`"
+        );
+    }
 
     #[test]
     fn pointers() {

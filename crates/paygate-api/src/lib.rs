@@ -17,6 +17,7 @@ pub mod ratelimit_headers;
 pub mod request_id;
 pub mod routes;
 pub mod views;
+pub mod wire;
 
 use crate::error_code::ErrorCode;
 use std::sync::Arc;
@@ -60,11 +61,18 @@ pub struct ApiConfig {
     pub request_timeout: Duration,
     /// Peers whose `X-Forwarded-For` is believed. Empty: the TCP peer is the client.
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// The whole body must arrive within this time (408 otherwise).
+    pub body_read_timeout: Duration,
 }
 
 impl Default for ApiConfig {
     fn default() -> Self {
-        Self { max_body_bytes: 64 * 1024, request_timeout: Duration::from_secs(30), trusted_proxies: Vec::new() }
+        Self {
+            max_body_bytes: 64 * 1024,
+            request_timeout: Duration::from_secs(30),
+            trusted_proxies: Vec::new(),
+            body_read_timeout: Duration::from_secs(10),
+        }
     }
 }
 
@@ -183,6 +191,7 @@ pub fn router(state: AppState, config: &ApiConfig) -> Router {
         .layer(middleware::from_fn_with_state(limits, limits::overload_middleware))
         // Inside the audit layer too, so a panic's 500 is recorded like any answer.
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(panicked))
+        .layer(middleware::from_fn(wire::header_bounds))
         .layer(middleware::from_fn_with_state(audit_writer, audit::middleware))
         .layer(middleware::from_fn_with_state(Arc::new(config.trusted_proxies.clone()), client::middleware))
         // A panic in a handler is a bug: answer 500 problem+json, keep serving.

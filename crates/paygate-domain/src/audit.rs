@@ -179,9 +179,10 @@ impl AuditEntry {
         }
     }
 
-    /// Truncated to [`MAX_USER_AGENT_CHARS`], control characters removed.
+    /// Truncated to [`MAX_USER_AGENT_CHARS`], control characters removed,
+    /// any Paygate key redacted (before truncation, which could hide one).
     pub fn clean_user_agent(raw: &str) -> String {
-        raw.chars().filter(|c| !c.is_control()).take(MAX_USER_AGENT_CHARS).collect()
+        crate::key::redact_keys(raw).chars().filter(|c| !c.is_control()).take(MAX_USER_AGENT_CHARS).collect()
     }
 }
 

@@ -74,6 +74,35 @@ impl KeyParseError {
     }
 }
 
+/// What replaces a key found in free text.
+pub const REDACTED_KEY: &str = "pgk_[redacted]";
+
+/// Free text (a user agent, a reference, a metadata value) with every
+/// Paygate key in it replaced by [`REDACTED_KEY`]: the checksum tells a real
+/// key from look-alike text, so nothing else is touched. A key pasted into
+/// the wrong field must not end up in the audit log or a log line.
+pub fn redact_keys(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.contains(KEY_PREFIX) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find(KEY_PREFIX) {
+        out.push_str(&rest[..i]);
+        let tail = &rest[i..];
+        let run = tail.bytes().take_while(|b| b.is_ascii_alphanumeric() || *b == b'_').count();
+        if run >= KEY_TEXT_LEN && ApiKeyText::parse(&tail[..KEY_TEXT_LEN]).is_ok() {
+            out.push_str(REDACTED_KEY);
+            rest = &tail[KEY_TEXT_LEN..];
+        } else {
+            out.push_str(KEY_PREFIX);
+            rest = &tail[KEY_PREFIX.len()..];
+        }
+    }
+    out.push_str(rest);
+    std::borrow::Cow::Owned(out)
+}
+
 /// A well-formed key with a valid checksum. Holds the secret; never printed.
 pub struct ApiKeyText {
     mode: KeyMode,
@@ -298,6 +327,21 @@ mod tests {
 
     fn hasher() -> KeyHasher {
         KeyHasher::new(&Pepper::new(1, vec![7u8; 32]).unwrap())
+    }
+
+    #[test]
+    fn keys_in_free_text_are_redacted_and_near_keys_are_not() {
+        let key = hasher().generate(KeyMode::Live);
+        let text: &str = &key.text;
+        assert_eq!(redact_keys(&format!("curl/8 {text}")), format!("curl/8 {REDACTED_KEY}"));
+        assert_eq!(redact_keys(&format!("{text},{text}x")), format!("{REDACTED_KEY},{REDACTED_KEY}x"));
+        // A wrong checksum is not a key: left alone, so nothing else is eaten.
+        let mut wrong = text.to_owned();
+        let last = if wrong.ends_with('a') { "b" } else { "a" };
+        wrong.replace_range(wrong.len() - 1.., last);
+        assert_eq!(redact_keys(&wrong), wrong);
+        assert_eq!(redact_keys("pgk_ pgk_test_ über"), "pgk_ pgk_test_ über");
+        assert!(matches!(redact_keys("no key here"), std::borrow::Cow::Borrowed(_)));
     }
 
     #[test]

@@ -61,6 +61,18 @@ impl AllowedCidrs {
         self.0.is_empty() || self.0.iter().any(|net| net.contains(&addr))
     }
 
+    /// Whether every address this list permits is also permitted by
+    /// `ceiling`: the rule for a key minted by another key. An empty list
+    /// (any address) fits only under an empty ceiling.
+    pub fn is_within(&self, ceiling: &AllowedCidrs) -> bool {
+        ceiling.is_empty() || (!self.is_empty() && self.0.iter().all(|net| ceiling.covers(net)))
+    }
+
+    /// Whether one of this list's networks contains all of `net`.
+    pub fn covers(&self, net: &IpNet) -> bool {
+        self.0.iter().any(|outer| outer.contains(net))
+    }
+
     pub fn iter(&self) -> impl Iterator<Item = &IpNet> {
         self.0.iter()
     }
@@ -145,6 +157,19 @@ mod tests {
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn allow_lists_within_a_ceiling() {
+        let list = |t: &str| AllowedCidrs::parse_list(t).unwrap();
+        let office = list("203.0.113.0/24");
+        assert!(list("203.0.113.7").is_within(&office));
+        assert!(list("203.0.113.0/25, 203.0.113.128/25").is_within(&office));
+        assert!(!list("203.0.113.0/23").is_within(&office), "wider network");
+        assert!(!list("203.0.113.7, 198.51.100.1").is_within(&office), "one address outside");
+        assert!(!list("").is_within(&office), "any address is wider than an office");
+        assert!(list("").is_within(&list("")));
+        assert!(office.is_within(&list("")));
     }
 
     #[test]

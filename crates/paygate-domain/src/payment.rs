@@ -102,20 +102,17 @@ impl Actor {
     }
 
     /// Same key, same owner, or same principal: the same pair of eyes.
-    /// Owners compare without case and with runs of white space as one, so
-    /// "Alice" and "alice " are one person.
+    /// Owners compare as identities (case-folded NFKC and confusable
+    /// skeleton, see `text::identity_key`), so "Alice", "alice " and a
+    /// Cyrillic "аlice" are one person.
     pub fn same_eyes(&self, other: &Actor) -> bool {
-        let owner = |a: &Actor| a.owner.as_deref().map(normalize_owner);
+        let owner = |a: &Actor| a.owner.as_deref().map(crate::text::identity_key);
         self.kind == "api_key"
             && other.kind == "api_key"
             && (self.id == other.id
                 || (self.owner.is_some() && owner(self) == owner(other))
                 || (self.principal.is_some() && self.principal == other.principal))
     }
-}
-
-fn normalize_owner(owner: &str) -> String {
-    owner.split_whitespace().collect::<Vec<_>>().join(" ").to_lowercase()
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -544,20 +541,26 @@ impl Metadata {
         let mut out = BTreeMap::new();
         for (k, v) in map {
             let pointer = format!("/{}", k.replace('~', "~0").replace('/', "~1"));
+            // Keys are matched by integrators: kept as sent, but held to the
+            // same text rules as values (no NUL, escapes or invisible marks).
             let chars = k.chars().count();
-            if chars == 0 || chars > Self::MAX_KEY_CHARS || k.chars().any(char::is_control) {
+            if chars == 0 || chars > Self::MAX_KEY_CHARS || crate::text::normalize(k).is_err() {
                 problems.push((
                     pointer.clone(),
-                    format!("keys must be 1 to {} characters without control characters", Self::MAX_KEY_CHARS),
+                    format!(
+                        "keys must be 1 to {} characters without control or invisible characters",
+                        Self::MAX_KEY_CHARS
+                    ),
                 ));
             }
             match v {
-                serde_json::Value::String(s) if s.chars().count() <= Self::MAX_VALUE_CHARS => {
-                    out.insert(k.clone(), s.clone());
-                }
-                serde_json::Value::String(_) => {
-                    problems.push((pointer, format!("must be at most {} characters", Self::MAX_VALUE_CHARS)))
-                }
+                serde_json::Value::String(s) => match crate::text::normalize(s) {
+                    Ok(s) if s.chars().count() <= Self::MAX_VALUE_CHARS => {
+                        out.insert(k.clone(), s);
+                    }
+                    Ok(_) => problems.push((pointer, format!("must be at most {} characters", Self::MAX_VALUE_CHARS))),
+                    Err(e) => problems.push((pointer, e.to_string())),
+                },
                 _ => problems.push((pointer, "must be a string".into())),
             }
         }
@@ -565,17 +568,14 @@ impl Metadata {
     }
 }
 
-/// A payment reference: 1–140 characters, no control characters.
+/// A payment reference: 1–140 characters of text the payee and the
+/// approvers read as stored (no bidi overrides or invisible characters).
 pub fn parse_reference(text: &str) -> Result<String, String> {
-    let t = text.trim();
-    let n = t.chars().count();
-    if n == 0 || n > 140 {
-        return Err("must be 1 to 140 characters".into());
+    match crate::text::field(text, 140, false) {
+        Ok(t) => Ok(t),
+        Err(crate::text::LabelError::ControlCharacter) => Err(crate::text::LabelError::ControlCharacter.to_string()),
+        Err(_) => Err("must be 1 to 140 characters".into()),
     }
-    if t.chars().any(char::is_control) {
-        return Err("must not contain control characters".into());
-    }
-    Ok(t.to_owned())
 }
 
 /// `YYYY-MM-DD`, today (UTC) or up to one year ahead.
@@ -684,6 +684,19 @@ mod tests {
             1,
             "unlisted currency"
         );
+    }
+
+    #[test]
+    fn look_alike_owners_are_the_same_eyes() {
+        let policy = ApprovalPolicy::demo();
+        for (n, variant) in crate::text::identity_tests::ALICE_LOOKALIKES.iter().enumerate() {
+            let mut p =
+                Payment::create(draft(200_000_000), crate::KeyMode::Test, key_actor(1, "alice"), &policy, now());
+            // Whether or not the text rules would accept this owner today, a
+            // stored one never counts as a second person.
+            let approver = key_actor(u8::try_from(n).unwrap() + 10, variant);
+            assert_eq!(p.approve(approver, now()), Err(PaymentError::ApproverIsInitiator), "{variant:?}");
+        }
     }
 
     #[test]

@@ -197,6 +197,7 @@ pub async fn start(config: &Config, options: StartOptions) -> anyhow::Result<Ser
         max_body_bytes: config.max_body_bytes,
         request_timeout: config.request_timeout,
         trusted_proxies: config.trusted_proxies.clone(),
+        body_read_timeout: config.header_read_timeout,
     };
     let api = paygate_api::router(state, &api_config);
     let ops = crate::ops::router(api_store, metrics);
@@ -209,7 +210,11 @@ pub async fn start(config: &Config, options: StartOptions) -> anyhow::Result<Ser
         api_listener,
         api,
         stopped.clone(),
-        config.header_read_timeout,
+        crate::http::ConnectionLimits {
+            header_read_timeout: config.header_read_timeout,
+            idle_timeout: config.idle_timeout,
+            max_connections: config.max_connections,
+        },
         config.request_timeout + Duration::from_secs(5),
     ));
     let ops_task = tokio::spawn({

@@ -24,7 +24,9 @@ const SETTINGS: &[(&str, &str)] = &[
     ("log_level", "tracing filter, e.g. info or paygate=debug."),
     ("max_body_bytes", "Largest accepted request body."),
     ("request_timeout_secs", "Requests running longer get 503 timeout."),
-    ("header_read_timeout_secs", "A client must send its request headers within this time."),
+    ("header_read_timeout_secs", "A client must send its request headers (and its body) within this time."),
+    ("idle_timeout_secs", "A connection (HTTP/1 or HTTP/2) with no request in flight for this long is closed."),
+    ("max_connections", "Open API connections per node; more are closed on accept."),
     ("migrate_on_start", "Apply migrations when serve starts."),
     ("key_cache_capacity", "Verified keys cached per node."),
     ("key_cache_ttl_secs", "Longest reuse of a cached verified key."),
@@ -116,6 +118,8 @@ pub struct Config {
     pub max_body_bytes: usize,
     pub request_timeout: Duration,
     pub header_read_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_connections: usize,
     pub migrate_on_start: bool,
     pub key_cache_capacity: usize,
     pub key_cache_ttl: Duration,
@@ -272,6 +276,8 @@ impl Config {
         let max_body_bytes = s.parse("max_body_bytes", 65_536, positive(64 * 1024 * 1024))? as usize;
         let request_timeout = Duration::from_secs(s.parse("request_timeout_secs", 30, positive(3_600))?);
         let header_read_timeout = Duration::from_secs(s.parse("header_read_timeout_secs", 10, positive(600))?);
+        let idle_timeout = Duration::from_secs(s.parse("idle_timeout_secs", 60, positive(3_600))?);
+        let max_connections = s.parse("max_connections", 10_000, positive(1_000_000))? as usize;
         let migrate_on_start = s.parse("migrate_on_start", true, |t| match t {
             "true" | "1" => Ok(true),
             "false" | "0" => Ok(false),
@@ -356,6 +362,8 @@ impl Config {
             max_body_bytes,
             request_timeout,
             header_read_timeout,
+            idle_timeout,
+            max_connections,
             migrate_on_start,
             key_cache_capacity,
             key_cache_ttl,

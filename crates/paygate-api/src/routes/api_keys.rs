@@ -80,13 +80,15 @@ pub struct CreateApiKey {
     /// A subset of the calling key's scopes.
     #[schema(value_type = Vec<Scope>)]
     pub scopes: Vec<String>,
-    /// RFC 3339; must be in the future and within the company's maximum key
-    /// lifetime. Omitted: the company's default lifetime (else its maximum,
-    /// else no expiry).
+    /// RFC 3339; must be in the future, within the company's maximum key
+    /// lifetime and no later than the calling key's expiry. Omitted: the
+    /// company's default lifetime (else its maximum, else no expiry), capped
+    /// at the calling key's expiry.
     #[schema(value_type = Option<String>, format = DateTime)]
     pub expires_at: Option<String>,
-    /// Client networks (IPv4/IPv6 CIDR, at most 32) the key may be used from.
-    /// Omitted or empty: any address.
+    /// Client networks (IPv4/IPv6 CIDR, at most 32) the key may be used from,
+    /// each inside the calling key's allow-list. Omitted or empty: the
+    /// calling key's allow-list (any address if it has none).
     #[serde(default)]
     #[schema(example = json!(["203.0.113.0/24"]))]
     pub allowed_cidrs: Vec<String>,
@@ -113,7 +115,7 @@ pub struct CreatedApiKey {
         (status = 201, description = "The key, with its text shown once", body = CreatedApiKey),
         (status = 400, description = "Malformed JSON", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "Unauthenticated", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "Missing `keys:manage`, or `scope_escalation`", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Missing `keys:manage`; `scope_escalation`; `constraint_escalation` for an allow-list or expiry wider than the caller's", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "Body is not JSON", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Invalid fields, or `lifetime_exceeds_policy`", body = Problem, content_type = "application/problem+json"),
     )
@@ -160,6 +162,7 @@ pub async fn create_api_key(
             Err(e) => errors.push(FieldError::pointer(format!("/allowed_cidrs/{i}"), e.to_string())),
         }
     }
+    let requested_nets = nets.clone();
     let allowed_cidrs =
         AllowedCidrs::new(nets).map_err(|e| errors.push(FieldError::pointer("/allowed_cidrs", e.to_string()))).ok();
     let (Some(name), Some(owner), Some(allowed_cidrs), true) = (name, owner, allowed_cidrs, errors.is_empty()) else {
@@ -179,8 +182,32 @@ pub async fn create_api_key(
             return Err(conflicting_scopes(pair));
         }
     }
+    // The caller's allow-list and expiry are ceilings, like its scopes.
+    // Omitted, the new key gets the ceiling itself rather than "anywhere,
+    // forever".
+    let mut wider = Vec::new();
+    let allowed_cidrs = if allowed_cidrs.is_empty() {
+        caller.allowed_cidrs.clone()
+    } else {
+        for (i, net) in requested_nets.iter().enumerate() {
+            if !caller.allowed_cidrs.is_empty() && !caller.allowed_cidrs.covers(net) {
+                wider.push(FieldError::pointer(format!("/allowed_cidrs/{i}"), "outside the calling key's allow-list"));
+            }
+        }
+        allowed_cidrs
+    };
+    if outlives(expires_at, caller.expires_at) && expires_at.is_some() {
+        wider.push(FieldError::pointer("/expires_at", "later than the calling key's own expiry"));
+    }
+    if !wider.is_empty() {
+        return Err(constraint_escalation(
+            "A key cannot issue a key usable from more places or for longer than itself.",
+            wider,
+        ));
+    }
     let policy = state.store.get_company(auth.scope()).await?.key_policy;
     let expires_at = policy.expiry_for(now, expires_at).map_err(lifetime_exceeded)?;
+    let expires_at = earliest(expires_at, caller.expires_at);
     let generated = state.auth.hasher().generate(caller.mode);
     let record = audit.entry(
         "api_key.create",
@@ -254,6 +281,30 @@ pub async fn revoke_api_key(
     Ok((AuditWritten, Json(ApiKeyView::new(key, now))))
 }
 
+/// Whether an expiry (`None`: never) is later than a ceiling (`None`: none).
+fn outlives(expiry: Option<OffsetDateTime>, ceiling: Option<OffsetDateTime>) -> bool {
+    match (expiry, ceiling) {
+        (_, None) => false,
+        (None, Some(_)) => true,
+        (Some(e), Some(c)) => e > c,
+    }
+}
+
+fn earliest(a: Option<OffsetDateTime>, b: Option<OffsetDateTime>) -> Option<OffsetDateTime> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// A key asked to issue (or re-issue) a key with a wider allow-list or a
+/// later expiry than its own.
+fn constraint_escalation(detail: &str, errors: Vec<FieldError>) -> ApiError {
+    let mut error = ApiError::new(StatusCode::FORBIDDEN, "constraint_escalation", "Constraint escalation", detail);
+    error.errors = errors;
+    error
+}
+
 fn check_mode(caller: paygate_domain::KeyMode, target: paygate_domain::KeyMode, action: &str) -> Result<(), ApiError> {
     if caller == target {
         return Ok(());
@@ -316,7 +367,7 @@ pub const MAX_GRACE_SECONDS: i64 = 604_800;
     responses(
         (status = 201, description = "The new key, with its text shown once", body = CreatedApiKey),
         (status = 401, description = "Unauthenticated", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "Missing `keys:manage`; `scope_escalation` if the key holds scopes the caller lacks; `mode_mismatch`", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Missing `keys:manage`; `scope_escalation` if the key holds scopes the caller lacks; `constraint_escalation` if its allow-list or expiry is wider than the caller's; `mode_mismatch`", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such key", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "`invalid_state`: the key is revoked, expired or already rotated", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Invalid grace period", body = Problem, content_type = "application/problem+json"),
@@ -349,13 +400,23 @@ pub async fn rotate_api_key(
         ));
     }
     check_mode(caller.mode, old.mode, "rotate")?;
-    // The successor keeps the old key's lifetime, within today's policy.
+    // Nor may the old key be usable from more places, or for longer, than
+    // the caller: the successor's secret goes to the caller.
+    if !old.allowed_cidrs.is_within(&caller.allowed_cidrs) || outlives(old.expires_at, caller.expires_at) {
+        return Err(constraint_escalation(
+            "A key can rotate only keys whose allow-list and expiry are within its own.",
+            Vec::new(),
+        ));
+    }
+    // The successor keeps the old key's lifetime, within today's policy and
+    // never past the caller's own expiry.
     let policy = state.store.get_company(auth.scope()).await?.key_policy;
     let requested = old.expires_at.map(|e| now + (e - old.created_at));
     let expires_at = match policy.expiry_for(now, requested) {
         Ok(e) => e,
         Err(_) => policy.max_lifetime.map(|m| now + m),
     };
+    let expires_at = earliest(expires_at, caller.expires_at);
     let generated = state.auth.hasher().generate(old.mode);
     let new = NewApiKey {
         id: generated.id,

@@ -37,7 +37,7 @@ pub struct CreatePayee {
 fn parse_email(text: &str) -> Result<String, &'static str> {
     let t = text.trim();
     let ok = t.len() <= 254
-        && !t.chars().any(|c| c.is_whitespace() || c.is_control())
+        && !t.chars().any(|c| c.is_whitespace() || paygate_domain::text::is_refused(c))
         && t.split_once('@').is_some_and(|(local, domain)| {
             !local.is_empty()
                 && domain.contains('.')

@@ -495,13 +495,8 @@ pub async fn reject_payment(
     Path(id): Path<String>,
     JsonBody(body): JsonBody<RejectPayment>,
 ) -> Result<(AuditWritten, Json<PaymentView>), ApiError> {
-    let reason = body.reason.trim().to_owned();
-    if reason.is_empty() || reason.chars().count() > 500 || reason.chars().any(char::is_control) {
-        return Err(ApiError::validation(vec![FieldError::pointer(
-            "/reason",
-            "must be 1 to 500 characters without control characters",
-        )]));
-    }
+    let reason = paygate_domain::text::field(&body.reason, 500, false)
+        .map_err(|e| ApiError::validation(vec![FieldError::pointer("/reason", format!("1 to 500 characters: {e}"))]))?;
     let actor = caller_actor(&auth.caller);
     change_payment(
         &state,

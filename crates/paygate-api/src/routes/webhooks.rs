@@ -111,13 +111,48 @@ fn event_types_field(
     }
 }
 
-fn description_field(errors: &mut Vec<FieldError>, text: Option<&str>) -> Option<String> {
-    let text = text?.trim();
-    if text.chars().count() > 200 || text.chars().any(|c| c.is_control()) {
-        errors.push(FieldError::pointer("/description", "at most 200 characters, no control characters"));
-        return None;
+/// Changing where an endpoint's events go, whether they flow, or who can
+/// verify them hands its whole subscription to the caller: the caller must be
+/// able to read every type the endpoint receives, whoever created it. Without
+/// this, a `webhooks:manage` key could point a wider key's endpoint at itself
+/// and receive payee or key events it may not read.
+fn require_reads_subscription(endpoint: &WebhookEndpoint, scopes: paygate_domain::ScopeSet) -> Result<(), ApiError> {
+    use paygate_domain::EventType;
+    let missing = EventType::ALL
+        .iter()
+        .copied()
+        .filter(|t| endpoint.event_types.includes(*t))
+        .map(EventType::read_scope)
+        .find(|s| !scopes.contains(*s));
+    match missing {
+        Some(scope) => Err(ApiError::insufficient_scope(scope.as_str())),
+        None => Ok(()),
     }
-    (!text.is_empty()).then(|| text.to_owned())
+}
+
+/// The endpoint as stored, for a change that must first check its subscription.
+async fn endpoint_to_change(
+    state: &AppState,
+    caller: &paygate_store::auth::Authenticated,
+    id: WebhookEndpointId,
+) -> Result<WebhookEndpoint, ApiError> {
+    let endpoint = state
+        .store
+        .get_webhook_endpoint(&caller.scope, caller.record.key.mode, id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("webhook endpoint"))?;
+    require_reads_subscription(&endpoint, caller.record.key.scopes)?;
+    Ok(endpoint)
+}
+
+fn description_field(errors: &mut Vec<FieldError>, text: Option<&str>) -> Option<String> {
+    match paygate_domain::text::field(text?, 200, true) {
+        Ok(text) => (!text.is_empty()).then_some(text),
+        Err(e) => {
+            errors.push(FieldError::pointer("/description", format!("at most 200 characters: {e}")));
+            None
+        }
+    }
 }
 
 fn with_secret(endpoint: &WebhookEndpoint, secret: &WebhookSecret) -> WebhookEndpointWithSecret {
@@ -260,7 +295,7 @@ pub async fn get_webhook_endpoint(
     responses(
         (status = 200, description = "The changed endpoint", body = WebhookEndpointView),
         (status = 401, description = "Unauthenticated", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "Missing `webhooks:manage`", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Missing `webhooks:manage`, or a read scope for a type the endpoint receives", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such endpoint", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "`validation_failed`, `invalid_url`, `url_scheme_not_allowed` or `url_not_allowed`", body = Problem, content_type = "application/problem+json"),
     )
@@ -285,6 +320,9 @@ pub async fn update_webhook_endpoint(
     if !errors.is_empty() {
         return Err(ApiError::validation(errors));
     }
+    // Every field counts: even narrowing a wider key's subscription changes
+    // what that key's receiver sees.
+    endpoint_to_change(&state, &auth.caller, id).await?;
     let patch =
         EndpointPatch { url: url.map(|u| u.as_str().to_owned()), description, event_types, enabled: body.enabled };
     let record = audit.entry(
@@ -349,7 +387,7 @@ pub async fn delete_webhook_endpoint(
     responses(
         (status = 200, description = "The endpoint and its new secret", body = WebhookEndpointWithSecret),
         (status = 401, description = "Unauthenticated", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "Missing `webhooks:manage`", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Missing `webhooks:manage`, or a read scope for a type the endpoint receives", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such endpoint", body = Problem, content_type = "application/problem+json"),
     )
 )]
@@ -360,6 +398,8 @@ pub async fn rotate_webhook_secret(
     Path(id): Path<String>,
 ) -> Result<(AuditWritten, Json<WebhookEndpointWithSecret>), ApiError> {
     let id = endpoint_id(&id)?;
+    // The new secret verifies every event the endpoint receives.
+    endpoint_to_change(&state, &auth.caller, id).await?;
     let company = auth.scope().company_id();
     let secret = WebhookSecret::generate();
     let sealed = state.data_key.seal_webhook_secret(secret.as_bytes(), company, &id.to_string());

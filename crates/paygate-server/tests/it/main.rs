@@ -6,6 +6,7 @@ mod harness;
 
 mod audit;
 mod auth;
+mod ceilings;
 mod cli;
 mod docs;
 mod errors;
@@ -20,3 +21,4 @@ mod secrets;
 mod shared_limits;
 mod tenancy;
 mod webhooks;
+mod wire;
