@@ -62,6 +62,9 @@ error_codes! {
     ScopeEscalation = "scope_escalation", FORBIDDEN, "Scope escalation",
         meaning: "A key or grant would receive more than its creator holds (scopes, networks, expiry or limits).",
         action: "Ask only for what the calling key itself has, or use a wider key.";
+    ConstraintEscalation = "constraint_escalation", FORBIDDEN, "Constraint escalation",
+        meaning: "A key would be issued (or re-issued) with a wider client allow-list or a later expiry than the calling key's own; `errors[].pointer` names each widening field.",
+        action: "Ask for an allow-list inside the caller's and an expiry no later than the caller's, or leave them out to inherit the caller's.";
     ModeMismatch = "mode_mismatch", FORBIDDEN, "Mode mismatch",
         meaning: "The request mixes test and live mode (for example a test key naming live data).",
         action: "Use a key of the mode the data belongs to.";
@@ -83,6 +86,9 @@ error_codes! {
     InvalidBody = "invalid_body", BAD_REQUEST, "Invalid body",
         meaning: "The body is JSON but not the object the operation takes (an array, duplicate keys, wrong types).",
         action: "Send the request schema from `openapi.json`; `errors[].pointer` points at the problem.";
+    HeadersTooLarge = "headers_too_large", REQUEST_HEADER_FIELDS_TOO_LARGE, "Request headers too large",
+        meaning: "One header value is over 8 KiB, or all headers together are over 32 KiB.",
+        action: "Send smaller headers; nothing Paygate reads needs more.";
     BadRequest = "bad_request", BAD_REQUEST, "Bad request",
         meaning: "The request could not be processed for a reason the framework found (the status says which).",
         action: "Check the request against `openapi.json`.";

@@ -47,13 +47,13 @@ fn bytes_rejection(rejection: axum::extract::rejection::BytesRejection) -> ApiEr
     if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
         ApiError::payload_too_large()
     } else {
-        ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", "Invalid body", "The body could not be read.")
+        ApiError::new(ErrorCode::InvalidBody, "The body could not be read.")
     }
 }
 
 /// A body must be one JSON object, and no object in it may repeat a key.
 fn check_shape(bytes: &[u8]) -> Result<(), ApiError> {
-    let invalid = |detail: String| ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", "Invalid JSON", detail);
+    let invalid = |detail: String| ApiError::new(ErrorCode::InvalidJson, detail);
     let mut de = serde_json::Deserializer::from_slice(bytes);
     match serde::Deserialize::deserialize(&mut de).and_then(|shape: Shape| de.end().map(|()| shape)) {
         Ok(Shape::Object) => Ok(()),
@@ -279,7 +279,7 @@ mod tests {
             (br#"{"a": 1} {"b": 2}"#, "invalid_json"),
         ] {
             let error = check_shape(body).unwrap_err();
-            assert_eq!(error.code, code, "{}", String::from_utf8_lossy(body));
+            assert_eq!(error.code.as_str(), code, "{}", String::from_utf8_lossy(body));
         }
         let error = check_shape(br#"{"amount": 1, "amount": 2}"#).unwrap_err();
         assert!(error.detail.contains("duplicate key \"amount\""), "{}", error.detail);

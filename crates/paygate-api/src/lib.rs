@@ -61,18 +61,11 @@ pub struct ApiConfig {
     pub request_timeout: Duration,
     /// Peers whose `X-Forwarded-For` is believed. Empty: the TCP peer is the client.
     pub trusted_proxies: Vec<ipnet::IpNet>,
-    /// The whole body must arrive within this time (408 otherwise).
-    pub body_read_timeout: Duration,
 }
 
 impl Default for ApiConfig {
     fn default() -> Self {
-        Self {
-            max_body_bytes: 64 * 1024,
-            request_timeout: Duration::from_secs(30),
-            trusted_proxies: Vec::new(),
-            body_read_timeout: Duration::from_secs(10),
-        }
+        Self { max_body_bytes: 64 * 1024, request_timeout: Duration::from_secs(30), trusted_proxies: Vec::new() }
     }
 }
 

@@ -197,7 +197,6 @@ pub async fn start(config: &Config, options: StartOptions) -> anyhow::Result<Ser
         max_body_bytes: config.max_body_bytes,
         request_timeout: config.request_timeout,
         trusted_proxies: config.trusted_proxies.clone(),
-        body_read_timeout: config.header_read_timeout,
     };
     let api = paygate_api::router(state, &api_config);
     let ops = crate::ops::router(api_store, metrics);

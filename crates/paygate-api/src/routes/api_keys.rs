@@ -300,7 +300,7 @@ fn earliest(a: Option<OffsetDateTime>, b: Option<OffsetDateTime>) -> Option<Offs
 /// A key asked to issue (or re-issue) a key with a wider allow-list or a
 /// later expiry than its own.
 fn constraint_escalation(detail: &str, errors: Vec<FieldError>) -> ApiError {
-    let mut error = ApiError::new(StatusCode::FORBIDDEN, "constraint_escalation", "Constraint escalation", detail);
+    let mut error = ApiError::new(ErrorCode::ConstraintEscalation, detail);
     error.errors = errors;
     error
 }

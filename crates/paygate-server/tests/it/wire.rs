@@ -340,6 +340,6 @@ async fn keys_pasted_into_free_text_are_redacted(app: TestApp) {
     assert_eq!(payment["reference"], "INV pgk_[redacted]");
     let log = body_of(app.get("/v1/audit-events?limit=100", &key).send().await.unwrap(), StatusCode::OK).await;
     assert!(log.to_string().contains("pgk_[redacted]"), "the user agent was recorded, redacted");
-    let raw = app.raw_contents(&["audit_events", "payments", "payees", "events"]).await;
+    let raw = app.raw_contents().await;
     assert!(!raw.contains(crate::harness::secret_of(&pasted)), "a pasted key reached the database");
 }
