@@ -143,7 +143,7 @@ async fn rotation_refuses_bad_states_escalation_and_foreign_keys(app: TestApp) {
     let listed = app
         .store
         .list_api_keys(
-            &paygate_store::operator_scope(&*app.store, globex.id),
+            &paygate_store::operator_scope(&*app.store, globex.id, paygate_domain::KeyMode::Test),
             paygate_store::PageRequest { limit: 10, after: None },
         )
         .await
