@@ -37,14 +37,16 @@ pub(crate) fn company_from_row<D: Dialect>(row: &Row<D>) -> StoreResult<Company>
     })
 }
 
-/// The key columns, unqualified (as `RETURNING` lists them).
+/// The key columns, unqualified (as `RETURNING` lists them) and of alias `k`.
 const KEY_COLUMNS: &str = "id, company_id, name, owner, scopes, mode, created_at, expires_at, revoked_at, \
      last_used_at, last_used_ip, allowed_cidrs, replaces, replaced_by, rate_limit_rate, rate_limit_burst, principal_id";
+const KEY_COLUMNS_K: &str = "k.id, k.company_id, k.name, k.owner, k.scopes, k.mode, k.created_at, k.expires_at, \
+     k.revoked_at, k.last_used_at, k.last_used_ip, k.allowed_cidrs, k.replaces, k.replaced_by, k.rate_limit_rate, \
+     k.rate_limit_burst, k.principal_id";
 
 /// `SELECT <key columns><extra> FROM api_keys k <tail>`.
 pub(crate) fn key_select(extra: &str, tail: &str) -> String {
-    let columns = KEY_COLUMNS.split(", ").map(|c| format!("k.{c}")).collect::<Vec<_>>().join(", ");
-    format!("SELECT {columns}{extra} FROM api_keys k {tail}")
+    format!("SELECT {KEY_COLUMNS_K}{extra} FROM api_keys k {tail}")
 }
 
 pub(crate) fn key_from_row<D: Dialect>(row: &Row<D>) -> StoreResult<ApiKey> {
@@ -343,5 +345,14 @@ impl<D: Dialect> KeyStore for SqlStore<D> {
         ];
         commit_with_events::<D>(tx, audit, events).await?;
         Ok(Rotation::Rotated { old: Box::new(old), new: Box::new(new) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn both_key_column_lists_name_the_same_columns() {
+        let qualified: Vec<String> = super::KEY_COLUMNS.split(", ").map(|c| format!("k.{c}")).collect();
+        assert_eq!(qualified.join(", "), super::KEY_COLUMNS_K);
     }
 }
