@@ -108,7 +108,7 @@ async fn write_batch(
             tracing::error!(error = %e, batch = items.len(), "payment batch failed");
             let message = e.to_string();
             for reply in replies {
-                let _ = reply.send(Err(StoreError::Unavailable(message.clone())));
+                let _ = reply.send(Err(StoreError::Unavailable(message.clone().into())));
             }
         }
     }

@@ -84,7 +84,7 @@ async fn company_key(store: &dyn OperatorStore, hasher: &KeyHasher, endpoints: u
         allowed_cidrs: Default::default(),
     };
     let (_, text) = create_key(store, hasher, request).await.unwrap();
-    let scope = paygate_store::operator_scope(store, company.id);
+    let scope = paygate_store::operator_scope(store, company.id, KeyMode::Test);
     for _ in 0..endpoints {
         let now = paygate_domain::now();
         let endpoint = paygate_store::WebhookEndpoint {

@@ -109,7 +109,7 @@ async fn run(name: &str, mut env: BTreeMap<String, String>, events: u64, concurr
     let new = NewCompany::new(paygate_domain::Label::parse("Bench").unwrap());
     let record = operator_entry("company.create", new.id, ("company", new.id.to_string()), Default::default());
     let company = store.create_company(new, &record).await.unwrap();
-    let scope = operator_scope(&*store, company.id);
+    let scope = operator_scope(&*store, company.id, KeyMode::Test);
     let endpoints = (concurrency / 4).max(1);
     for _ in 0..endpoints {
         let id = paygate_domain::WebhookEndpointId::generate();
@@ -169,7 +169,7 @@ async fn run(name: &str, mut env: BTreeMap<String, String>, events: u64, concurr
     }
     let total = per_payee * endpoints;
     let body = store
-        .list_events(&scope, KeyMode::Test, &Default::default(), paygate_store::PageRequest { limit: 1, after: None })
+        .list_events(&scope, &Default::default(), paygate_store::PageRequest { limit: 1, after: None })
         .await
         .unwrap()
         .items[0]

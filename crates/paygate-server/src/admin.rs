@@ -181,9 +181,9 @@ pub async fn create_key(
     let KeyRequest { company, name, owner, scopes, mode, expires_in, allowed_cidrs } = request;
     let name = Label::parse(name).map_err(|e| anyhow!("--name {e}"))?;
     let owner = Label::parse(owner).map_err(|e| anyhow!("--owner {e}"))?;
-    let scope = operator_scope(store, company);
+    let scope = operator_scope(store, company, mode);
     if let Some((a, b)) = paygate_domain::payment::conflicting_scopes(scopes) {
-        let policy = store.approval_policy(&scope, mode).await?;
+        let policy = store.approval_policy(&scope).await?;
         if !policy.allow_write_and_approve_keys {
             bail!(
                 "conflicting_scopes: this company's {} approval policy does not allow one key to hold both {a} and {b} \
@@ -242,7 +242,8 @@ pub async fn key(
             if store.find_company(company).await?.is_none() {
                 bail!("no such company {company}");
             }
-            let scope = operator_scope(&*store, company);
+            // Keys belong to the company: the scope's mode does not narrow them.
+            let scope = operator_scope(&*store, company, KeyMode::Test);
             let mut keys = Vec::new();
             let mut after = None;
             loop {
@@ -277,8 +278,9 @@ pub async fn key(
                 bail!("no such company {company}");
             }
             let record = operator_entry("api_key.revoke_all", company, ("company", company.to_string()), json!({}));
-            let revoked =
-                store.revoke_all_api_keys(&operator_scope(&*store, company), paygate_domain::now(), &record).await?;
+            let revoked = store
+                .revoke_all_api_keys(&operator_scope(&*store, company, KeyMode::Test), paygate_domain::now(), &record)
+                .await?;
             println!("revoked {revoked} key(s) of company {company}");
         }
         AdminKeyCommand::Revoke { id } => {

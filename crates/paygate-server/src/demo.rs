@@ -37,7 +37,9 @@ pub async fn prepare(store: &dyn OperatorStore, hasher: &KeyHasher, api_addr: So
     // Each start shows two fresh keys; the previous start's keys stop working.
     let record =
         operator_entry("api_key.revoke_all", company.id, ("company", company.id.to_string()), json!({"demo": true}));
-    let revoked = store.revoke_all_api_keys(&operator_scope(store, company.id), paygate_domain::now(), &record).await?;
+    let revoked = store
+        .revoke_all_api_keys(&operator_scope(store, company.id, KeyMode::Test), paygate_domain::now(), &record)
+        .await?;
     if revoked > 0 {
         tracing::info!(revoked, "revoked the previous demo keys");
     }
@@ -49,7 +51,7 @@ pub async fn prepare(store: &dyn OperatorStore, hasher: &KeyHasher, api_addr: So
         ("company", company.id.to_string()),
         serde_json::to_value(&policy)?,
     );
-    store.set_approval_policy(&operator_scope(store, company.id), KeyMode::Test, &policy, &record).await?;
+    store.set_approval_policy(&operator_scope(store, company.id, KeyMode::Test), &policy, &record).await?;
     // Four eyes: the initiator can neither approve nor change the approval policy.
     let mut initiator_scopes = ScopeSet::all();
     initiator_scopes.remove(Scope::PaymentsApprove);

@@ -172,8 +172,8 @@ impl PaymentWorker {
         id: paygate_domain::PaymentId,
         error: &str,
     ) -> anyhow::Result<()> {
-        let scope = operator_scope(self.store.as_ref(), company);
-        let Some(mut payment) = self.store.get_payment(&scope, mode, id).await? else { return Ok(()) };
+        let scope = operator_scope(self.store.as_ref(), company, mode);
+        let Some(mut payment) = self.store.get_payment(&scope, id).await? else { return Ok(()) };
         let read_revision = payment.revision;
         payment.revision += 1;
         payment.rail_next_at = Some(paygate_domain::now() + Duration::from_secs(60));
@@ -190,7 +190,7 @@ impl PaymentWorker {
         mut payment: Payment,
         now: time::OffsetDateTime,
     ) -> anyhow::Result<bool> {
-        let scope = operator_scope(self.store.as_ref(), company);
+        let scope = operator_scope(self.store.as_ref(), company, payment.mode);
         let read_revision = payment.revision;
         let previous = payment.status;
         let record = if payment.expire_if_due(now) {
@@ -225,10 +225,9 @@ impl PaymentWorker {
                 if !self.store.update_payment(&scope, &payment, read_revision, &record).await? {
                     return Ok(false);
                 }
-                let sealed =
-                    self.store.payee_sealed_account(&scope, payment.mode, payment.payee_id).await?.ok_or_else(
-                        || anyhow::anyhow!("payee {} of payment {} is missing", payment.payee_id, payment.id),
-                    )?;
+                let sealed = self.store.payee_sealed_account(&scope, payment.payee_id).await?.ok_or_else(|| {
+                    anyhow::anyhow!("payee {} of payment {} is missing", payment.payee_id, payment.id)
+                })?;
                 let account = self.data_key.open(&sealed, company, &payment.payee_id.to_string())?;
                 self.rail.submit(&payment, &account).await?;
                 tracing::info!(payment = %payment.id, from = previous.as_str(), "payment submitted to the rail");

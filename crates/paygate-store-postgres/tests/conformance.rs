@@ -3,8 +3,8 @@
 
 use std::sync::Arc;
 
-use paygate_store::OperatorStore;
 use paygate_store::conformance::operator_record;
+use paygate_store::prelude::*;
 use paygate_store_postgres::PostgresStore;
 use paygate_store_postgres::testing::TestDatabase;
 
@@ -80,7 +80,7 @@ async fn revoke_all_waits_for_an_open_key_creation() {
     let revoker = {
         let store = store.clone();
         tokio::spawn(async move {
-            let scope = operator_scope(&*store, company);
+            let scope = operator_scope(&*store, company, paygate_domain::KeyMode::Test);
             let record = paygate_store::conformance::operator_record("api_key.revoke_all");
             store.revoke_all_api_keys(&scope, paygate_domain::now(), &record).await.unwrap()
         })
@@ -89,8 +89,13 @@ async fn revoke_all_waits_for_an_open_key_creation() {
     assert!(!revoker.is_finished(), "revoke-all must wait for the open creation");
     sqlx::raw_sql("COMMIT").execute(&mut session).await.unwrap();
     assert_eq!(revoker.await.unwrap(), 1, "the key committed while revoke-all waited is revoked");
-    let page =
-        store.list_api_keys(&operator_scope(&*store, company), PageRequest { limit: 10, after: None }).await.unwrap();
+    let page = store
+        .list_api_keys(
+            &operator_scope(&*store, company, paygate_domain::KeyMode::Test),
+            PageRequest { limit: 10, after: None },
+        )
+        .await
+        .unwrap();
     assert!(page.items.iter().all(|k| k.revoked_at.is_some()));
 }
 
@@ -135,11 +140,8 @@ async fn events_refuse_updates() {
         store.create_company(NewCompany::new(Label::parse("Acme").unwrap()), &operator_record("company.create")).await;
     let company = company.unwrap();
     let policy = paygate_domain::payment::ApprovalPolicy::default();
-    let scope = operator_scope(&*store, company.id);
-    store
-        .set_approval_policy(&scope, paygate_domain::KeyMode::Test, &policy, &operator_record("approval_policy.update"))
-        .await
-        .unwrap();
+    let scope = operator_scope(&*store, company.id, paygate_domain::KeyMode::Test);
+    store.set_approval_policy(&scope, &policy, &operator_record("approval_policy.update")).await.unwrap();
     let err = sqlx::query("UPDATE events SET object = '{}'").execute(store_pool(&test)).await.unwrap_err();
     assert!(err.to_string().contains("append-only"), "{err}");
     let kept: String = sqlx::query_scalar("SELECT object FROM events").fetch_one(store_pool(&test)).await.unwrap();
@@ -162,7 +164,7 @@ async fn a_payment_lost_to_another_node_writes_no_event() {
     let company =
         store.create_company(NewCompany::new(Label::parse("Acme").unwrap()), &operator_record("company.create")).await;
     let a = company.unwrap().id;
-    let scope = operator_scope(&*store, a);
+    let scope = operator_scope(&*store, a, KeyMode::Test);
     let payee = new_payee(KeyMode::Test);
     store.create_payee(&scope, &payee, &entry_for(a, "payee.create", Outcome::Success)).await.unwrap();
     let policy = ApprovalPolicy::default();
@@ -196,11 +198,11 @@ async fn a_payment_lost_to_another_node_writes_no_event() {
     sqlx::raw_sql("COMMIT").execute(&mut other).await.unwrap();
     let outcomes = batch.await.unwrap();
     assert!(matches!(&outcomes[0], PaymentCreated::Existing(r) if r.payment_id == seed.id), "{outcomes:?}");
-    assert!(store.get_payment(&scope, KeyMode::Test, lost.id).await.unwrap().is_none());
+    assert!(store.get_payment(&scope, lost.id).await.unwrap().is_none());
     let of = |id: String| EventFilter { object_id: Some(id), ..EventFilter::default() };
     let page = PageRequest { limit: 10, after: None };
-    let events = store.list_events(&scope, KeyMode::Test, &of(lost.id.to_string()), page).await.unwrap();
+    let events = store.list_events(&scope, &of(lost.id.to_string()), page).await.unwrap();
     assert!(events.items.is_empty(), "no event for a payment that was not created");
-    let events = store.list_events(&scope, KeyMode::Test, &of(seed.id.to_string()), page).await.unwrap();
+    let events = store.list_events(&scope, &of(seed.id.to_string()), page).await.unwrap();
     assert_eq!(events.items.len(), 1);
 }

@@ -19,7 +19,7 @@ use parking_lot::Mutex;
 use paygate_domain::{ApiKeyId, ApiKeyText, CompanyStatus, KeyHasher, KeyParseError};
 use time::OffsetDateTime;
 
-use crate::{CompanyScope, KeyAuthRecord, KeyUsage, Store, StoreError};
+use crate::{AuthStore, CompanyScope, KeyAuthRecord, KeyUsage, StoreError};
 
 #[derive(Debug, Clone)]
 pub struct AuthConfig {
@@ -117,7 +117,7 @@ pub struct Authenticated {
 }
 
 pub struct Authenticator {
-    store: Arc<dyn Store>,
+    store: Arc<dyn AuthStore>,
     hasher: KeyHasher,
     cache: KeyCache,
     usage: UsageRecorder,
@@ -125,7 +125,7 @@ pub struct Authenticator {
 }
 
 impl Authenticator {
-    pub fn new(store: Arc<dyn Store>, hasher: KeyHasher, config: AuthConfig) -> Self {
+    pub fn new(store: Arc<dyn AuthStore>, hasher: KeyHasher, config: AuthConfig) -> Self {
         let cache = KeyCache::new(config.cache_capacity, config.cache_ttl);
         let usage = UsageRecorder::new(config.usage_interval, config.usage_queue);
         Self { store, hasher, cache, usage, config }
@@ -191,7 +191,7 @@ impl Authenticator {
         if record.company_status == CompanyStatus::Suspended {
             return Err(refuse(AuthError::CompanySuspended, &record));
         }
-        Ok(Authenticated { scope: CompanyScope::new(record.key.company_id), record })
+        Ok(Authenticated { scope: CompanyScope::new(record.key.company_id, record.key.mode), record })
     }
 
     async fn load(&self, id: ApiKeyId) -> Result<Arc<KeyAuthRecord>, AuthError> {

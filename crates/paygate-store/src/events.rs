@@ -403,8 +403,8 @@ pub fn fan_out(
 ) -> StoreResult<Vec<NewDelivery>> {
     let mut out = Vec::new();
     for (company, mode, id, types) in endpoints {
-        let types = EventTypes::from_storage(types)
-            .ok_or_else(|| StoreError::Internal(format!("stored event types of {id} are invalid")))?;
+        let types =
+            EventTypes::from_storage(types).ok_or_else(|| StoreError::corrupt("event types of endpoint", id))?;
         for event in events {
             if event.company_id == *company && event.mode == *mode && types.includes(event.kind) {
                 out.push(NewDelivery::of(event, *id));

@@ -2,11 +2,15 @@
 //! [`CompanyScope`] (the only way to reach company data), the key
 //! [`auth::Authenticator`], and the conformance suite both backends must pass.
 //!
-//! Two traits split the capabilities:
+//! The capabilities are small traits, one per resource ([`AuthStore`],
+//! [`KeyStore`], [`AuditStore`], [`PayeeStore`], [`PaymentStore`],
+//! [`EventStore`]), gathered in two:
 //! - [`Store`] is what the HTTP API holds. Every method that touches company data
-//!   takes a [`CompanyScope`], and only authentication creates one.
+//!   takes a [`CompanyScope`] (company and mode), and only authentication creates one.
 //! - [`OperatorStore`] adds platform-wide operations (companies, key issuance and
 //!   revocation by id) for the CLI. The API never holds one.
+//!
+//! Both backends implement them once, in `paygate-store-sql`.
 
 pub mod auth;
 #[cfg(feature = "conformance")]
@@ -21,31 +25,46 @@ use async_trait::async_trait;
 use paygate_domain::audit::{AuditEntry, AuditRecord};
 use paygate_domain::payment::{ApprovalPolicy, Payment};
 use paygate_domain::{
-    ApiKeyId, AuditEventId, CompanyId, CompanyStatus, EventId, KeyMode, KeyPolicy, PayeeId, PaymentId,
-    RateLimitOverride, WebhookDeliveryId, WebhookEndpointId,
+    ApiKeyId, AuditEventId, CompanyId, CompanyStatus, EventId, KeyPolicy, PayeeId, PaymentId, RateLimitOverride,
+    WebhookDeliveryId, WebhookEndpointId,
 };
 use time::OffsetDateTime;
+
+/// The store traits, for calling store methods on `dyn Store` / `dyn OperatorStore`.
+pub mod prelude {
+    pub use crate::{AuditStore, AuthStore, EventStore, KeyStore, OperatorStore, PayeeStore, PaymentStore, Store};
+}
 
 pub use events::*;
 pub use payments::*;
 pub use rows::*;
 pub use scope::{CompanyScope, operator_scope};
 
+/// The underlying cause of a [`StoreError`], kept for logs and `source()`.
+pub type StoreSource = Box<dyn std::error::Error + Send + Sync + 'static>;
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// The database cannot be reached or refused the operation for a transient
     /// reason (pool timeout, connection lost, busy beyond the timeout).
     #[error("storage unavailable: {0}")]
-    Unavailable(String),
+    Unavailable(#[source] StoreSource),
     /// The referenced parent object does not exist (e.g. a key for a missing company).
     #[error("{0} not found")]
     NotFound(&'static str),
     /// A uniqueness rule was violated.
     #[error("conflict: {0}")]
-    Conflict(String),
+    Conflict(#[source] StoreSource),
     /// Stored data that cannot be decoded, or any other bug-level failure.
     #[error("storage error: {0}")]
-    Internal(String),
+    Internal(#[source] StoreSource),
+}
+
+impl StoreError {
+    /// Stored data that does not decode: `what` names the value.
+    pub fn corrupt(what: &str, e: impl std::fmt::Display) -> Self {
+        Self::Internal(format!("stored {what} is invalid: {e}").into())
+    }
 }
 
 pub type StoreResult<T> = Result<T, StoreError>;
@@ -65,14 +84,21 @@ impl Backend {
     }
 }
 
-/// What the HTTP API may do. Company data is reachable only through a [`CompanyScope`].
+/// Everything the HTTP API may do, as one object. Company data is reachable
+/// only through a [`CompanyScope`]. The methods live in the per-resource
+/// traits; `use paygate_store::prelude::*` brings them into scope.
 #[async_trait]
-pub trait Store: Send + Sync + 'static {
+pub trait Store: AuthStore + KeyStore + AuditStore + PayeeStore + PaymentStore + EventStore {
     fn backend(&self) -> Backend;
 
     /// Cheap round trip, for `/readyz`.
     async fn ping(&self) -> StoreResult<()>;
+}
 
+/// What [`auth::Authenticator`] reads and writes: the only store methods that
+/// run before a [`CompanyScope`] exists.
+#[async_trait]
+pub trait AuthStore: Send + Sync + 'static {
     /// Step 4 of the pipeline: the key row, its hash and its company's status.
     /// Called only by [`auth::Authenticator`] on a cache miss.
     async fn find_key_for_auth(&self, id: ApiKeyId) -> StoreResult<Option<KeyAuthRecord>>;
@@ -82,6 +108,15 @@ pub trait Store: Send + Sync + 'static {
     /// their key caches.
     async fn auth_revision(&self) -> StoreResult<i64>;
 
+    /// Records key usage (`last_used_at`, `last_used_ip`); a time never moves
+    /// backwards. Called in batches by the usage recorder, not per request.
+    async fn record_key_usage(&self, usage: &[KeyUsage]) -> StoreResult<()>;
+}
+
+/// The company and its API keys. Keys belong to the company as a whole: these
+/// methods read and change keys of both modes.
+#[async_trait]
+pub trait KeyStore: Send + Sync + 'static {
     async fn get_company(&self, scope: &CompanyScope) -> StoreResult<Company>;
 
     /// Newest first; `page.after` is the last id of the previous page.
@@ -128,11 +163,11 @@ pub trait Store: Send + Sync + 'static {
         now: OffsetDateTime,
         audit: &AuditEntry,
     ) -> StoreResult<Rotation>;
+}
 
-    /// Records key usage (`last_used_at`, `last_used_ip`); a time never moves
-    /// backwards. Called in batches by the usage recorder, not per request.
-    async fn record_key_usage(&self, usage: &[KeyUsage]) -> StoreResult<()>;
-
+/// The company's audit chain (one chain per company, both modes).
+#[async_trait]
+pub trait AuditStore: Send + Sync + 'static {
     /// Appends records to their chains in one transaction (the group writer's
     /// batch). A change's own record is written by the change's method instead,
     /// in the change's transaction.
@@ -162,75 +197,69 @@ pub trait Store: Send + Sync + 'static {
     async fn audit_head(&self, scope: &CompanyScope) -> StoreResult<Option<(u64, [u8; 32])>>;
 
     async fn latest_checkpoint(&self, scope: &CompanyScope) -> StoreResult<Option<Checkpoint>>;
+}
 
-    // -- Payees and payments: every read and change is scoped to the company
-    // and to the caller's mode (test data and live data never mix).
-
-    /// The company's approval policy for `mode` (the default if it never set one).
-    async fn approval_policy(&self, scope: &CompanyScope, mode: KeyMode) -> StoreResult<ApprovalPolicy>;
-
-    async fn set_approval_policy(
-        &self,
-        scope: &CompanyScope,
-        mode: KeyMode,
-        policy: &ApprovalPolicy,
-        audit: &AuditEntry,
-    ) -> StoreResult<()>;
-
+/// Payees of the scope's company and mode.
+#[async_trait]
+pub trait PayeeStore: Send + Sync + 'static {
+    /// Inserts the payee in the scope's company and mode.
     async fn create_payee(&self, scope: &CompanyScope, new: &NewPayee, audit: &AuditEntry) -> StoreResult<()>;
 
     /// Newest first.
     async fn list_payees(
         &self,
         scope: &CompanyScope,
-        mode: KeyMode,
         status: Option<PayeeStatus>,
         page: PageRequest<PayeeId>,
     ) -> StoreResult<Page<Payee>>;
 
-    async fn get_payee(&self, scope: &CompanyScope, mode: KeyMode, id: PayeeId) -> StoreResult<Option<Payee>>;
+    async fn get_payee(&self, scope: &CompanyScope, id: PayeeId) -> StoreResult<Option<Payee>>;
 
     /// The sealed account number, for the rail.
-    async fn payee_sealed_account(
-        &self,
-        scope: &CompanyScope,
-        mode: KeyMode,
-        id: PayeeId,
-    ) -> StoreResult<Option<Vec<u8>>>;
+    async fn payee_sealed_account(&self, scope: &CompanyScope, id: PayeeId) -> StoreResult<Option<Vec<u8>>>;
 
     /// Sets the status to disabled (the first `disabled_at` stands). `None` if
     /// there is no such payee.
     async fn disable_payee(
         &self,
         scope: &CompanyScope,
-        mode: KeyMode,
         id: PayeeId,
         at: OffsetDateTime,
         audit: &AuditEntry,
     ) -> StoreResult<Option<Payee>>;
+}
+
+/// Payments, their idempotency records and the approval policy of the scope's
+/// company and mode.
+#[async_trait]
+pub trait PaymentStore: Send + Sync + 'static {
+    /// The approval policy of the scope's mode (the default if it never set one).
+    async fn approval_policy(&self, scope: &CompanyScope) -> StoreResult<ApprovalPolicy>;
+
+    async fn set_approval_policy(
+        &self,
+        scope: &CompanyScope,
+        policy: &ApprovalPolicy,
+        audit: &AuditEntry,
+    ) -> StoreResult<()>;
 
     /// Creates payments in one transaction (group commit). Per item, in order:
     /// a key already used (also earlier in the batch) answers `Existing`; a
-    /// payee missing from the company and mode, or disabled, answers with that;
-    /// otherwise the payment, its idempotency record and its audit record are
-    /// written. Refused items leave no trace and do not affect the others.
+    /// payee missing from the item scope's company and mode, or disabled,
+    /// answers with that; otherwise the payment, its idempotency record and its
+    /// audit record are written. Refused items leave no trace and do not affect
+    /// the others.
     async fn create_payments(&self, items: &[PaymentCreate]) -> StoreResult<Vec<PaymentCreated>>;
 
-    /// The stored response of an idempotency key of `mode`, if it is still kept.
-    async fn idempotent_response(
-        &self,
-        scope: &CompanyScope,
-        mode: KeyMode,
-        key: &str,
-    ) -> StoreResult<Option<StoredResponse>>;
+    /// The stored response of an idempotency key, if it is still kept.
+    async fn idempotent_response(&self, scope: &CompanyScope, key: &str) -> StoreResult<Option<StoredResponse>>;
 
-    async fn get_payment(&self, scope: &CompanyScope, mode: KeyMode, id: PaymentId) -> StoreResult<Option<Payment>>;
+    async fn get_payment(&self, scope: &CompanyScope, id: PaymentId) -> StoreResult<Option<Payment>>;
 
     /// Newest first.
     async fn list_payments(
         &self,
         scope: &CompanyScope,
-        mode: KeyMode,
         filter: &PaymentFilter,
         page: PageRequest<PaymentId>,
     ) -> StoreResult<Page<Payment>>;
@@ -245,20 +274,21 @@ pub trait Store: Send + Sync + 'static {
         expected_revision: u32,
         audit: &AuditEntry,
     ) -> StoreResult<bool>;
+}
 
-    // -- Events and webhook endpoints, scoped to the company and the caller's
-    // mode like payments. Every change above writes its events itself.
-
+/// Events and webhook endpoints of the scope's company and mode. Every change
+/// elsewhere writes its events itself.
+#[async_trait]
+pub trait EventStore: Send + Sync + 'static {
     /// Newest first; `page.after` is the last id of the previous page.
     async fn list_events(
         &self,
         scope: &CompanyScope,
-        mode: KeyMode,
         filter: &EventFilter,
         page: PageRequest<EventId>,
     ) -> StoreResult<Page<Event>>;
 
-    async fn get_event(&self, scope: &CompanyScope, mode: KeyMode, id: EventId) -> StoreResult<Option<Event>>;
+    async fn get_event(&self, scope: &CompanyScope, id: EventId) -> StoreResult<Option<Event>>;
 
     /// `false` (nothing written) when the company already has
     /// [`MAX_ENDPOINTS`] endpoints in this mode.
@@ -273,21 +303,18 @@ pub trait Store: Send + Sync + 'static {
     async fn list_webhook_endpoints(
         &self,
         scope: &CompanyScope,
-        mode: KeyMode,
         page: PageRequest<WebhookEndpointId>,
     ) -> StoreResult<Page<WebhookEndpoint>>;
 
     async fn get_webhook_endpoint(
         &self,
         scope: &CompanyScope,
-        mode: KeyMode,
         id: WebhookEndpointId,
     ) -> StoreResult<Option<WebhookEndpoint>>;
 
     async fn update_webhook_endpoint(
         &self,
         scope: &CompanyScope,
-        mode: KeyMode,
         id: WebhookEndpointId,
         patch: &EndpointPatch,
         audit: &AuditEntry,
@@ -297,7 +324,6 @@ pub trait Store: Send + Sync + 'static {
     async fn delete_webhook_endpoint(
         &self,
         scope: &CompanyScope,
-        mode: KeyMode,
         id: WebhookEndpointId,
         audit: &AuditEntry,
     ) -> StoreResult<bool>;
@@ -307,7 +333,6 @@ pub trait Store: Send + Sync + 'static {
     async fn rotate_webhook_secret(
         &self,
         scope: &CompanyScope,
-        mode: KeyMode,
         id: WebhookEndpointId,
         new_sealed: &[u8],
         previous_expires_at: OffsetDateTime,
@@ -319,7 +344,6 @@ pub trait Store: Send + Sync + 'static {
     async fn send_test_event(
         &self,
         scope: &CompanyScope,
-        mode: KeyMode,
         id: WebhookEndpointId,
         audit: &AuditEntry,
     ) -> StoreResult<Option<Event>>;
@@ -330,7 +354,6 @@ pub trait Store: Send + Sync + 'static {
     async fn redeliver_event(
         &self,
         scope: &CompanyScope,
-        mode: KeyMode,
         id: EventId,
         endpoint: Option<WebhookEndpointId>,
         audit: &AuditEntry,
@@ -341,7 +364,6 @@ pub trait Store: Send + Sync + 'static {
     async fn list_deliveries(
         &self,
         scope: &CompanyScope,
-        mode: KeyMode,
         endpoint: WebhookEndpointId,
         page: PageRequest<WebhookDeliveryId>,
     ) -> StoreResult<Option<Page<Delivery>>>;
@@ -391,7 +413,7 @@ pub trait OperatorStore: Store {
     ) -> StoreResult<Option<Company>>;
 
     /// Revokes a key by id alone, whichever company owns it (emergency
-    /// revocation by an operator). Same semantics as [`Store::revoke_api_key`].
+    /// revocation by an operator). Same semantics as [`KeyStore::revoke_api_key`].
     async fn revoke_api_key_by_id(
         &self,
         id: ApiKeyId,

@@ -102,11 +102,10 @@ pub struct StoredResponse {
 }
 
 /// One payment creation: the payment, its idempotency record (committed
-/// together) and its audit record.
+/// together) and its audit record, in the scope's company and mode.
 #[derive(Debug, Clone)]
 pub struct PaymentCreate {
     pub scope: CompanyScope,
-    pub mode: KeyMode,
     pub payment: Payment,
     pub idempotency_key: String,
     pub response: StoredResponse,
@@ -185,7 +184,7 @@ pub struct PaymentColumns {
 }
 
 fn corrupt(what: &str, e: impl std::fmt::Display) -> StoreError {
-    StoreError::Internal(format!("stored {what} is invalid: {e}"))
+    StoreError::corrupt(what, e)
 }
 
 impl PaymentColumns {

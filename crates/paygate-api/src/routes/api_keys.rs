@@ -177,7 +177,7 @@ pub async fn create_api_key(
         ));
     }
     if let Some(pair) = paygate_domain::payment::conflicting_scopes(scopes) {
-        let approval = state.store.approval_policy(auth.scope(), caller.mode).await?;
+        let approval = state.store.approval_policy(auth.scope()).await?;
         if !approval.allow_write_and_approve_keys {
             return Err(conflicting_scopes(pair));
         }

@@ -77,7 +77,7 @@ pub async fn list_events(
     }
     let types = (readable.len() < EventType::ALL.len()).then_some(readable);
     let filter = EventFilter { kind, object_id, types };
-    let page = state.store.list_events(auth.scope(), auth.caller.record.key.mode, &filter, page).await?;
+    let page = state.store.list_events(auth.scope(), &filter, page).await?;
     let last = page.items.last().map(|e| e.id.to_string());
     Ok(Json(List::new(page.items.iter().map(EventView::from).collect(), page.has_more, last)))
 }
@@ -115,7 +115,7 @@ async fn readable_event(
     id: EventId,
 ) -> Result<paygate_store::Event, ApiError> {
     let scopes = caller.record.key.scopes;
-    let event = state.store.get_event(&caller.scope, caller.record.key.mode, id).await?;
+    let event = state.store.get_event(&caller.scope, id).await?;
     event.filter(|e| scopes.contains(e.kind.read_scope())).ok_or_else(|| ApiError::not_found("event"))
 }
 
@@ -175,7 +175,7 @@ pub async fn redeliver_event(
     );
     let queued = state
         .store
-        .redeliver_event(auth.scope(), auth.caller.record.key.mode, id, endpoint, &record)
+        .redeliver_event(auth.scope(), id, endpoint, &record)
         .await?
         .ok_or_else(|| ApiError::not_found(if endpoint.is_some() { "event or endpoint" } else { "event" }))?;
     Ok((

@@ -194,7 +194,7 @@ pub async fn list_payees(
     if !errors.is_empty() {
         return Err(ApiError::invalid_parameter(errors));
     }
-    let page = state.store.list_payees(auth.scope(), auth.caller.record.key.mode, status, page).await?;
+    let page = state.store.list_payees(auth.scope(), status, page).await?;
     let last = page.items.last().map(|p| p.id.to_string());
     Ok(Json(List::new(page.items.into_iter().map(Into::into).collect(), page.has_more, last)))
 }
@@ -220,7 +220,7 @@ pub async fn get_payee(
     Path(id): Path<String>,
 ) -> Result<Json<PayeeView>, ApiError> {
     let id = PayeeId::parse(&id).map_err(|_| ApiError::not_found("payee"))?;
-    let payee = state.store.get_payee(auth.scope(), auth.caller.record.key.mode, id).await?;
+    let payee = state.store.get_payee(auth.scope(), id).await?;
     Ok(Json(payee.ok_or_else(|| ApiError::not_found("payee"))?.into()))
 }
 
@@ -249,7 +249,7 @@ pub async fn disable_payee(
     let record = audit.entry("payee.disable", Some(("payee", id.to_string())), StatusCode::OK, serde_json::json!({}));
     let payee = state
         .store
-        .disable_payee(auth.scope(), auth.caller.record.key.mode, id, paygate_domain::now(), &record)
+        .disable_payee(auth.scope(), id, paygate_domain::now(), &record)
         .await?
         .ok_or_else(|| ApiError::not_found("payee"))?;
     Ok((AuditWritten, Json(payee.into())))

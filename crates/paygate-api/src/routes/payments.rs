@@ -168,12 +168,12 @@ pub async fn create_payment(
         // A retry of a request that succeeded replays it even if it would no
         // longer validate (an execution date now in the past). New keys skip
         // this read: the batch checks the key inside its transaction.
-        Err(error) => match state.store.idempotent_response(auth.scope(), mode, key.as_str()).await? {
+        Err(error) => match state.store.idempotent_response(auth.scope(), key.as_str()).await? {
             Some(stored) => return replay(&stored, &fingerprint),
             None => return Err(error),
         },
     };
-    let policy = state.store.approval_policy(auth.scope(), mode).await?;
+    let policy = state.store.approval_policy(auth.scope()).await?;
     let mut payment = Payment::create(draft, mode, caller_actor(&auth.caller), &policy, now);
     delay_settlement(&state, &mut payment, now);
     let view = PaymentView::from(&payment);
@@ -196,7 +196,6 @@ pub async fn create_payment(
         .payments
         .create(PaymentCreate {
             scope: *auth.scope(),
-            mode,
             payment,
             idempotency_key: key.as_str().to_owned(),
             response: StoredResponse {
@@ -281,7 +280,7 @@ pub async fn list_payments(
     if !errors.is_empty() {
         return Err(ApiError::invalid_parameter(errors));
     }
-    let page = state.store.list_payments(auth.scope(), auth.caller.record.key.mode, &filter, page).await?;
+    let page = state.store.list_payments(auth.scope(), &filter, page).await?;
     let last = page.items.last().map(|p| p.id.to_string());
     Ok(Json(List::new(page.items.iter().map(PaymentView::from).collect(), page.has_more, last)))
 }
@@ -306,7 +305,7 @@ pub async fn get_payment(
     Path(id): Path<String>,
 ) -> Result<Json<PaymentView>, ApiError> {
     let id = PaymentId::parse(&id).map_err(|_| ApiError::not_found("payment"))?;
-    let payment = state.store.get_payment(auth.scope(), auth.caller.record.key.mode, id).await?;
+    let payment = state.store.get_payment(auth.scope(), id).await?;
     Ok(Json(PaymentView::from(&payment.ok_or_else(|| ApiError::not_found("payment"))?)))
 }
 
@@ -367,9 +366,9 @@ async fn change_payment(
     let mut payee_creator: Option<Option<Actor>> = None;
     for _ in 0..20 {
         let mut payment =
-            state.store.get_payment(&auth.scope, mode, id).await?.ok_or_else(|| ApiError::not_found("payment"))?;
+            state.store.get_payment(&auth.scope, id).await?.ok_or_else(|| ApiError::not_found("payment"))?;
         if with_payee_creator && payee_creator.is_none() {
-            let payee = state.store.get_payee(&auth.scope, mode, payment.payee_id).await?;
+            let payee = state.store.get_payee(&auth.scope, payment.payee_id).await?;
             payee_creator = Some(payee.and_then(|p| p.created_by));
         }
         if let Some(expected) = &mut bound {

@@ -49,7 +49,7 @@ pub async fn get_approval_policy(
     auth: Authorized<scope::PolicyManage>,
     State(state): State<AppState>,
 ) -> Result<Json<ApprovalPolicyView>, ApiError> {
-    let policy = state.store.approval_policy(auth.scope(), auth.caller.record.key.mode).await?;
+    let policy = state.store.approval_policy(auth.scope()).await?;
     Ok(Json(ApprovalPolicyView { object: "approval_policy", policy }))
 }
 
@@ -125,6 +125,6 @@ pub async fn put_approval_policy(
     };
     let record =
         audit.entry("approval_policy.update", None, StatusCode::OK, serde_json::to_value(&policy).unwrap_or_default());
-    state.store.set_approval_policy(auth.scope(), auth.caller.record.key.mode, &policy, &record).await?;
+    state.store.set_approval_policy(auth.scope(), &policy, &record).await?;
     Ok((AuditWritten, Json(ApprovalPolicyView { object: "approval_policy", policy })))
 }

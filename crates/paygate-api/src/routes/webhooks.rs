@@ -138,7 +138,7 @@ async fn endpoint_to_change(
 ) -> Result<WebhookEndpoint, ApiError> {
     let endpoint = state
         .store
-        .get_webhook_endpoint(&caller.scope, caller.record.key.mode, id)
+        .get_webhook_endpoint(&caller.scope, id)
         .await?
         .ok_or_else(|| ApiError::not_found("webhook endpoint"))?;
     require_reads_subscription(&endpoint, caller.record.key.scopes)?;
@@ -251,7 +251,7 @@ pub async fn list_webhook_endpoints(
     Query(params): Query<ListParams>,
 ) -> Result<Json<List<WebhookEndpointView>>, ApiError> {
     let page = params.parse(|c| WebhookEndpointId::parse(c).ok())?;
-    let page = state.store.list_webhook_endpoints(auth.scope(), auth.caller.record.key.mode, page).await?;
+    let page = state.store.list_webhook_endpoints(auth.scope(), page).await?;
     let last = page.items.last().map(|e| e.id.to_string());
     Ok(Json(List::new(page.items.iter().map(WebhookEndpointView::from).collect(), page.has_more, last)))
 }
@@ -280,7 +280,7 @@ pub async fn get_webhook_endpoint(
     Path(id): Path<String>,
 ) -> Result<Json<WebhookEndpointView>, ApiError> {
     let id = endpoint_id(&id)?;
-    let endpoint = state.store.get_webhook_endpoint(auth.scope(), auth.caller.record.key.mode, id).await?;
+    let endpoint = state.store.get_webhook_endpoint(auth.scope(), id).await?;
     Ok(Json((&endpoint.ok_or_else(|| ApiError::not_found("webhook endpoint"))?).into()))
 }
 
@@ -337,7 +337,7 @@ pub async fn update_webhook_endpoint(
     );
     let endpoint = state
         .store
-        .update_webhook_endpoint(auth.scope(), mode, id, &patch, &record)
+        .update_webhook_endpoint(auth.scope(), id, &patch, &record)
         .await?
         .ok_or_else(|| ApiError::not_found("webhook endpoint"))?;
     Ok((AuditWritten, Json((&endpoint).into())))
@@ -370,7 +370,7 @@ pub async fn delete_webhook_endpoint(
         StatusCode::NO_CONTENT,
         serde_json::json!({}),
     );
-    if !state.store.delete_webhook_endpoint(auth.scope(), auth.caller.record.key.mode, id, &record).await? {
+    if !state.store.delete_webhook_endpoint(auth.scope(), id, &record).await? {
         return Err(ApiError::not_found("webhook endpoint"));
     }
     Ok((StatusCode::NO_CONTENT, AuditWritten, ()))
@@ -412,7 +412,7 @@ pub async fn rotate_webhook_secret(
     );
     let endpoint = state
         .store
-        .rotate_webhook_secret(auth.scope(), auth.caller.record.key.mode, id, &sealed, overlap_until, &record)
+        .rotate_webhook_secret(auth.scope(), id, &sealed, overlap_until, &record)
         .await?
         .ok_or_else(|| ApiError::not_found("webhook endpoint"))?;
     Ok((AuditWritten, Json(with_secret(&endpoint, &secret))))
@@ -440,10 +440,9 @@ pub async fn test_webhook_endpoint(
     Path(id): Path<String>,
 ) -> Result<(StatusCode, AuditWritten, Json<EventView>), ApiError> {
     let id = endpoint_id(&id)?;
-    let mode = auth.caller.record.key.mode;
     let endpoint = state
         .store
-        .get_webhook_endpoint(auth.scope(), mode, id)
+        .get_webhook_endpoint(auth.scope(), id)
         .await?
         .ok_or_else(|| ApiError::not_found("webhook endpoint"))?;
     if !endpoint.enabled {
@@ -460,7 +459,7 @@ pub async fn test_webhook_endpoint(
     );
     let event = state
         .store
-        .send_test_event(auth.scope(), mode, id, &record)
+        .send_test_event(auth.scope(), id, &record)
         .await?
         .ok_or_else(|| ApiError::not_found("webhook endpoint"))?;
     Ok((StatusCode::ACCEPTED, AuditWritten, Json(EventView::from(&event))))
@@ -492,7 +491,7 @@ pub async fn list_webhook_deliveries(
     let page = params.parse(|c| WebhookDeliveryId::parse(c).ok())?;
     let page = state
         .store
-        .list_deliveries(auth.scope(), auth.caller.record.key.mode, id, page)
+        .list_deliveries(auth.scope(), id, page)
         .await?
         .ok_or_else(|| ApiError::not_found("webhook endpoint"))?;
     let last = page.items.last().map(|d| d.id.to_string());

@@ -428,7 +428,7 @@ async fn no_record_no_answer(app: TestApp) {
     let keys = app
         .store
         .list_api_keys(
-            &paygate_store::operator_scope(&*app.store, acme.id),
+            &paygate_store::operator_scope(&*app.store, acme.id, paygate_domain::KeyMode::Test),
             paygate_store::PageRequest { limit: 10, after: None },
         )
         .await

@@ -351,12 +351,12 @@ impl TestApp {
         let scopes = ScopeSet::parse_list(scopes).unwrap();
         if paygate_domain::payment::conflicting_scopes(scopes).is_some() {
             // Cases that want every scope on one key get a policy that allows it.
-            let scope = paygate_store::operator_scope(&*self.store, company);
-            let mut policy = self.store.approval_policy(&scope, mode).await.unwrap();
+            let scope = paygate_store::operator_scope(&*self.store, company, mode);
+            let mut policy = self.store.approval_policy(&scope).await.unwrap();
             if !policy.allow_write_and_approve_keys {
                 policy.allow_write_and_approve_keys = true;
                 let record = op("approval_policy.update", company);
-                self.store.set_approval_policy(&scope, mode, &policy, &record).await.unwrap();
+                self.store.set_approval_policy(&scope, &policy, &record).await.unwrap();
             }
         }
         self.issue(company, scopes, "tester", mode, expires_in).await

@@ -60,7 +60,7 @@ async fn scope_escalation_is_refused(app: TestApp) {
     let listed = app
         .store
         .list_api_keys(
-            &paygate_store::operator_scope(&*app.store, acme.id),
+            &paygate_store::operator_scope(&*app.store, acme.id, paygate_domain::KeyMode::Test),
             paygate_store::PageRequest { limit: 100, after: None },
         )
         .await
@@ -96,7 +96,7 @@ async fn create_key_rejects_invalid_fields_with_pointers(app: TestApp) {
     let listed = app
         .store
         .list_api_keys(
-            &paygate_store::operator_scope(&*app.store, acme.id),
+            &paygate_store::operator_scope(&*app.store, acme.id, paygate_domain::KeyMode::Test),
             paygate_store::PageRequest { limit: 100, after: None },
         )
         .await

@@ -143,7 +143,7 @@ async fn rotation_refuses_bad_states_escalation_and_foreign_keys(app: TestApp) {
     let listed = app
         .store
         .list_api_keys(
-            &paygate_store::operator_scope(&*app.store, globex.id),
+            &paygate_store::operator_scope(&*app.store, globex.id, paygate_domain::KeyMode::Test),
             paygate_store::PageRequest { limit: 10, after: None },
         )
         .await
@@ -371,7 +371,7 @@ async fn revoke_all_racing_creation_and_rotation_misses_no_earlier_key(app: Test
             tokio::time::sleep(Duration::from_millis(2 * round)).await;
             let record = crate::harness::op("api_key.revoke_all", acme.id);
             let record_id = record.id;
-            let scope = paygate_store::operator_scope(&*app.store, acme.id);
+            let scope = paygate_store::operator_scope(&*app.store, acme.id, paygate_domain::KeyMode::Test);
             let started = Instant::now();
             app.store.revoke_all_api_keys(&scope, paygate_domain::now(), &record).await.unwrap();
             (record_id, started, Instant::now())
@@ -383,7 +383,7 @@ async fn revoke_all_racing_creation_and_rotation_misses_no_earlier_key(app: Test
         let (created, rotated, (record_id, revoke_started, revoke_done)) =
             raced.await.unwrap_or_else(|_| panic!("round {round}: revoke-all, creation and rotation deadlocked"));
 
-        let scope = paygate_store::operator_scope(&*app.store, acme.id);
+        let scope = paygate_store::operator_scope(&*app.store, acme.id, paygate_domain::KeyMode::Test);
         let keys = app.store.list_api_keys(&scope, paygate_store::PageRequest { limit: 100, after: None }).await;
         let revoked: std::collections::HashMap<String, bool> =
             keys.unwrap().items.iter().map(|k| (k.id.to_string(), k.revoked_at.is_some())).collect();

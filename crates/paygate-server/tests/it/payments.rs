@@ -730,10 +730,10 @@ async fn live_payments_stop_at_approved(app: TestApp) {
     let acme = app.company("Acme").await;
     let live =
         app.key_owned(acme.id, "payments:write,payments:read,payees:write,payees:read", "erp", KeyMode::Live).await;
-    let scope = paygate_store::operator_scope(&*app.store, acme.id);
+    let scope = paygate_store::operator_scope(&*app.store, acme.id, KeyMode::Live);
     let policy = paygate_domain::payment::ApprovalPolicy::demo();
     app.store
-        .set_approval_policy(&scope, KeyMode::Live, &policy, &crate::harness::op("approval_policy.update", acme.id))
+        .set_approval_policy(&scope, &policy, &crate::harness::op("approval_policy.update", acme.id))
         .await
         .unwrap();
     let payee_id = payee(&app, &live).await;
