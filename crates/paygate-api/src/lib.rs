@@ -15,6 +15,7 @@ pub mod payment_writer;
 pub mod problem;
 pub mod ratelimit_headers;
 pub mod request_id;
+pub mod route;
 pub mod routes;
 pub mod views;
 
@@ -100,45 +101,51 @@ impl Modify for BearerAuth {
     }
 }
 
-/// The `/v1` routes (paths relative to `/v1`) and their OpenAPI description,
-/// built from the same handlers so neither can drift from the other.
-fn v1() -> OpenApiRouter<AppState> {
-    OpenApiRouter::new()
-        .routes(routes!(routes::me::get_me))
-        .routes(routes!(routes::api_keys::list_api_keys, routes::api_keys::create_api_key))
-        .routes(routes!(routes::api_keys::revoke_api_key))
-        .routes(routes!(routes::api_keys::rotate_api_key))
-        .routes(routes!(routes::audit::list_audit_events))
-        .routes(routes!(routes::audit::export_audit_events))
-        .routes(routes!(routes::audit::get_audit_event))
-        .routes(routes!(routes::audit::get_audit_chain))
-        .routes(routes!(routes::api_keys::get_api_key))
-        .routes(routes!(routes::payees::list_payees, routes::payees::create_payee))
-        .routes(routes!(routes::payees::get_payee))
-        .routes(routes!(routes::payees::disable_payee))
-        .routes(routes!(routes::payments::list_payments, routes::payments::create_payment))
-        .routes(routes!(routes::payments::get_payment, routes::payments::update_payment))
-        .routes(routes!(routes::payments::approve_payment))
-        .routes(routes!(routes::payments::reject_payment))
-        .routes(routes!(routes::payments::cancel_payment))
-        .routes(routes!(routes::policy::get_approval_policy, routes::policy::put_approval_policy))
-        .routes(routes!(routes::events::list_events))
-        .routes(routes!(routes::events::get_event))
-        .routes(routes!(routes::events::redeliver_event))
-        .routes(routes!(routes::webhooks::list_webhook_endpoints, routes::webhooks::create_webhook_endpoint))
-        .routes(routes!(
-            routes::webhooks::get_webhook_endpoint,
-            routes::webhooks::update_webhook_endpoint,
-            routes::webhooks::delete_webhook_endpoint
-        ))
-        .routes(routes!(routes::webhooks::rotate_webhook_secret))
-        .routes(routes!(routes::webhooks::test_webhook_endpoint))
-        .routes(routes!(routes::webhooks::list_webhook_deliveries))
+/// The `/v1` routes (paths relative to `/v1`), each under its declaration,
+/// and their OpenAPI description, built from the same handlers so neither can
+/// drift from the other.
+fn v1() -> route::Routes {
+    use routes::*;
+    route::Routes::new()
+        .route::<me::GetMeRoute>(routes!(me::get_me))
+        .route::<api_keys::ListApiKeysRoute>(routes!(api_keys::list_api_keys))
+        .route::<api_keys::CreateApiKeyRoute>(routes!(api_keys::create_api_key))
+        .route::<api_keys::RevokeApiKeyRoute>(routes!(api_keys::revoke_api_key))
+        .route::<api_keys::RotateApiKeyRoute>(routes!(api_keys::rotate_api_key))
+        .route::<audit::ListAuditEventsRoute>(routes!(audit::list_audit_events))
+        .route::<audit::ExportAuditEventsRoute>(routes!(audit::export_audit_events))
+        .route::<audit::GetAuditEventRoute>(routes!(audit::get_audit_event))
+        .route::<audit::GetAuditChainRoute>(routes!(audit::get_audit_chain))
+        .route::<api_keys::GetApiKeyRoute>(routes!(api_keys::get_api_key))
+        .route::<payees::ListPayeesRoute>(routes!(payees::list_payees))
+        .route::<payees::CreatePayeeRoute>(routes!(payees::create_payee))
+        .route::<payees::GetPayeeRoute>(routes!(payees::get_payee))
+        .route::<payees::DisablePayeeRoute>(routes!(payees::disable_payee))
+        .route::<payments::ListPaymentsRoute>(routes!(payments::list_payments))
+        .route::<payments::CreatePaymentRoute>(routes!(payments::create_payment))
+        .route::<payments::GetPaymentRoute>(routes!(payments::get_payment))
+        .route::<payments::UpdatePaymentRoute>(routes!(payments::update_payment))
+        .route::<payments::ApprovePaymentRoute>(routes!(payments::approve_payment))
+        .route::<payments::RejectPaymentRoute>(routes!(payments::reject_payment))
+        .route::<payments::CancelPaymentRoute>(routes!(payments::cancel_payment))
+        .route::<policy::GetApprovalPolicyRoute>(routes!(policy::get_approval_policy))
+        .route::<policy::PutApprovalPolicyRoute>(routes!(policy::put_approval_policy))
+        .route::<events::ListEventsRoute>(routes!(events::list_events))
+        .route::<events::GetEventRoute>(routes!(events::get_event))
+        .route::<events::RedeliverEventRoute>(routes!(events::redeliver_event))
+        .route::<webhooks::ListWebhookEndpointsRoute>(routes!(webhooks::list_webhook_endpoints))
+        .route::<webhooks::CreateWebhookEndpointRoute>(routes!(webhooks::create_webhook_endpoint))
+        .route::<webhooks::GetWebhookEndpointRoute>(routes!(webhooks::get_webhook_endpoint))
+        .route::<webhooks::UpdateWebhookEndpointRoute>(routes!(webhooks::update_webhook_endpoint))
+        .route::<webhooks::DeleteWebhookEndpointRoute>(routes!(webhooks::delete_webhook_endpoint))
+        .route::<webhooks::RotateWebhookSecretRoute>(routes!(webhooks::rotate_webhook_secret))
+        .route::<webhooks::TestWebhookEndpointRoute>(routes!(webhooks::test_webhook_endpoint))
+        .route::<webhooks::ListWebhookDeliveriesRoute>(routes!(webhooks::list_webhook_deliveries))
 }
 
 /// The OpenAPI document, as served at `/openapi.json` and committed as `openapi.json`.
 pub fn openapi() -> utoipa::openapi::OpenApi {
-    OpenApiRouter::<AppState>::with_openapi(ApiDoc::openapi()).nest("/v1", v1()).split_for_parts().1
+    OpenApiRouter::<AppState>::with_openapi(ApiDoc::openapi()).nest("/v1", v1().into_parts().0).split_for_parts().1
 }
 
 /// Pretty JSON of [`openapi`], with a trailing newline.
@@ -149,7 +156,7 @@ pub fn openapi_json() -> String {
 }
 
 pub fn router(state: AppState, config: &ApiConfig) -> Router {
-    let (v1, _) = v1().split_for_parts();
+    let (v1, _) = v1().into_parts().0.split_for_parts();
     let doc_json = Arc::new(openapi_json());
     let limits = state.limits.clone();
     let audit_writer = state.audit.clone();

@@ -14,10 +14,11 @@ use time::format_description::well_known::Rfc3339;
 use utoipa::{IntoParams, ToSchema};
 
 use crate::AppState;
-use crate::auth::{Authorized, scope};
+use crate::auth::Authorized;
 use crate::extract::Query;
 use crate::pagination::{List, page_request};
 use crate::problem::{ApiError, FieldError, Problem};
+use crate::route;
 use crate::views::rfc3339;
 
 /// One audit record.
@@ -133,12 +134,15 @@ fn bounded(errors: &mut Vec<FieldError>, name: &str, value: Option<&String>) -> 
     Some(v.clone())
 }
 
+route! {
+    ListAuditEventsRoute { scope: AuditRead, audit: AuditList, limit: Read }
+}
+
 /// The company's audit records, newest first, with filters.
 #[utoipa::path(
     get,
     path = "/audit-events",
     tag = "audit",
-    security(("api_key" = ["audit:read"])),
     params(AuditListParams),
     responses(
         (status = 200, description = "A page of records", body = List<AuditEventView>),
@@ -148,7 +152,7 @@ fn bounded(errors: &mut Vec<FieldError>, name: &str, value: Option<&String>) -> 
     )
 )]
 pub async fn list_audit_events(
-    auth: Authorized<scope::AuditRead>,
+    auth: Authorized<ListAuditEventsRoute>,
     State(state): State<AppState>,
     Query(params): Query<AuditListParams>,
 ) -> Result<Json<List<AuditEventView>>, ApiError> {
@@ -184,12 +188,15 @@ pub async fn list_audit_events(
     Ok(Json(List::new(data, page.has_more, last)))
 }
 
+route! {
+    GetAuditEventRoute { scope: AuditRead, audit: AuditRead on AuditEvent, limit: Read }
+}
+
 /// One audit record of the company. Another company's record answers 404.
 #[utoipa::path(
     get,
     path = "/audit-events/{id}",
     tag = "audit",
-    security(("api_key" = ["audit:read"])),
     params(("id" = String, Path, description = "The record id (`aud_…`)")),
     responses(
         (status = 200, description = "The record", body = AuditEventView),
@@ -199,7 +206,7 @@ pub async fn list_audit_events(
     )
 )]
 pub async fn get_audit_event(
-    auth: Authorized<scope::AuditRead>,
+    auth: Authorized<GetAuditEventRoute>,
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<AuditEventView>, ApiError> {
@@ -243,13 +250,16 @@ struct ExportLine {
     hash: String,
 }
 
+route! {
+    ExportAuditEventsRoute { scope: AuditRead, audit: AuditExport, limit: Read }
+}
+
 /// Streams the company's chain as NDJSON (one record per line, in chain
 /// order) with every field needed to recompute the hashes.
 #[utoipa::path(
     get,
     path = "/audit-events/export",
     tag = "audit",
-    security(("api_key" = ["audit:read"])),
     params(ExportParams),
     responses(
         (status = 200, description = "NDJSON, one record per line", content_type = "application/x-ndjson"),
@@ -259,7 +269,7 @@ struct ExportLine {
     )
 )]
 pub async fn export_audit_events(
-    auth: Authorized<scope::AuditRead>,
+    auth: Authorized<ExportAuditEventsRoute>,
     State(state): State<AppState>,
     Query(params): Query<ExportParams>,
 ) -> Result<Response, ApiError> {
@@ -358,11 +368,14 @@ pub struct CheckpointView {
     pub signature: String,
 }
 
+route! {
+    GetAuditChainRoute { scope: AuditRead, audit: AuditChainRead, limit: Read }
+}
+
 #[utoipa::path(
     get,
     path = "/audit-chain",
     tag = "audit",
-    security(("api_key" = ["audit:read"])),
     responses(
         (status = 200, description = "Head, latest checkpoint, public key", body = AuditChainView),
         (status = 401, description = "Unauthenticated", body = Problem, content_type = "application/problem+json"),
@@ -370,7 +383,7 @@ pub struct CheckpointView {
     )
 )]
 pub async fn get_audit_chain(
-    auth: Authorized<scope::AuditRead>,
+    auth: Authorized<GetAuditChainRoute>,
     State(state): State<AppState>,
 ) -> Result<Json<AuditChainView>, ApiError> {
     let head = state.store.audit_head(auth.scope()).await?;

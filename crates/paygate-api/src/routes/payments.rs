@@ -15,10 +15,12 @@ use utoipa::{IntoParams, ToSchema};
 
 use crate::AppState;
 use crate::audit::{AuditContext, AuditWritten};
-use crate::auth::{Authorized, scope};
+use crate::auth::Authorized;
 use crate::extract::{Json as JsonBody, OptionalJson, Query};
 use crate::pagination::{List, page_request};
 use crate::problem::{ApiError, FieldError, Problem};
+use crate::route;
+use crate::route::RouteSpec;
 use crate::routes::audit::parse_time;
 use crate::routes::payees::metadata_field;
 pub use crate::views::{ApprovalsView, PaymentView, StatusChangeView, VoteView};
@@ -109,6 +111,10 @@ fn parse_draft(body: CreatePayment, now: OffsetDateTime) -> Result<PaymentDraft,
     }
 }
 
+route! {
+    CreatePaymentRoute { scope: PaymentsWrite, audit: PaymentCreate on Payment, limit: Write }
+}
+
 /// Create a payment. Requires an `Idempotency-Key` header: a retry with the
 /// same key and body replays the first response (`Idempotent-Replayed: true`)
 /// and creates nothing. The company's approval policy decides how many
@@ -117,7 +123,6 @@ fn parse_draft(body: CreatePayment, now: OffsetDateTime) -> Result<PaymentDraft,
     post,
     path = "/payments",
     tag = "payments",
-    security(("api_key" = ["payments:write"])),
     params(("Idempotency-Key" = String, Header, description = "1–255 printable ASCII characters, unique per payment; kept 24 h")),
     request_body = CreatePayment,
     responses(
@@ -130,7 +135,7 @@ fn parse_draft(body: CreatePayment, now: OffsetDateTime) -> Result<PaymentDraft,
     )
 )]
 pub async fn create_payment(
-    auth: Authorized<scope::PaymentsWrite>,
+    auth: Authorized<CreatePaymentRoute>,
     State(state): State<AppState>,
     audit: AuditContext,
     headers: HeaderMap,
@@ -178,9 +183,9 @@ pub async fn create_payment(
     delay_settlement(&state, &mut payment, now);
     let view = PaymentView::from(&payment);
     let response_body = serde_json::to_string(&view).map_err(|_| ApiError::internal())?;
-    let record = audit.entry(
-        "payment.create",
-        Some(("payment", payment.id.to_string())),
+    let record = audit.entry_for(
+        auth.route(),
+        Some(payment.id.to_string()),
         StatusCode::CREATED,
         serde_json::json!({
             "payee_id": payment.payee_id,
@@ -243,12 +248,15 @@ pub struct PaymentListParams {
     pub created_before: Option<String>,
 }
 
+route! {
+    ListPaymentsRoute { scope: PaymentsRead, audit: PaymentList, limit: Read }
+}
+
 /// The company's payments (of the caller's mode), newest first.
 #[utoipa::path(
     get,
     path = "/payments",
     tag = "payments",
-    security(("api_key" = ["payments:read"])),
     params(PaymentListParams),
     responses(
         (status = 200, description = "A page of payments", body = List<PaymentView>),
@@ -258,7 +266,7 @@ pub struct PaymentListParams {
     )
 )]
 pub async fn list_payments(
-    auth: Authorized<scope::PaymentsRead>,
+    auth: Authorized<ListPaymentsRoute>,
     State(state): State<AppState>,
     Query(params): Query<PaymentListParams>,
 ) -> Result<Json<List<PaymentView>>, ApiError> {
@@ -286,12 +294,15 @@ pub async fn list_payments(
     Ok(Json(List::new(page.items.iter().map(PaymentView::from).collect(), page.has_more, last)))
 }
 
+route! {
+    GetPaymentRoute { scope: PaymentsRead, audit: PaymentRead on Payment, limit: Read }
+}
+
 /// One payment. Another company's payment answers like one that does not exist.
 #[utoipa::path(
     get,
     path = "/payments/{id}",
     tag = "payments",
-    security(("api_key" = ["payments:read"])),
     params(("id" = String, Path, description = "The payment id (`pay_…`)")),
     responses(
         (status = 200, description = "The payment", body = PaymentView),
@@ -301,7 +312,7 @@ pub async fn list_payments(
     )
 )]
 pub async fn get_payment(
-    auth: Authorized<scope::PaymentsRead>,
+    auth: Authorized<GetPaymentRoute>,
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<PaymentView>, ApiError> {
@@ -340,10 +351,10 @@ fn payment_changed(expected: u32, actual: u32) -> ApiError {
     )
 }
 
-/// What a change is: its audit action, the version it is bound to, and
+/// What a change is: its route (for the audit action), the version it is bound to, and
 /// whether the payee's creator must be known (approvals).
 struct ChangeKind {
-    action: &'static str,
+    route: RouteSpec,
     binding: Binding,
     with_payee_creator: bool,
 }
@@ -358,7 +369,7 @@ async fn change_payment(
 ) -> Result<(AuditWritten, Json<PaymentView>), ApiError> {
     let id = PaymentId::parse(id).map_err(|_| ApiError::not_found("payment"))?;
     let mode = auth.record.key.mode;
-    let ChangeKind { action, binding, with_payee_creator } = kind;
+    let ChangeKind { route, binding, with_payee_creator } = kind;
     let mut bound = match binding {
         Binding::Latest => None,
         Binding::Version(v) => Some(v),
@@ -382,9 +393,9 @@ async fn change_payment(
         let before = payment.status;
         change(&mut payment, payee_creator.as_ref().and_then(Option::as_ref)).map_err(payment_error)?;
         delay_settlement(state, &mut payment, paygate_domain::now());
-        let record = audit.clone().entry(
-            action,
-            Some(("payment", id.to_string())),
+        let record = audit.clone().entry_for(
+            route,
+            Some(id.to_string()),
             StatusCode::OK,
             serde_json::json!({
                 "previous_status": before,
@@ -412,6 +423,10 @@ async fn change_payment(
     ))
 }
 
+route! {
+    ApprovePaymentRoute { scope: PaymentsApprove, audit: PaymentApprove on Payment, limit: Write }
+}
+
 /// Approve a payment (four eyes). Refused for the key that created or changed
 /// the payment, any key with the same owner, and any key of the same
 /// principal; one vote per owner. When enough approvals count, the payment
@@ -420,7 +435,6 @@ async fn change_payment(
     post,
     path = "/payments/{id}/approve",
     tag = "payments",
-    security(("api_key" = ["payments:approve"])),
     params(("id" = String, Path, description = "The payment id (`pay_…`)")),
     request_body(content = Option<Vote>, description = "Optional: the version the approver reviewed"),
     responses(
@@ -432,7 +446,7 @@ async fn change_payment(
     )
 )]
 pub async fn approve_payment(
-    auth: Authorized<scope::PaymentsApprove>,
+    auth: Authorized<ApprovePaymentRoute>,
     State(state): State<AppState>,
     audit: AuditContext,
     Path(id): Path<String>,
@@ -444,7 +458,7 @@ pub async fn approve_payment(
         &auth.caller,
         audit,
         &id,
-        ChangeKind { action: "payment.approve", binding: Binding::Version(body.version), with_payee_creator: true },
+        ChangeKind { route: auth.route(), binding: Binding::Version(body.version), with_payee_creator: true },
         |p, payee_creator| p.approve_checking_payee(actor.clone(), payee_creator, paygate_domain::now()),
     )
     .await
@@ -471,12 +485,15 @@ pub struct RejectPayment {
     pub version: Option<u32>,
 }
 
+route! {
+    RejectPaymentRoute { scope: PaymentsApprove, audit: PaymentReject on Payment, limit: Write }
+}
+
 /// Reject a payment. Any reject is final.
 #[utoipa::path(
     post,
     path = "/payments/{id}/reject",
     tag = "payments",
-    security(("api_key" = ["payments:approve"])),
     params(("id" = String, Path, description = "The payment id (`pay_…`)")),
     request_body = RejectPayment,
     responses(
@@ -489,7 +506,7 @@ pub struct RejectPayment {
     )
 )]
 pub async fn reject_payment(
-    auth: Authorized<scope::PaymentsApprove>,
+    auth: Authorized<RejectPaymentRoute>,
     State(state): State<AppState>,
     audit: AuditContext,
     Path(id): Path<String>,
@@ -508,10 +525,14 @@ pub async fn reject_payment(
         &auth.caller,
         audit,
         &id,
-        ChangeKind { action: "payment.reject", binding: Binding::Version(body.version), with_payee_creator: false },
+        ChangeKind { route: auth.route(), binding: Binding::Version(body.version), with_payee_creator: false },
         |p, _| p.reject(actor.clone(), reason.clone(), paygate_domain::now()),
     )
     .await
+}
+
+route! {
+    CancelPaymentRoute { scope: PaymentsWrite, audit: PaymentCancel on Payment, limit: Write }
 }
 
 /// Cancel a payment that has not started settling (`pending_approval` or `approved`).
@@ -519,7 +540,6 @@ pub async fn reject_payment(
     post,
     path = "/payments/{id}/cancel",
     tag = "payments",
-    security(("api_key" = ["payments:write"])),
     params(("id" = String, Path, description = "The payment id (`pay_…`)")),
     responses(
         (status = 200, description = "The canceled payment", body = PaymentView),
@@ -530,7 +550,7 @@ pub async fn reject_payment(
     )
 )]
 pub async fn cancel_payment(
-    auth: Authorized<scope::PaymentsWrite>,
+    auth: Authorized<CancelPaymentRoute>,
     State(state): State<AppState>,
     audit: AuditContext,
     Path(id): Path<String>,
@@ -541,7 +561,7 @@ pub async fn cancel_payment(
         &auth.caller,
         audit,
         &id,
-        ChangeKind { action: "payment.cancel", binding: Binding::Latest, with_payee_creator: false },
+        ChangeKind { route: auth.route(), binding: Binding::Latest, with_payee_creator: false },
         |p, _| p.cancel(actor.clone(), paygate_domain::now()),
     )
     .await
@@ -566,6 +586,10 @@ pub(crate) fn double_option<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Op
     Option::<String>::deserialize(d).map(Some)
 }
 
+route! {
+    UpdatePaymentRoute { scope: PaymentsWrite, audit: PaymentUpdate on Payment, limit: Write }
+}
+
 /// Change a payment awaiting approval. Votes already cast stop counting (the
 /// version and content hash change), the number of approvals is recomputed
 /// with the policy snapshotted at creation, and the changing key joins the
@@ -574,7 +598,6 @@ pub(crate) fn double_option<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Op
     patch,
     path = "/payments/{id}",
     tag = "payments",
-    security(("api_key" = ["payments:write"])),
     params(("id" = String, Path, description = "The payment id (`pay_…`)")),
     request_body = UpdatePayment,
     responses(
@@ -587,7 +610,7 @@ pub(crate) fn double_option<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Op
     )
 )]
 pub async fn update_payment(
-    auth: Authorized<scope::PaymentsWrite>,
+    auth: Authorized<UpdatePaymentRoute>,
     State(state): State<AppState>,
     audit: AuditContext,
     Path(id): Path<String>,
@@ -629,7 +652,7 @@ pub async fn update_payment(
         &auth.caller,
         audit,
         &id,
-        ChangeKind { action: "payment.update", binding: Binding::Latest, with_payee_creator: false },
+        ChangeKind { route: auth.route(), binding: Binding::Latest, with_payee_creator: false },
         |p, _| p.edit(actor.clone(), edit.clone(), paygate_domain::now()),
     )
     .await
