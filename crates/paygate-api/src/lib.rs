@@ -17,6 +17,7 @@ pub mod ratelimit_headers;
 pub mod request_id;
 pub mod route;
 pub mod routes;
+mod state;
 pub mod views;
 
 use crate::error_code::ErrorCode;
@@ -27,33 +28,13 @@ use axum::Router;
 use axum::extract::Request;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use paygate_store::Store;
-use paygate_store::auth::Authenticator;
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::problem::ApiError;
-
-#[derive(Clone)]
-pub struct AppState {
-    pub store: Arc<dyn Store>,
-    pub auth: Arc<Authenticator>,
-    pub limits: Arc<limits::RateLimits>,
-    pub audit: audit::AuditWriter,
-    /// The Ed25519 public key that verifies this deployment's checkpoints.
-    pub audit_public_key: [u8; 32],
-    /// Encrypts payees' account numbers and computes their fingerprints.
-    pub data_key: Arc<paygate_domain::bank::DataKey>,
-    /// Group commit of payment creations.
-    pub payments: payment_writer::PaymentWriter,
-    /// How long an approved test-mode payment waits before the simulated
-    /// rail picks it up.
-    pub rail_submit_delay: Duration,
-    /// Which addresses webhook endpoint URLs may name (operator allow-list).
-    pub webhook_addresses: Arc<paygate_domain::webhook::AddressPolicy>,
-}
+pub use crate::state::AppState;
 
 #[derive(Debug, Clone)]
 pub struct ApiConfig {

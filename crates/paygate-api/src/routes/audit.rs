@@ -9,8 +9,6 @@ use paygate_domain::AuditEventId;
 use paygate_domain::audit::{ENCODING_VERSION, Outcome};
 use paygate_store::AuditFilter;
 use serde::{Deserialize, Serialize};
-use time::OffsetDateTime;
-use time::format_description::well_known::Rfc3339;
 use utoipa::{IntoParams, ToSchema};
 
 use crate::AppState;
@@ -19,6 +17,7 @@ use crate::extract::Query;
 use crate::pagination::{List, page_request};
 use crate::problem::{ApiError, FieldError, Problem};
 use crate::route;
+use crate::routes::shared::parse_time;
 use crate::views::rfc3339;
 
 /// One audit record.
@@ -111,18 +110,6 @@ pub struct AuditListParams {
     pub from: Option<String>,
     /// RFC 3339, exclusive.
     pub to: Option<String>,
-}
-
-/// An optional RFC 3339 query parameter, in UTC; a problem for `errors` if malformed.
-pub(crate) fn parse_time(errors: &mut Vec<FieldError>, name: &str, value: Option<&str>) -> Option<OffsetDateTime> {
-    let text = value?;
-    match OffsetDateTime::parse(text, &Rfc3339).ok().and_then(|t| t.checked_to_offset(time::UtcOffset::UTC)) {
-        Some(t) => Some(t),
-        None => {
-            errors.push(FieldError::parameter(name, "must be an RFC 3339 date-time"));
-            None
-        }
-    }
 }
 
 fn bounded(errors: &mut Vec<FieldError>, name: &str, value: Option<&String>) -> Option<String> {

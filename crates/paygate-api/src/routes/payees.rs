@@ -2,7 +2,6 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::Json;
 use paygate_domain::bank::{BankAccount, BankAccountInput};
-use paygate_domain::payment::Metadata;
 use paygate_domain::{Label, PayeeId};
 use paygate_store::{NewPayee, Payee, PayeeStatus, PayeeType};
 use serde::Deserialize;
@@ -15,6 +14,7 @@ use crate::extract::{Json as JsonBody, Query};
 use crate::pagination::{List, page_request};
 use crate::problem::{ApiError, FieldError, Problem};
 use crate::route;
+use crate::routes::shared::{caller_actor, metadata_field};
 pub use crate::views::PayeeView;
 
 /// Body of `POST /v1/payees`.
@@ -122,7 +122,7 @@ pub async fn create_payee(
         status: PayeeStatus::Active,
         created_at: now,
         disabled_at: None,
-        created_by: Some(crate::routes::payments::caller_actor(&auth.caller)),
+        created_by: Some(caller_actor(&auth.caller)),
     };
     let record = audit.entry_for(auth.route(), Some(id.to_string()),
         StatusCode::CREATED,
@@ -132,24 +132,6 @@ pub async fn create_payee(
     state.store.create_payee(auth.scope(), &NewPayee { payee: payee.clone(), sealed_account }, &record).await?;
     let location = format!("/v1/payees/{id}");
     Ok((StatusCode::CREATED, AuditWritten, [(axum::http::header::LOCATION, location)], Json(payee.into())))
-}
-
-/// Validates an optional metadata object, adding its problems under `prefix`.
-pub(crate) fn metadata_field(
-    errors: &mut Vec<FieldError>,
-    prefix: &str,
-    value: Option<&serde_json::Value>,
-) -> Option<Metadata> {
-    let value = value?;
-    match Metadata::from_json(value) {
-        Ok(m) => Some(m),
-        Err(problems) => {
-            for (pointer, message) in problems {
-                errors.push(FieldError::pointer(format!("{prefix}{pointer}"), message));
-            }
-            None
-        }
-    }
 }
 
 #[derive(Debug, Deserialize, IntoParams)]

@@ -21,8 +21,7 @@ use crate::pagination::{List, page_request};
 use crate::problem::{ApiError, FieldError, Problem};
 use crate::route;
 use crate::route::RouteSpec;
-use crate::routes::audit::parse_time;
-use crate::routes::payees::metadata_field;
+use crate::routes::shared::{caller_actor, double_option, metadata_field, parse_time};
 pub use crate::views::{ApprovalsView, PaymentView, StatusChangeView, VoteView};
 
 /// How long an idempotency key and its response are kept.
@@ -52,11 +51,6 @@ pub struct CreatePayment {
     pub requested_execution_date: Option<String>,
     #[schema(value_type = Option<std::collections::BTreeMap<String, String>>)]
     pub metadata: Option<serde_json::Value>,
-}
-
-pub(crate) fn caller_actor(caller: &Authenticated) -> Actor {
-    let key = &caller.record.key;
-    Actor::key(key.id, &key.owner, key.principal)
 }
 
 fn idempotency_problem(code: ErrorCode, detail: &str) -> ApiError {
@@ -580,10 +574,6 @@ pub struct UpdatePayment {
     pub requested_execution_date: Option<Option<String>>,
     #[schema(value_type = Option<std::collections::BTreeMap<String, String>>)]
     pub metadata: Option<serde_json::Value>,
-}
-
-pub(crate) fn double_option<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<String>>, D::Error> {
-    Option::<String>::deserialize(d).map(Some)
 }
 
 route! {

@@ -59,7 +59,7 @@ pub struct UpdateWebhookEndpoint {
     pub url: Option<String>,
     pub event_types: Option<Vec<String>>,
     /// `null` clears it.
-    #[serde(default, deserialize_with = "crate::routes::payments::double_option")]
+    #[serde(default, deserialize_with = "crate::routes::shared::double_option")]
     #[schema(value_type = Option<String>)]
     pub description: Option<Option<String>>,
     /// `true` re-enables an endpoint Paygate disabled (its failure clock restarts).
