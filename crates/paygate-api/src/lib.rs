@@ -10,6 +10,7 @@ pub mod client;
 pub mod error_code;
 pub mod extract;
 pub mod limits;
+mod openapi;
 pub mod pagination;
 pub mod payment_writer;
 pub mod problem;
@@ -126,12 +127,20 @@ fn v1() -> route::Routes {
 
 /// The OpenAPI document, as served at `/openapi.json` and committed as `openapi.json`.
 pub fn openapi() -> utoipa::openapi::OpenApi {
-    OpenApiRouter::<AppState>::with_openapi(ApiDoc::openapi()).nest("/v1", v1().into_parts().0).split_for_parts().1
+    serde_json::from_value(openapi_value()).expect("the completed document is an OpenAPI document")
+}
+
+fn openapi_value() -> serde_json::Value {
+    let generated =
+        OpenApiRouter::<AppState>::with_openapi(ApiDoc::openapi()).nest("/v1", v1().into_parts().0).split_for_parts().1;
+    let mut doc = serde_json::to_value(generated).expect("the OpenAPI document serializes");
+    openapi::exact(&mut doc);
+    doc
 }
 
 /// Pretty JSON of [`openapi`], with a trailing newline.
 pub fn openapi_json() -> String {
-    let mut text = openapi().to_pretty_json().expect("the OpenAPI document serializes");
+    let mut text = serde_json::to_string_pretty(&openapi_value()).expect("the OpenAPI document serializes");
     text.push('\n');
     text
 }

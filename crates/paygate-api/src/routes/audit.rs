@@ -107,8 +107,10 @@ pub struct AuditListParams {
     /// `success`, `denied` or `failed`.
     pub outcome: Option<String>,
     /// RFC 3339, inclusive.
+    #[param(format = DateTime)]
     pub from: Option<String>,
     /// RFC 3339, exclusive.
+    #[param(format = DateTime)]
     pub to: Option<String>,
 }
 
@@ -207,8 +209,10 @@ pub async fn get_audit_event(
 #[into_params(parameter_in = Query)]
 pub struct ExportParams {
     /// RFC 3339, inclusive. Omitted with `to`: the whole chain.
+    #[param(format = DateTime)]
     pub from: Option<String>,
     /// RFC 3339, exclusive.
+    #[param(format = DateTime)]
     pub to: Option<String>,
 }
 
@@ -359,6 +363,8 @@ route! {
     GetAuditChainRoute { scope: AuditRead, audit: AuditChainRead, limit: Read }
 }
 
+/// The chain's head, its latest signed checkpoint and the public key that
+/// verifies checkpoints: where a verifier of an export starts.
 #[utoipa::path(
     get,
     path = "/audit-chain",

@@ -22,11 +22,17 @@ pub use crate::views::PayeeView;
 #[serde(deny_unknown_fields)]
 pub struct CreatePayee {
     /// 1–200 characters.
+    #[schema(
+        min_length = 1,
+        max_length = 200,
+        pattern = "^[^\\x00-\\x1F\\x7F-\\x9F]*[^\\s\\x00-\\x1F\\x7F-\\x9F][^\\x00-\\x1F\\x7F-\\x9F]*$"
+    )]
     pub name: String,
     /// `business` or `individual`.
     #[serde(rename = "type")]
     #[schema(value_type = PayeeType)]
     pub kind: String,
+    #[schema(max_length = 254, pattern = "^\\s*[^\\s@]+@[^\\s@]+\\.[^\\s@.]+\\s*$")]
     pub email: Option<String>,
     #[schema(value_type = BankAccountInput)]
     pub bank_account: serde_json::Value,

@@ -39,13 +39,20 @@ fn delay_settlement(state: &AppState, payment: &mut Payment, now: OffsetDateTime
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreatePayment {
+    #[schema(pattern = "^pye_[0-9A-Za-z]{22}$")]
     pub payee_id: String,
     /// Integer minor units: > 0, ≤ 2^53 − 1.
     #[schema(value_type = u64, minimum = 1, maximum = 9007199254740991_u64)]
     pub amount: serde_json::Value,
     /// ISO 4217 code, upper case.
+    #[schema(pattern = "^[A-Z]{3}$")]
     pub currency: String,
     /// 1–140 characters, shown to the payee.
+    #[schema(
+        min_length = 1,
+        max_length = 140,
+        pattern = "^[^\\x00-\\x1F\\x7F-\\x9F]*[^\\s\\x00-\\x1F\\x7F-\\x9F][^\\x00-\\x1F\\x7F-\\x9F]*$"
+    )]
     pub reference: String,
     /// `YYYY-MM-DD`, today or later (UTC), at most a year ahead.
     pub requested_execution_date: Option<String>,
@@ -117,7 +124,7 @@ route! {
     post,
     path = "/payments",
     tag = "payments",
-    params(("Idempotency-Key" = String, Header, description = "1–255 printable ASCII characters, unique per payment; kept 24 h")),
+    params(("Idempotency-Key" = String, Header, pattern = "^[!-~]{1,255}$", description = "1–255 printable ASCII characters, unique per payment; kept 24 h")),
     request_body = CreatePayment,
     responses(
         (status = 201, description = "The payment (also replayed for a retry)", body = PaymentView),
@@ -237,8 +244,10 @@ pub struct PaymentListParams {
     pub status: Option<String>,
     pub payee_id: Option<String>,
     /// RFC 3339: created at or after.
+    #[param(format = DateTime)]
     pub created_from: Option<String>,
     /// RFC 3339: created before.
+    #[param(format = DateTime)]
     pub created_before: Option<String>,
 }
 
@@ -474,6 +483,11 @@ pub struct Vote {
 #[serde(deny_unknown_fields)]
 pub struct RejectPayment {
     /// 1–500 characters.
+    #[schema(
+        min_length = 1,
+        max_length = 500,
+        pattern = "^[^\\x00-\\x1F\\x7F-\\x9F]*[^\\s\\x00-\\x1F\\x7F-\\x9F][^\\x00-\\x1F\\x7F-\\x9F]*$"
+    )]
     pub reason: String,
     /// The version the reviewer saw (see approve).
     pub version: Option<u32>,
@@ -567,6 +581,11 @@ pub async fn cancel_payment(
 pub struct UpdatePayment {
     #[schema(value_type = Option<u64>)]
     pub amount: Option<serde_json::Value>,
+    #[schema(
+        min_length = 1,
+        max_length = 140,
+        pattern = "^[^\\x00-\\x1F\\x7F-\\x9F]*[^\\s\\x00-\\x1F\\x7F-\\x9F][^\\x00-\\x1F\\x7F-\\x9F]*$"
+    )]
     pub reference: Option<String>,
     /// `YYYY-MM-DD`; `null` clears it.
     #[serde(default, deserialize_with = "double_option")]
