@@ -216,9 +216,11 @@ pub struct ExportParams {
     pub to: Option<String>,
 }
 
-/// One line of the export: every field the hash covers, as stored.
-#[derive(Debug, Serialize)]
-struct ExportLine {
+/// One line of the export (`application/x-ndjson`: one such object per
+/// line, in chain order): every field the hash covers, as stored.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = AuditExportLine)]
+pub struct ExportLine {
     encoding: &'static str,
     chain: String,
     seq: u64,
@@ -253,7 +255,7 @@ route! {
     tag = "audit",
     params(ExportParams),
     responses(
-        (status = 200, description = "NDJSON, one record per line", content_type = "application/x-ndjson"),
+        (status = 200, description = "NDJSON: one `AuditExportLine` object per line, in chain order", body = ExportLine, content_type = "application/x-ndjson"),
         (status = 400, description = "Invalid time range", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "Unauthenticated", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "Missing `audit:read`", body = Problem, content_type = "application/problem+json"),
