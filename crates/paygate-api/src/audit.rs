@@ -21,12 +21,12 @@ use std::time::Duration;
 
 use axum::extract::{FromRequestParts, MatchedPath, Request, State};
 use axum::http::request::Parts;
-use axum::http::{HeaderMap, Method, StatusCode};
+use axum::http::{HeaderMap, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use parking_lot::Mutex;
 use paygate_domain::AuditEventId;
-use paygate_domain::audit::{ActorKind, AuditEntry, Outcome, PLATFORM_CHAIN};
+use paygate_domain::audit::{ActorKind, AuditAction, AuditEntry, Outcome, PLATFORM_CHAIN};
 use paygate_store::auth::Authenticated;
 use paygate_store::{KeyAuthRecord, Store};
 use tokio::sync::{mpsc, oneshot};
@@ -34,6 +34,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::client::ClientAddr;
 use crate::problem::ApiError;
 use crate::request_id::RequestId;
+use crate::route::{ResourceType, RouteSpec};
 
 /// Response marker: the handler's change wrote this request's record in its transaction.
 #[derive(Debug, Clone, Copy)]
@@ -60,64 +61,6 @@ pub struct AuditActor(pub Arc<KeyAuthRecord>);
 impl AuditActor {
     pub fn of(caller: &Authenticated) -> Self {
         Self(caller.record.clone())
-    }
-}
-
-/// The action, resource type and where the resource id sits, for each route.
-/// One table so every route's audit action is visible in one place; a test
-/// checks every OpenAPI operation appears here.
-pub const ROUTE_ACTIONS: &[(&str, &str, &str, Option<&str>)] = &[
-    ("GET", "/v1/me", "identity.read", None),
-    ("GET", "/v1/api-keys", "api_key.list", None),
-    ("POST", "/v1/api-keys", "api_key.create", Some("api_key")),
-    ("GET", "/v1/api-keys/{id}", "api_key.read", Some("api_key")),
-    ("POST", "/v1/api-keys/{id}/revoke", "api_key.revoke", Some("api_key")),
-    ("POST", "/v1/api-keys/{id}/rotate", "api_key.rotate", Some("api_key")),
-    ("GET", "/v1/audit-events", "audit.list", None),
-    ("GET", "/v1/audit-events/export", "audit.export", None),
-    ("GET", "/v1/audit-events/{id}", "audit.read", Some("audit_event")),
-    ("GET", "/v1/audit-chain", "audit.chain_read", None),
-    ("GET", "/v1/payees", "payee.list", None),
-    ("POST", "/v1/payees", "payee.create", Some("payee")),
-    ("GET", "/v1/payees/{id}", "payee.read", Some("payee")),
-    ("POST", "/v1/payees/{id}/disable", "payee.disable", Some("payee")),
-    ("GET", "/v1/payments", "payment.list", None),
-    ("POST", "/v1/payments", "payment.create", Some("payment")),
-    ("GET", "/v1/payments/{id}", "payment.read", Some("payment")),
-    ("PATCH", "/v1/payments/{id}", "payment.update", Some("payment")),
-    ("POST", "/v1/payments/{id}/approve", "payment.approve", Some("payment")),
-    ("POST", "/v1/payments/{id}/reject", "payment.reject", Some("payment")),
-    ("POST", "/v1/payments/{id}/cancel", "payment.cancel", Some("payment")),
-    ("GET", "/v1/approval-policy", "approval_policy.read", None),
-    ("PUT", "/v1/approval-policy", "approval_policy.update", None),
-    ("GET", "/v1/events", "event.list", None),
-    ("GET", "/v1/events/{id}", "event.read", Some("event")),
-    ("POST", "/v1/events/{id}/redeliver", "event.redeliver", Some("event")),
-    ("GET", "/v1/webhook-endpoints", "webhook_endpoint.list", None),
-    ("POST", "/v1/webhook-endpoints", "webhook_endpoint.create", Some("webhook_endpoint")),
-    ("GET", "/v1/webhook-endpoints/{id}", "webhook_endpoint.read", Some("webhook_endpoint")),
-    ("PATCH", "/v1/webhook-endpoints/{id}", "webhook_endpoint.update", Some("webhook_endpoint")),
-    ("DELETE", "/v1/webhook-endpoints/{id}", "webhook_endpoint.delete", Some("webhook_endpoint")),
-    ("POST", "/v1/webhook-endpoints/{id}/rotate-secret", "webhook_endpoint.rotate_secret", Some("webhook_endpoint")),
-    ("POST", "/v1/webhook-endpoints/{id}/test", "webhook_endpoint.test", Some("webhook_endpoint")),
-    ("GET", "/v1/webhook-endpoints/{id}/deliveries", "webhook_delivery.list", Some("webhook_endpoint")),
-];
-
-fn route_action(method: &Method, route: &str) -> Option<(&'static str, Option<&'static str>)> {
-    // HEAD is answered by the GET route.
-    let method = if *method == Method::HEAD { "GET" } else { method.as_str() };
-    ROUTE_ACTIONS.iter().find(|(m, r, _, _)| *m == method && *r == route).map(|(_, _, a, t)| (*a, *t))
-}
-
-fn typed_id(resource_type: &str, id: &str) -> bool {
-    match resource_type {
-        "api_key" => paygate_domain::ApiKeyId::parse(id).is_ok(),
-        "audit_event" => AuditEventId::parse(id).is_ok(),
-        "payee" => paygate_domain::PayeeId::parse(id).is_ok(),
-        "payment" => paygate_domain::PaymentId::parse(id).is_ok(),
-        "event" => paygate_domain::EventId::parse(id).is_ok(),
-        "webhook_endpoint" => paygate_domain::WebhookEndpointId::parse(id).is_ok(),
-        _ => false,
     }
 }
 
@@ -151,8 +94,8 @@ impl AuditContext {
     /// The record of this request.
     pub fn entry(
         self,
-        action: &'static str,
-        resource: Option<(&str, String)>,
+        action: AuditAction,
+        resource: Option<(ResourceType, String)>,
         status: StatusCode,
         details: serde_json::Value,
     ) -> AuditEntry {
@@ -172,8 +115,8 @@ impl AuditContext {
             actor_kind: kind,
             actor_id: id,
             actor_name: name,
-            action,
-            resource_type: resource.as_ref().map(|(t, _)| (*t).to_owned()),
+            action: action.as_str(),
+            resource_type: resource.as_ref().map(|(t, _)| t.as_str().to_owned()),
             resource_id: resource.map(|(_, id)| id),
             outcome: Outcome::for_status(status.as_u16()),
             status: status.as_u16(),
@@ -182,6 +125,20 @@ impl AuditContext {
             user_agent: self.user_agent,
             details: AuditEntry::details_from(&details),
         }
+    }
+}
+
+impl AuditContext {
+    /// The record of a change made by `route`: its declared action, and the
+    /// declared resource type for `resource_id`.
+    pub fn entry_for(
+        self,
+        route: RouteSpec,
+        resource_id: Option<String>,
+        status: StatusCode,
+        details: serde_json::Value,
+    ) -> AuditEntry {
+        self.entry(route.action, route.resource.zip(resource_id), status, details)
     }
 }
 
@@ -406,8 +363,8 @@ impl Aggregator {
     }
 }
 
-fn aggregated_action(action: &str) -> bool {
-    matches!(action, "auth.failed" | "auth.throttled" | "rate_limit.exceeded")
+fn aggregated_action(action: AuditAction) -> bool {
+    matches!(action, AuditAction::AuthFailed | AuditAction::AuthThrottled | AuditAction::RateLimitExceeded)
 }
 
 /// Records the request unless its change already did, and refuses to answer
@@ -425,29 +382,27 @@ pub async fn middleware(State(writer): State<AuditWriter>, request: Request, nex
     context.actor = response.extensions().get::<AuditActor>().cloned();
     let status = response.status();
     let code = response.extensions().get::<ApiError>().map(|e| e.code);
-    let (action, resource_type) = match (code, route.as_deref().and_then(|r| route_action(&method, r))) {
-        (
-            Some(
-                ErrorCode::Unauthenticated
-                | ErrorCode::ApiKeyRevoked
-                | ErrorCode::ApiKeyExpired
-                | ErrorCode::CompanySuspended
-                | ErrorCode::IpNotAllowed,
-            ),
-            _,
-        ) => ("auth.failed", None),
-        (Some(ErrorCode::AuthThrottled), _) => ("auth.throttled", None),
-        (Some(ErrorCode::RateLimited | ErrorCode::ConcurrencyLimited), _) => ("rate_limit.exceeded", None),
-        (Some(ErrorCode::Timeout), _) => ("request.timeout", None),
-        (Some(ErrorCode::Overloaded), _) => ("request.overloaded", None),
-        (_, Some(found)) => found,
-        _ => ("request.unrouted", None),
+    let declared = route.as_deref().and_then(|r| crate::route::table().find(&method, r)).map(|d| d.spec);
+    let action = match code {
+        Some(
+            ErrorCode::Unauthenticated
+            | ErrorCode::ApiKeyRevoked
+            | ErrorCode::ApiKeyExpired
+            | ErrorCode::CompanySuspended
+            | ErrorCode::IpNotAllowed,
+        ) => AuditAction::AuthFailed,
+        Some(ErrorCode::AuthThrottled) => AuditAction::AuthThrottled,
+        Some(ErrorCode::RateLimited | ErrorCode::ConcurrencyLimited) => AuditAction::RateLimitExceeded,
+        Some(ErrorCode::Timeout) => AuditAction::RequestTimeout,
+        Some(ErrorCode::Overloaded) => AuditAction::RequestOverloaded,
+        _ => declared.map_or(AuditAction::RequestUnrouted, |d| d.action),
     };
     // Only a well-formed id of the resource's type is recorded: a client that
     // pastes something else (its key text, say) into the path leaves no trace of it.
-    let resource =
-        resource_type.map(|t| (t, route.as_deref().and_then(|r| path_id(r, &path)).filter(|id| typed_id(t, id))));
-    let resource = resource.and_then(|(t, id)| id.map(|id| (t, id)));
+    let resource = declared
+        .filter(|d| d.action == action)
+        .and_then(|d| d.resource)
+        .and_then(|t| route.as_deref().and_then(|r| path_id(r, &path)).filter(|id| t.is_id(id)).map(|id| (t, id)));
     let mut details = serde_json::json!({"method": method.as_str(), "route": route.as_deref().unwrap_or("unmatched")});
     if let Some(code) = code {
         details["code"] = serde_json::Value::from(code.as_str());
@@ -475,33 +430,10 @@ pub async fn middleware(State(writer): State<AuditWriter>, request: Request, nex
 mod tests {
     use super::*;
 
-    /// Every operation of the API has its audit action in [`ROUTE_ACTIONS`].
     #[test]
-    fn every_operation_has_an_audit_action() {
-        let doc = crate::openapi();
-        for (path, item) in doc.paths.paths.iter() {
-            for (method, op) in [
-                ("GET", &item.get),
-                ("POST", &item.post),
-                ("PUT", &item.put),
-                ("PATCH", &item.patch),
-                ("DELETE", &item.delete),
-            ] {
-                if op.is_some() {
-                    let method = Method::from_bytes(method.as_bytes()).unwrap();
-                    let (action, _) =
-                        route_action(&method, path).unwrap_or_else(|| panic!("{method} {path} has no audit action"));
-                    assert!(paygate_domain::audit::ACTIONS.contains(&action), "{action} is not in the closed list");
-                }
-            }
-        }
-        assert_eq!(route_action(&Method::HEAD, "/v1/me").map(|a| a.0), Some("identity.read"));
-    }
-
-    #[test]
-    fn only_typed_ids_are_recorded() {
-        assert!(typed_id("api_key", "key_0000000000000000000000"));
-        assert!(!typed_id("api_key", "pgk_live_key_0000000000000000000000_secret"));
+    fn the_id_in_the_path_is_found() {
         assert_eq!(path_id("/v1/api-keys/{id}/revoke", "/v1/api-keys/abc/revoke").as_deref(), Some("abc"));
+        assert!(ResourceType::ApiKey.is_id("key_0000000000000000000000"));
+        assert!(!ResourceType::ApiKey.is_id("pgk_live_key_0000000000000000000000_secret"));
     }
 }

@@ -1,29 +1,31 @@
 //! Steps 3–6 of the pipeline. The middleware authenticates every `/v1` request
 //! (known route or not) before any extractor runs; the [`Authorized`] extractor
-//! then checks the scope the handler declares in its own signature, so a handler
-//! cannot forget it, and a handler without it fails the route walk test.
+//! then checks the scope of the route declaration named in the handler's own
+//! signature (see [`crate::route`]), so a handler cannot forget it, and a
+//! handler without it fails the route walk test.
 
-use crate::error_code::ErrorCode;
+use std::any::TypeId;
 use std::marker::PhantomData;
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use axum::extract::{FromRequestParts, Request, State};
+use axum::extract::{FromRequestParts, MatchedPath, Request, State};
+use axum::http::HeaderValue;
 use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
-use axum::http::{HeaderValue, Method};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use paygate_domain::Scope;
 use paygate_store::CompanyScope;
 use paygate_store::auth::{AuthError, AuthFailure, Authenticated};
 
 use crate::AppState;
 use crate::audit::AuditActor;
 use crate::client::ClientAddr;
+use crate::error_code::ErrorCode;
 use crate::problem::ApiError;
+use crate::route::{DeclaredRoute, LimitClass, Route, RouteSpec};
 
 pub const KEY_EXPIRES_HEADER: &str = "paygate-key-expires";
 
@@ -84,8 +86,13 @@ async fn authenticate_then(state: AppState, mut request: Request, next: Next) ->
                 Ok(outcome) => outcome,
                 Err(refused) => return with_actor(refused),
             };
-            let is_write = !matches!(*request.method(), Method::GET | Method::HEAD | Method::OPTIONS);
-            let _slot = if is_write {
+            // The route's declaration says whether it takes a write slot; an
+            // unknown path takes none (it answers 404).
+            let declared = request
+                .extensions()
+                .get::<MatchedPath>()
+                .and_then(|route| crate::route::table().find(request.method(), route.as_str()));
+            let _slot = if declared.is_some_and(|d| d.spec.limit == LimitClass::Write) {
                 match state.limits.write_slot(&caller).await {
                     Ok(slot) => slot,
                     Err(refused) => return with_actor(refused),
@@ -97,6 +104,9 @@ async fn authenticate_then(state: AppState, mut request: Request, next: Next) ->
             span.record("company_id", tracing::field::display(caller.scope.company_id()));
             span.record("key_id", tracing::field::display(caller.record.key.id));
             request.extensions_mut().insert(caller);
+            if let Some(declared) = declared {
+                request.extensions_mut().insert(declared);
+            }
             let checked = ScopeChecked::default();
             request.extensions_mut().insert(checked.clone());
             let response = next.run(request).await;
@@ -147,62 +157,38 @@ fn problem_for(error: AuthError) -> ApiError {
 #[derive(Clone, Default)]
 struct ScopeChecked(Arc<AtomicBool>);
 
-/// A scope requirement, declared as a type in the handler's signature.
-pub trait RequiredScope: Send + Sync + 'static {
-    /// `None` means any valid key may call the route (declared, not defaulted).
-    const SCOPE: Option<Scope>;
-}
-
-pub mod scope {
-    use super::RequiredScope;
-    use paygate_domain::Scope;
-
-    macro_rules! required_scopes {
-        ($($name:ident => $scope:expr),+ $(,)?) => {
-            $(
-                pub struct $name;
-                impl RequiredScope for $name {
-                    const SCOPE: Option<Scope> = $scope;
-                }
-            )+
-        };
-    }
-
-    required_scopes! {
-        AnyValidKey => None,
-        KeysRead => Some(Scope::KeysRead),
-        KeysManage => Some(Scope::KeysManage),
-        AuditRead => Some(Scope::AuditRead),
-        PayeesRead => Some(Scope::PayeesRead),
-        PayeesWrite => Some(Scope::PayeesWrite),
-        PaymentsRead => Some(Scope::PaymentsRead),
-        PaymentsWrite => Some(Scope::PaymentsWrite),
-        PaymentsApprove => Some(Scope::PaymentsApprove),
-        PolicyManage => Some(Scope::PolicyManage),
-        EventsRead => Some(Scope::EventsRead),
-        WebhooksManage => Some(Scope::WebhooksManage),
-    }
-}
-
-/// An authenticated caller holding the scope `S`.
-pub struct Authorized<S: RequiredScope> {
+/// An authenticated caller holding the scope the route `R` declares.
+pub struct Authorized<R: Route> {
     pub caller: Authenticated,
-    _scope: PhantomData<S>,
+    _route: PhantomData<R>,
 }
 
-impl<S: RequiredScope> Authorized<S> {
+impl<R: Route> Authorized<R> {
     pub fn scope(&self) -> &CompanyScope {
         &self.caller.scope
     }
+
+    /// The route's declaration (its audit action, for the change's record).
+    pub fn route(&self) -> RouteSpec {
+        R::SPEC
+    }
 }
 
-impl<S: RequiredScope, T: Send + Sync> FromRequestParts<T> for Authorized<S> {
+impl<R: Route, T: Send + Sync> FromRequestParts<T> for Authorized<R> {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, _state: &T) -> Result<Self, Self::Rejection> {
         // Absent only if a route escaped the auth middleware: refuse, never allow.
         let caller = parts.extensions.get::<Authenticated>().cloned().ok_or_else(ApiError::unauthenticated)?;
-        if let Some(required) = S::SCOPE
+        // A handler registered under another route's declaration would check
+        // one scope and be limited and audited as another: refuse.
+        if let Some(declared) = parts.extensions.get::<DeclaredRoute>()
+            && declared.declaration != TypeId::of::<R>()
+        {
+            tracing::error!("handler's declaration differs from the route's; refused");
+            return Err(ApiError::internal());
+        }
+        if let Some(required) = R::SPEC.scope
             && !caller.record.key.scopes.contains(required)
         {
             return Err(ApiError::insufficient_scope(required.as_str()));
@@ -210,6 +196,6 @@ impl<S: RequiredScope, T: Send + Sync> FromRequestParts<T> for Authorized<S> {
         if let Some(checked) = parts.extensions.get::<ScopeChecked>() {
             checked.0.store(true, Ordering::Release);
         }
-        Ok(Self { caller, _scope: PhantomData })
+        Ok(Self { caller, _route: PhantomData })
     }
 }

@@ -10,12 +10,15 @@ pub mod client;
 pub mod error_code;
 pub mod extract;
 pub mod limits;
+mod openapi;
 pub mod pagination;
 pub mod payment_writer;
 pub mod problem;
 pub mod ratelimit_headers;
 pub mod request_id;
+pub mod route;
 pub mod routes;
+mod state;
 pub mod views;
 pub mod wire;
 
@@ -27,33 +30,13 @@ use axum::Router;
 use axum::extract::Request;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use paygate_store::Store;
-use paygate_store::auth::Authenticator;
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::problem::ApiError;
-
-#[derive(Clone)]
-pub struct AppState {
-    pub store: Arc<dyn Store>,
-    pub auth: Arc<Authenticator>,
-    pub limits: Arc<limits::RateLimits>,
-    pub audit: audit::AuditWriter,
-    /// The Ed25519 public key that verifies this deployment's checkpoints.
-    pub audit_public_key: [u8; 32],
-    /// Encrypts payees' account numbers and computes their fingerprints.
-    pub data_key: Arc<paygate_domain::bank::DataKey>,
-    /// Group commit of payment creations.
-    pub payments: payment_writer::PaymentWriter,
-    /// How long an approved test-mode payment waits before the simulated
-    /// rail picks it up.
-    pub rail_submit_delay: Duration,
-    /// Which addresses webhook endpoint URLs may name (operator allow-list).
-    pub webhook_addresses: Arc<paygate_domain::webhook::AddressPolicy>,
-}
+pub use crate::state::AppState;
 
 #[derive(Debug, Clone)]
 pub struct ApiConfig {
@@ -101,56 +84,70 @@ impl Modify for BearerAuth {
     }
 }
 
-/// The `/v1` routes (paths relative to `/v1`) and their OpenAPI description,
-/// built from the same handlers so neither can drift from the other.
-fn v1() -> OpenApiRouter<AppState> {
-    OpenApiRouter::new()
-        .routes(routes!(routes::me::get_me))
-        .routes(routes!(routes::api_keys::list_api_keys, routes::api_keys::create_api_key))
-        .routes(routes!(routes::api_keys::revoke_api_key))
-        .routes(routes!(routes::api_keys::rotate_api_key))
-        .routes(routes!(routes::audit::list_audit_events))
-        .routes(routes!(routes::audit::export_audit_events))
-        .routes(routes!(routes::audit::get_audit_event))
-        .routes(routes!(routes::audit::get_audit_chain))
-        .routes(routes!(routes::api_keys::get_api_key))
-        .routes(routes!(routes::payees::list_payees, routes::payees::create_payee))
-        .routes(routes!(routes::payees::get_payee))
-        .routes(routes!(routes::payees::disable_payee))
-        .routes(routes!(routes::payments::list_payments, routes::payments::create_payment))
-        .routes(routes!(routes::payments::get_payment, routes::payments::update_payment))
-        .routes(routes!(routes::payments::approve_payment))
-        .routes(routes!(routes::payments::reject_payment))
-        .routes(routes!(routes::payments::cancel_payment))
-        .routes(routes!(routes::policy::get_approval_policy, routes::policy::put_approval_policy))
-        .routes(routes!(routes::events::list_events))
-        .routes(routes!(routes::events::get_event))
-        .routes(routes!(routes::events::redeliver_event))
-        .routes(routes!(routes::webhooks::list_webhook_endpoints, routes::webhooks::create_webhook_endpoint))
-        .routes(routes!(
-            routes::webhooks::get_webhook_endpoint,
-            routes::webhooks::update_webhook_endpoint,
-            routes::webhooks::delete_webhook_endpoint
-        ))
-        .routes(routes!(routes::webhooks::rotate_webhook_secret))
-        .routes(routes!(routes::webhooks::test_webhook_endpoint))
-        .routes(routes!(routes::webhooks::list_webhook_deliveries))
+/// The `/v1` routes (paths relative to `/v1`), each under its declaration,
+/// and their OpenAPI description, built from the same handlers so neither can
+/// drift from the other.
+fn v1() -> route::Routes {
+    use routes::*;
+    route::Routes::new()
+        .route::<me::GetMeRoute>(routes!(me::get_me))
+        .route::<api_keys::ListApiKeysRoute>(routes!(api_keys::list_api_keys))
+        .route::<api_keys::CreateApiKeyRoute>(routes!(api_keys::create_api_key))
+        .route::<api_keys::RevokeApiKeyRoute>(routes!(api_keys::revoke_api_key))
+        .route::<api_keys::RotateApiKeyRoute>(routes!(api_keys::rotate_api_key))
+        .route::<audit::ListAuditEventsRoute>(routes!(audit::list_audit_events))
+        .route::<audit::ExportAuditEventsRoute>(routes!(audit::export_audit_events))
+        .route::<audit::GetAuditEventRoute>(routes!(audit::get_audit_event))
+        .route::<audit::GetAuditChainRoute>(routes!(audit::get_audit_chain))
+        .route::<api_keys::GetApiKeyRoute>(routes!(api_keys::get_api_key))
+        .route::<payees::ListPayeesRoute>(routes!(payees::list_payees))
+        .route::<payees::CreatePayeeRoute>(routes!(payees::create_payee))
+        .route::<payees::GetPayeeRoute>(routes!(payees::get_payee))
+        .route::<payees::DisablePayeeRoute>(routes!(payees::disable_payee))
+        .route::<payments::ListPaymentsRoute>(routes!(payments::list_payments))
+        .route::<payments::CreatePaymentRoute>(routes!(payments::create_payment))
+        .route::<payments::GetPaymentRoute>(routes!(payments::get_payment))
+        .route::<payments::UpdatePaymentRoute>(routes!(payments::update_payment))
+        .route::<payments::ApprovePaymentRoute>(routes!(payments::approve_payment))
+        .route::<payments::RejectPaymentRoute>(routes!(payments::reject_payment))
+        .route::<payments::CancelPaymentRoute>(routes!(payments::cancel_payment))
+        .route::<policy::GetApprovalPolicyRoute>(routes!(policy::get_approval_policy))
+        .route::<policy::PutApprovalPolicyRoute>(routes!(policy::put_approval_policy))
+        .route::<events::ListEventsRoute>(routes!(events::list_events))
+        .route::<events::GetEventRoute>(routes!(events::get_event))
+        .route::<events::RedeliverEventRoute>(routes!(events::redeliver_event))
+        .route::<webhooks::ListWebhookEndpointsRoute>(routes!(webhooks::list_webhook_endpoints))
+        .route::<webhooks::CreateWebhookEndpointRoute>(routes!(webhooks::create_webhook_endpoint))
+        .route::<webhooks::GetWebhookEndpointRoute>(routes!(webhooks::get_webhook_endpoint))
+        .route::<webhooks::UpdateWebhookEndpointRoute>(routes!(webhooks::update_webhook_endpoint))
+        .route::<webhooks::DeleteWebhookEndpointRoute>(routes!(webhooks::delete_webhook_endpoint))
+        .route::<webhooks::RotateWebhookSecretRoute>(routes!(webhooks::rotate_webhook_secret))
+        .route::<webhooks::TestWebhookEndpointRoute>(routes!(webhooks::test_webhook_endpoint))
+        .route::<webhooks::ListWebhookDeliveriesRoute>(routes!(webhooks::list_webhook_deliveries))
 }
 
 /// The OpenAPI document, as served at `/openapi.json` and committed as `openapi.json`.
 pub fn openapi() -> utoipa::openapi::OpenApi {
-    OpenApiRouter::<AppState>::with_openapi(ApiDoc::openapi()).nest("/v1", v1()).split_for_parts().1
+    serde_json::from_value(openapi_value()).expect("the completed document is an OpenAPI document")
+}
+
+fn openapi_value() -> serde_json::Value {
+    let generated =
+        OpenApiRouter::<AppState>::with_openapi(ApiDoc::openapi()).nest("/v1", v1().into_parts().0).split_for_parts().1;
+    let mut doc = serde_json::to_value(generated).expect("the OpenAPI document serializes");
+    openapi::exact(&mut doc);
+    doc
 }
 
 /// Pretty JSON of [`openapi`], with a trailing newline.
 pub fn openapi_json() -> String {
-    let mut text = openapi().to_pretty_json().expect("the OpenAPI document serializes");
+    let mut text = serde_json::to_string_pretty(&openapi_value()).expect("the OpenAPI document serializes");
     text.push('\n');
     text
 }
 
 pub fn router(state: AppState, config: &ApiConfig) -> Router {
-    let (v1, _) = v1().split_for_parts();
+    let (v1, _) = v1().into_parts().0.split_for_parts();
     let doc_json = Arc::new(openapi_json());
     let limits = state.limits.clone();
     let audit_writer = state.audit.clone();

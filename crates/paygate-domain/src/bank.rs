@@ -17,10 +17,23 @@ pub type FieldProblem = (&'static str, String);
 
 /// The bank account as sent by the client (`bank_account` in `POST /v1/payees`).
 /// `Debug` never shows the account number or IBAN.
+/// The account schemes Paygate accepts, as `bank_account.scheme` names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum BankScheme {
+    Iban,
+    UsAch,
+}
+
+impl BankScheme {
+    pub const ALL: &'static [BankScheme] = &[BankScheme::Iban, BankScheme::UsAch];
+}
+
 #[derive(Default, Clone, serde::Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BankAccountInput {
     /// `iban` or `us_ach`.
+    #[schema(value_type = BankScheme)]
     pub scheme: String,
     /// scheme `iban`: the IBAN, spaces allowed (`DE89 3704 0044 0532 0130 00`).
     pub iban: Option<String>,

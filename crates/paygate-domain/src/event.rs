@@ -7,7 +7,7 @@ use std::fmt;
 use crate::payment::PaymentStatus;
 
 macro_rules! event_types {
-    ($($variant:ident => $text:literal, $object:literal),+ $(,)?) => {
+    ($($variant:ident => $text:tt, $object:tt),+ $(,)?) => {
         /// What happened. Documented in the README; a new type is a new variant here.
         #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, utoipa::ToSchema)]
         pub enum EventType {

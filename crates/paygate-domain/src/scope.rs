@@ -6,7 +6,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 macro_rules! scopes {
-    ($($variant:ident => $text:literal),+ $(,)?) => {
+    ($($variant:ident => $text:tt),+ $(,)?) => {
         #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, utoipa::ToSchema)]
         pub enum Scope {
             $(#[serde(rename = $text)] $variant,)+

@@ -9,19 +9,23 @@ use time::format_description::well_known::Rfc3339;
 
 use crate::AppState;
 use crate::audit::{AuditContext, AuditWritten};
-use crate::auth::{Authorized, scope};
+use crate::auth::Authorized;
 use crate::extract::{Json as JsonBody, OptionalJson, Query};
 use crate::pagination::{List, ListParams};
 use crate::problem::{ApiError, FieldError, Problem};
+use crate::route;
 use crate::views::ApiKeyView;
 use crate::views::rfc3339;
+
+route! {
+    ListApiKeysRoute { scope: KeysRead, audit: ApiKeyList, limit: Read }
+}
 
 /// The company's API keys, newest first. Never shows secrets or hashes.
 #[utoipa::path(
     get,
     path = "/api-keys",
     tag = "api-keys",
-    security(("api_key" = ["keys:read"])),
     params(ListParams),
     responses(
         (status = 200, description = "A page of keys", body = List<ApiKeyView>),
@@ -31,7 +35,7 @@ use crate::views::rfc3339;
     )
 )]
 pub async fn list_api_keys(
-    auth: Authorized<scope::KeysRead>,
+    auth: Authorized<ListApiKeysRoute>,
     State(state): State<AppState>,
     Query(params): Query<ListParams>,
 ) -> Result<Json<List<ApiKeyView>>, ApiError> {
@@ -43,13 +47,16 @@ pub async fn list_api_keys(
     Ok(Json(List::new(data, page.has_more, last)))
 }
 
+route! {
+    GetApiKeyRoute { scope: KeysRead, audit: ApiKeyRead on ApiKey, limit: Read }
+}
+
 /// One API key of the company. Another company's key answers exactly like a
 /// key that does not exist.
 #[utoipa::path(
     get,
     path = "/api-keys/{id}",
     tag = "api-keys",
-    security(("api_key" = ["keys:read"])),
     params(("id" = String, Path, description = "The key id (`key_…`)")),
     responses(
         (status = 200, description = "The key", body = ApiKeyView),
@@ -59,7 +66,7 @@ pub async fn list_api_keys(
     )
 )]
 pub async fn get_api_key(
-    auth: Authorized<scope::KeysRead>,
+    auth: Authorized<GetApiKeyRoute>,
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<ApiKeyView>, ApiError> {
@@ -74,8 +81,18 @@ pub async fn get_api_key(
 #[serde(deny_unknown_fields)]
 pub struct CreateApiKey {
     /// What the key is for, e.g. "SAP payment run".
+    #[schema(
+        min_length = 1,
+        max_length = 200,
+        pattern = "^[^\\x00-\\x1F\\x7F-\\x9F]*[^\\s\\x00-\\x1F\\x7F-\\x9F][^\\x00-\\x1F\\x7F-\\x9F]*$"
+    )]
     pub name: String,
     /// Who or which system holds it; approvals compare owners (four eyes).
+    #[schema(
+        min_length = 1,
+        max_length = 200,
+        pattern = "^[^\\x00-\\x1F\\x7F-\\x9F]*[^\\s\\x00-\\x1F\\x7F-\\x9F][^\\x00-\\x1F\\x7F-\\x9F]*$"
+    )]
     pub owner: String,
     /// A subset of the calling key's scopes.
     #[schema(value_type = Vec<Scope>)]
@@ -103,13 +120,16 @@ pub struct CreatedApiKey {
     pub secret: String,
 }
 
+route! {
+    CreateApiKeyRoute { scope: KeysManage, audit: ApiKeyCreate on ApiKey, limit: Write }
+}
+
 /// Issue a new key for the caller's company. Its scopes must be a subset of the
 /// caller's and its mode is the caller's.
 #[utoipa::path(
     post,
     path = "/api-keys",
     tag = "api-keys",
-    security(("api_key" = ["keys:manage"])),
     request_body = CreateApiKey,
     responses(
         (status = 201, description = "The key, with its text shown once", body = CreatedApiKey),
@@ -121,7 +141,7 @@ pub struct CreatedApiKey {
     )
 )]
 pub async fn create_api_key(
-    auth: Authorized<scope::KeysManage>,
+    auth: Authorized<CreateApiKeyRoute>,
     State(state): State<AppState>,
     audit: AuditContext,
     JsonBody(body): JsonBody<CreateApiKey>,
@@ -209,9 +229,9 @@ pub async fn create_api_key(
     let expires_at = policy.expiry_for(now, expires_at).map_err(lifetime_exceeded)?;
     let expires_at = earliest(expires_at, caller.expires_at);
     let generated = state.auth.hasher().generate(caller.mode);
-    let record = audit.entry(
-        "api_key.create",
-        Some(("api_key", generated.id.to_string())),
+    let record = audit.entry_for(
+        auth.route(),
+        Some(generated.id.to_string()),
         StatusCode::CREATED,
         serde_json::json!({"scopes": scopes, "mode": caller.mode, "expires_at": expires_at.map(rfc3339)}),
     );
@@ -240,13 +260,16 @@ pub async fn create_api_key(
     Ok(created(ApiKeyView::new(key, now), &generated.text))
 }
 
+route! {
+    RevokeApiKeyRoute { scope: KeysManage, audit: ApiKeyRevoke on ApiKey, limit: Write }
+}
+
 /// Revoke a key of the caller's company at once. Revoking a revoked key changes
 /// nothing and answers 200 with the key as it is.
 #[utoipa::path(
     post,
     path = "/api-keys/{id}/revoke",
     tag = "api-keys",
-    security(("api_key" = ["keys:manage"])),
     params(("id" = String, Path, description = "The key id (`key_…`)")),
     responses(
         (status = 200, description = "The revoked key", body = ApiKeyView),
@@ -256,7 +279,7 @@ pub async fn create_api_key(
     )
 )]
 pub async fn revoke_api_key(
-    auth: Authorized<scope::KeysManage>,
+    auth: Authorized<RevokeApiKeyRoute>,
     State(state): State<AppState>,
     audit: AuditContext,
     Path(id): Path<String>,
@@ -266,9 +289,9 @@ pub async fn revoke_api_key(
     let target = state.store.get_api_key(auth.scope(), id).await?.ok_or_else(|| ApiError::not_found("API key"))?;
     // Test keys manage test keys; live keys are a separate world.
     check_mode(auth.caller.record.key.mode, target.mode, "revoke")?;
-    let record = audit.entry(
-        "api_key.revoke",
-        Some(("api_key", id.to_string())),
+    let record = audit.entry_for(
+        auth.route(),
+        Some(id.to_string()),
         StatusCode::OK,
         serde_json::json!({"already_revoked": target.revoked_at.is_some()}),
     );
@@ -354,6 +377,10 @@ pub struct RotateApiKey {
 pub const DEFAULT_GRACE_SECONDS: i64 = 86_400;
 pub const MAX_GRACE_SECONDS: i64 = 604_800;
 
+route! {
+    RotateApiKeyRoute { scope: KeysManage, audit: ApiKeyRotate on ApiKey, limit: Write }
+}
+
 /// Rotate a key: a new key with the same name, owner, scopes and allow-list;
 /// the old one keeps working for the grace period, then is refused as expired.
 /// The two point at each other (`replaces` / `replaced_by`).
@@ -361,7 +388,6 @@ pub const MAX_GRACE_SECONDS: i64 = 604_800;
     post,
     path = "/api-keys/{id}/rotate",
     tag = "api-keys",
-    security(("api_key" = ["keys:manage"])),
     params(("id" = String, Path, description = "The key id (`key_…`)")),
     request_body(content = Option<RotateApiKey>, description = "Optional"),
     responses(
@@ -374,7 +400,7 @@ pub const MAX_GRACE_SECONDS: i64 = 604_800;
     )
 )]
 pub async fn rotate_api_key(
-    auth: Authorized<scope::KeysManage>,
+    auth: Authorized<RotateApiKeyRoute>,
     State(state): State<AppState>,
     audit: AuditContext,
     Path(id): Path<String>,
@@ -437,9 +463,9 @@ pub async fn rotate_api_key(
     };
     let grace_until = now + time::Duration::seconds(grace);
     let invalid = |detail: &str| ApiError::new(ErrorCode::InvalidState, detail);
-    let record = audit.entry(
-        "api_key.rotate",
-        Some(("api_key", id.to_string())),
+    let record = audit.entry_for(
+        auth.route(),
+        Some(id.to_string()),
         StatusCode::CREATED,
         serde_json::json!({"replaced_by": new.id, "old_key_expires_at": rfc3339(grace_until)}),
     );

@@ -9,15 +9,15 @@ use paygate_domain::AuditEventId;
 use paygate_domain::audit::{ENCODING_VERSION, Outcome};
 use paygate_store::AuditFilter;
 use serde::{Deserialize, Serialize};
-use time::OffsetDateTime;
-use time::format_description::well_known::Rfc3339;
 use utoipa::{IntoParams, ToSchema};
 
 use crate::AppState;
-use crate::auth::{Authorized, scope};
+use crate::auth::Authorized;
 use crate::extract::Query;
 use crate::pagination::{List, page_request};
 use crate::problem::{ApiError, FieldError, Problem};
+use crate::route;
+use crate::routes::shared::parse_time;
 use crate::views::rfc3339;
 
 /// One audit record.
@@ -107,21 +107,11 @@ pub struct AuditListParams {
     /// `success`, `denied` or `failed`.
     pub outcome: Option<String>,
     /// RFC 3339, inclusive.
+    #[param(format = DateTime)]
     pub from: Option<String>,
     /// RFC 3339, exclusive.
+    #[param(format = DateTime)]
     pub to: Option<String>,
-}
-
-/// An optional RFC 3339 query parameter, in UTC; a problem for `errors` if malformed.
-pub(crate) fn parse_time(errors: &mut Vec<FieldError>, name: &str, value: Option<&str>) -> Option<OffsetDateTime> {
-    let text = value?;
-    match OffsetDateTime::parse(text, &Rfc3339).ok().and_then(|t| t.checked_to_offset(time::UtcOffset::UTC)) {
-        Some(t) => Some(t),
-        None => {
-            errors.push(FieldError::parameter(name, "must be an RFC 3339 date-time"));
-            None
-        }
-    }
 }
 
 fn bounded(errors: &mut Vec<FieldError>, name: &str, value: Option<&String>) -> Option<String> {
@@ -133,12 +123,15 @@ fn bounded(errors: &mut Vec<FieldError>, name: &str, value: Option<&String>) -> 
     Some(v.clone())
 }
 
+route! {
+    ListAuditEventsRoute { scope: AuditRead, audit: AuditList, limit: Read }
+}
+
 /// The company's audit records, newest first, with filters.
 #[utoipa::path(
     get,
     path = "/audit-events",
     tag = "audit",
-    security(("api_key" = ["audit:read"])),
     params(AuditListParams),
     responses(
         (status = 200, description = "A page of records", body = List<AuditEventView>),
@@ -148,7 +141,7 @@ fn bounded(errors: &mut Vec<FieldError>, name: &str, value: Option<&String>) -> 
     )
 )]
 pub async fn list_audit_events(
-    auth: Authorized<scope::AuditRead>,
+    auth: Authorized<ListAuditEventsRoute>,
     State(state): State<AppState>,
     Query(params): Query<AuditListParams>,
 ) -> Result<Json<List<AuditEventView>>, ApiError> {
@@ -184,12 +177,15 @@ pub async fn list_audit_events(
     Ok(Json(List::new(data, page.has_more, last)))
 }
 
+route! {
+    GetAuditEventRoute { scope: AuditRead, audit: AuditRead on AuditEvent, limit: Read }
+}
+
 /// One audit record of the company. Another company's record answers 404.
 #[utoipa::path(
     get,
     path = "/audit-events/{id}",
     tag = "audit",
-    security(("api_key" = ["audit:read"])),
     params(("id" = String, Path, description = "The record id (`aud_…`)")),
     responses(
         (status = 200, description = "The record", body = AuditEventView),
@@ -199,7 +195,7 @@ pub async fn list_audit_events(
     )
 )]
 pub async fn get_audit_event(
-    auth: Authorized<scope::AuditRead>,
+    auth: Authorized<GetAuditEventRoute>,
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<AuditEventView>, ApiError> {
@@ -213,14 +209,18 @@ pub async fn get_audit_event(
 #[into_params(parameter_in = Query)]
 pub struct ExportParams {
     /// RFC 3339, inclusive. Omitted with `to`: the whole chain.
+    #[param(format = DateTime)]
     pub from: Option<String>,
     /// RFC 3339, exclusive.
+    #[param(format = DateTime)]
     pub to: Option<String>,
 }
 
-/// One line of the export: every field the hash covers, as stored.
-#[derive(Debug, Serialize)]
-struct ExportLine {
+/// One line of the export (`application/x-ndjson`: one such object per
+/// line, in chain order): every field the hash covers, as stored.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = AuditExportLine)]
+pub struct ExportLine {
     encoding: &'static str,
     chain: String,
     seq: u64,
@@ -243,23 +243,26 @@ struct ExportLine {
     hash: String,
 }
 
+route! {
+    ExportAuditEventsRoute { scope: AuditRead, audit: AuditExport, limit: Read }
+}
+
 /// Streams the company's chain as NDJSON (one record per line, in chain
 /// order) with every field needed to recompute the hashes.
 #[utoipa::path(
     get,
     path = "/audit-events/export",
     tag = "audit",
-    security(("api_key" = ["audit:read"])),
     params(ExportParams),
     responses(
-        (status = 200, description = "NDJSON, one record per line", content_type = "application/x-ndjson"),
+        (status = 200, description = "NDJSON: one `AuditExportLine` object per line, in chain order", body = ExportLine, content_type = "application/x-ndjson"),
         (status = 400, description = "Invalid time range", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "Unauthenticated", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "Missing `audit:read`", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub async fn export_audit_events(
-    auth: Authorized<scope::AuditRead>,
+    auth: Authorized<ExportAuditEventsRoute>,
     State(state): State<AppState>,
     Query(params): Query<ExportParams>,
 ) -> Result<Response, ApiError> {
@@ -358,11 +361,16 @@ pub struct CheckpointView {
     pub signature: String,
 }
 
+route! {
+    GetAuditChainRoute { scope: AuditRead, audit: AuditChainRead, limit: Read }
+}
+
+/// The chain's head, its latest signed checkpoint and the public key that
+/// verifies checkpoints: where a verifier of an export starts.
 #[utoipa::path(
     get,
     path = "/audit-chain",
     tag = "audit",
-    security(("api_key" = ["audit:read"])),
     responses(
         (status = 200, description = "Head, latest checkpoint, public key", body = AuditChainView),
         (status = 401, description = "Unauthenticated", body = Problem, content_type = "application/problem+json"),
@@ -370,7 +378,7 @@ pub struct CheckpointView {
     )
 )]
 pub async fn get_audit_chain(
-    auth: Authorized<scope::AuditRead>,
+    auth: Authorized<GetAuditChainRoute>,
     State(state): State<AppState>,
 ) -> Result<Json<AuditChainView>, ApiError> {
     let head = state.store.audit_head(auth.scope()).await?;

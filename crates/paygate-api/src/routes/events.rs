@@ -8,10 +8,11 @@ use utoipa::{IntoParams, ToSchema};
 
 use crate::AppState;
 use crate::audit::{AuditContext, AuditWritten};
-use crate::auth::{Authorized, scope};
+use crate::auth::Authorized;
 use crate::extract::{OptionalJson, Query};
 use crate::pagination::{List, page_request};
 use crate::problem::{ApiError, FieldError, Problem};
+use crate::route;
 pub use crate::views::{EventData, EventView};
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -31,13 +32,16 @@ pub struct EventListParams {
     pub object_id: Option<String>,
 }
 
+route! {
+    ListEventsRoute { scope: EventsRead, audit: EventList, limit: Read }
+}
+
 /// The company's events (of the caller's mode), newest first: backfill what
 /// a webhook endpoint missed. Events are kept at least 30 days.
 #[utoipa::path(
     get,
     path = "/events",
     tag = "events",
-    security(("api_key" = ["events:read"])),
     params(EventListParams),
     responses(
         (status = 200, description = "A page of events", body = List<EventView>),
@@ -47,7 +51,7 @@ pub struct EventListParams {
     )
 )]
 pub async fn list_events(
-    auth: Authorized<scope::EventsRead>,
+    auth: Authorized<ListEventsRoute>,
     State(state): State<AppState>,
     Query(params): Query<EventListParams>,
 ) -> Result<Json<List<EventView>>, ApiError> {
@@ -82,13 +86,16 @@ pub async fn list_events(
     Ok(Json(List::new(page.items.iter().map(EventView::from).collect(), page.has_more, last)))
 }
 
+route! {
+    GetEventRoute { scope: EventsRead, audit: EventRead on Event, limit: Read }
+}
+
 /// One event. Another company's event, or one of the other mode, answers
 /// exactly like an event that does not exist.
 #[utoipa::path(
     get,
     path = "/events/{id}",
     tag = "events",
-    security(("api_key" = ["events:read"])),
     params(("id" = String, Path, description = "The event id (`evt_…`)")),
     responses(
         (status = 200, description = "The event", body = EventView),
@@ -98,7 +105,7 @@ pub async fn list_events(
     )
 )]
 pub async fn get_event(
-    auth: Authorized<scope::EventsRead>,
+    auth: Authorized<GetEventRoute>,
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<EventView>, ApiError> {
@@ -137,12 +144,15 @@ pub struct Redelivery {
     pub deliveries: u32,
 }
 
+route! {
+    RedeliverEventRoute { scope: WebhooksManage, audit: EventRedeliver on Event, limit: Write }
+}
+
 /// Deliver an event again (same `webhook-id`: receivers deduplicate by it).
 #[utoipa::path(
     post,
     path = "/events/{id}/redeliver",
     tag = "events",
-    security(("api_key" = ["webhooks:manage"])),
     params(("id" = String, Path, description = "The event id (`evt_…`)")),
     request_body(content = Option<Redeliver>, description = "Optional: one endpoint"),
     responses(
@@ -153,7 +163,7 @@ pub struct Redelivery {
     )
 )]
 pub async fn redeliver_event(
-    auth: Authorized<scope::WebhooksManage>,
+    auth: Authorized<RedeliverEventRoute>,
     State(state): State<AppState>,
     audit: AuditContext,
     Path(id): Path<String>,
@@ -167,9 +177,9 @@ pub async fn redeliver_event(
         })?),
     };
     readable_event(&state, &auth.caller, id).await?;
-    let record = audit.entry(
-        "event.redeliver",
-        Some(("event", id.to_string())),
+    let record = audit.entry_for(
+        auth.route(),
+        Some(id.to_string()),
         StatusCode::ACCEPTED,
         serde_json::json!({ "endpoint_id": endpoint.map(|e| e.to_string()) }),
     );

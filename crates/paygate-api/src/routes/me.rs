@@ -4,8 +4,9 @@ use serde::Serialize;
 use time::OffsetDateTime;
 use utoipa::ToSchema;
 
-use crate::auth::{Authorized, scope};
+use crate::auth::Authorized;
 use crate::problem::Problem;
+use crate::route;
 
 /// The calling key and its company.
 #[derive(Debug, Serialize, ToSchema)]
@@ -34,19 +35,22 @@ pub struct MeCompany {
     pub name: String,
 }
 
+route! {
+    GetMeRoute { scope: AnyValidKey, audit: IdentityRead, limit: Read }
+}
+
 /// Who am I? Any valid key may ask.
 #[utoipa::path(
     get,
     path = "/me",
     tag = "identity",
-    security(("api_key" = [])),
     responses(
         (status = 200, description = "The calling key and its company", body = Me),
         (status = 401, description = "Missing, invalid, revoked or expired key", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "Company suspended", body = Problem, content_type = "application/problem+json"),
     )
 )]
-pub async fn get_me(auth: Authorized<scope::AnyValidKey>) -> Json<Me> {
+pub async fn get_me(auth: Authorized<GetMeRoute>) -> Json<Me> {
     let record = &auth.caller.record;
     let key = &record.key;
     Json(Me {

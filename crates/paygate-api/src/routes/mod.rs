@@ -5,4 +5,5 @@ pub mod me;
 pub mod payees;
 pub mod payments;
 pub mod policy;
+pub mod shared;
 pub mod webhooks;

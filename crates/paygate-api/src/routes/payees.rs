@@ -2,7 +2,6 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::Json;
 use paygate_domain::bank::{BankAccount, BankAccountInput};
-use paygate_domain::payment::Metadata;
 use paygate_domain::{Label, PayeeId};
 use paygate_store::{NewPayee, Payee, PayeeStatus, PayeeType};
 use serde::Deserialize;
@@ -10,10 +9,12 @@ use utoipa::{IntoParams, ToSchema};
 
 use crate::AppState;
 use crate::audit::{AuditContext, AuditWritten};
-use crate::auth::{Authorized, scope};
+use crate::auth::Authorized;
 use crate::extract::{Json as JsonBody, Query};
 use crate::pagination::{List, page_request};
 use crate::problem::{ApiError, FieldError, Problem};
+use crate::route;
+use crate::routes::shared::{caller_actor, metadata_field};
 pub use crate::views::PayeeView;
 
 /// Body of `POST /v1/payees`.
@@ -21,11 +22,17 @@ pub use crate::views::PayeeView;
 #[serde(deny_unknown_fields)]
 pub struct CreatePayee {
     /// 1–200 characters.
+    #[schema(
+        min_length = 1,
+        max_length = 200,
+        pattern = "^[^\\x00-\\x1F\\x7F-\\x9F]*[^\\s\\x00-\\x1F\\x7F-\\x9F][^\\x00-\\x1F\\x7F-\\x9F]*$"
+    )]
     pub name: String,
     /// `business` or `individual`.
     #[serde(rename = "type")]
     #[schema(value_type = PayeeType)]
     pub kind: String,
+    #[schema(max_length = 254, pattern = "^\\s*[^\\s@]+@[^\\s@]+\\.[^\\s@.]+\\s*$")]
     pub email: Option<String>,
     #[schema(value_type = BankAccountInput)]
     pub bank_account: serde_json::Value,
@@ -48,13 +55,16 @@ fn parse_email(text: &str) -> Result<String, &'static str> {
     if ok { Ok(t.to_owned()) } else { Err("must be an email address like ap@example.com") }
 }
 
+route! {
+    CreatePayeeRoute { scope: PayeesWrite, audit: PayeeCreate on Payee, limit: Write }
+}
+
 /// Create a payee with a validated bank account (IBAN or US ACH). The account
 /// number is stored only encrypted.
 #[utoipa::path(
     post,
     path = "/payees",
     tag = "payees",
-    security(("api_key" = ["payees:write"])),
     request_body = CreatePayee,
     responses(
         (status = 201, description = "The payee", body = PayeeView),
@@ -65,7 +75,7 @@ fn parse_email(text: &str) -> Result<String, &'static str> {
     )
 )]
 pub async fn create_payee(
-    auth: Authorized<scope::PayeesWrite>,
+    auth: Authorized<CreatePayeeRoute>,
     State(state): State<AppState>,
     audit: AuditContext,
     JsonBody(body): JsonBody<CreatePayee>,
@@ -118,11 +128,9 @@ pub async fn create_payee(
         status: PayeeStatus::Active,
         created_at: now,
         disabled_at: None,
-        created_by: Some(crate::routes::payments::caller_actor(&auth.caller)),
+        created_by: Some(caller_actor(&auth.caller)),
     };
-    let record = audit.entry(
-        "payee.create",
-        Some(("payee", id.to_string())),
+    let record = audit.entry_for(auth.route(), Some(id.to_string()),
         StatusCode::CREATED,
         serde_json::json!({"scheme": account.scheme(), "last4": account.last4(), "fingerprint": payee.bank_account.fingerprint}),
     );
@@ -130,24 +138,6 @@ pub async fn create_payee(
     state.store.create_payee(auth.scope(), &NewPayee { payee: payee.clone(), sealed_account }, &record).await?;
     let location = format!("/v1/payees/{id}");
     Ok((StatusCode::CREATED, AuditWritten, [(axum::http::header::LOCATION, location)], Json(payee.into())))
-}
-
-/// Validates an optional metadata object, adding its problems under `prefix`.
-pub(crate) fn metadata_field(
-    errors: &mut Vec<FieldError>,
-    prefix: &str,
-    value: Option<&serde_json::Value>,
-) -> Option<Metadata> {
-    let value = value?;
-    match Metadata::from_json(value) {
-        Ok(m) => Some(m),
-        Err(problems) => {
-            for (pointer, message) in problems {
-                errors.push(FieldError::pointer(format!("{prefix}{pointer}"), message));
-            }
-            None
-        }
-    }
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -163,12 +153,15 @@ pub struct PayeeListParams {
     pub status: Option<String>,
 }
 
+route! {
+    ListPayeesRoute { scope: PayeesRead, audit: PayeeList, limit: Read }
+}
+
 /// The company's payees (of the caller's mode), newest first.
 #[utoipa::path(
     get,
     path = "/payees",
     tag = "payees",
-    security(("api_key" = ["payees:read"])),
     params(PayeeListParams),
     responses(
         (status = 200, description = "A page of payees", body = List<PayeeView>),
@@ -178,7 +171,7 @@ pub struct PayeeListParams {
     )
 )]
 pub async fn list_payees(
-    auth: Authorized<scope::PayeesRead>,
+    auth: Authorized<ListPayeesRoute>,
     State(state): State<AppState>,
     Query(params): Query<PayeeListParams>,
 ) -> Result<Json<List<PayeeView>>, ApiError> {
@@ -199,13 +192,16 @@ pub async fn list_payees(
     Ok(Json(List::new(page.items.into_iter().map(Into::into).collect(), page.has_more, last)))
 }
 
+route! {
+    GetPayeeRoute { scope: PayeesRead, audit: PayeeRead on Payee, limit: Read }
+}
+
 /// One payee. Another company's payee, or one of the other mode, answers
 /// exactly like a payee that does not exist.
 #[utoipa::path(
     get,
     path = "/payees/{id}",
     tag = "payees",
-    security(("api_key" = ["payees:read"])),
     params(("id" = String, Path, description = "The payee id (`pye_…`)")),
     responses(
         (status = 200, description = "The payee", body = PayeeView),
@@ -215,7 +211,7 @@ pub async fn list_payees(
     )
 )]
 pub async fn get_payee(
-    auth: Authorized<scope::PayeesRead>,
+    auth: Authorized<GetPayeeRoute>,
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<PayeeView>, ApiError> {
@@ -224,13 +220,16 @@ pub async fn get_payee(
     Ok(Json(payee.ok_or_else(|| ApiError::not_found("payee"))?.into()))
 }
 
+route! {
+    DisablePayeeRoute { scope: PayeesWrite, audit: PayeeDisable on Payee, limit: Write }
+}
+
 /// Disable a payee: no new payments to it. Payments already created are not
 /// affected. Disabling a disabled payee changes nothing.
 #[utoipa::path(
     post,
     path = "/payees/{id}/disable",
     tag = "payees",
-    security(("api_key" = ["payees:write"])),
     params(("id" = String, Path, description = "The payee id (`pye_…`)")),
     responses(
         (status = 200, description = "The disabled payee", body = PayeeView),
@@ -240,13 +239,13 @@ pub async fn get_payee(
     )
 )]
 pub async fn disable_payee(
-    auth: Authorized<scope::PayeesWrite>,
+    auth: Authorized<DisablePayeeRoute>,
     State(state): State<AppState>,
     audit: AuditContext,
     Path(id): Path<String>,
 ) -> Result<(AuditWritten, Json<PayeeView>), ApiError> {
     let id = PayeeId::parse(&id).map_err(|_| ApiError::not_found("payee"))?;
-    let record = audit.entry("payee.disable", Some(("payee", id.to_string())), StatusCode::OK, serde_json::json!({}));
+    let record = audit.entry_for(auth.route(), Some(id.to_string()), StatusCode::OK, serde_json::json!({}));
     let payee = state
         .store
         .disable_payee(auth.scope(), id, paygate_domain::now(), &record)

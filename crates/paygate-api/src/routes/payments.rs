@@ -15,12 +15,13 @@ use utoipa::{IntoParams, ToSchema};
 
 use crate::AppState;
 use crate::audit::{AuditContext, AuditWritten};
-use crate::auth::{Authorized, scope};
+use crate::auth::Authorized;
 use crate::extract::{Json as JsonBody, OptionalJson, Query};
 use crate::pagination::{List, page_request};
 use crate::problem::{ApiError, FieldError, Problem};
-use crate::routes::audit::parse_time;
-use crate::routes::payees::metadata_field;
+use crate::route;
+use crate::route::RouteSpec;
+use crate::routes::shared::{caller_actor, double_option, metadata_field, parse_time};
 pub use crate::views::{ApprovalsView, PaymentView, StatusChangeView, VoteView};
 
 /// How long an idempotency key and its response are kept.
@@ -38,23 +39,25 @@ fn delay_settlement(state: &AppState, payment: &mut Payment, now: OffsetDateTime
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreatePayment {
+    #[schema(pattern = "^pye_[0-9A-Za-z]{22}$")]
     pub payee_id: String,
     /// Integer minor units: > 0, ≤ 2^53 − 1.
     #[schema(value_type = u64, minimum = 1, maximum = 9007199254740991_u64)]
     pub amount: serde_json::Value,
     /// ISO 4217 code, upper case.
+    #[schema(pattern = "^[A-Z]{3}$")]
     pub currency: String,
     /// 1–140 characters, shown to the payee.
+    #[schema(
+        min_length = 1,
+        max_length = 140,
+        pattern = "^[^\\x00-\\x1F\\x7F-\\x9F]*[^\\s\\x00-\\x1F\\x7F-\\x9F][^\\x00-\\x1F\\x7F-\\x9F]*$"
+    )]
     pub reference: String,
     /// `YYYY-MM-DD`, today or later (UTC), at most a year ahead.
     pub requested_execution_date: Option<String>,
     #[schema(value_type = Option<std::collections::BTreeMap<String, String>>)]
     pub metadata: Option<serde_json::Value>,
-}
-
-pub(crate) fn caller_actor(caller: &Authenticated) -> Actor {
-    let key = &caller.record.key;
-    Actor::key(key.id, &key.owner, key.principal)
 }
 
 fn idempotency_problem(code: ErrorCode, detail: &str) -> ApiError {
@@ -109,6 +112,10 @@ fn parse_draft(body: CreatePayment, now: OffsetDateTime) -> Result<PaymentDraft,
     }
 }
 
+route! {
+    CreatePaymentRoute { scope: PaymentsWrite, audit: PaymentCreate on Payment, limit: Write }
+}
+
 /// Create a payment. Requires an `Idempotency-Key` header: a retry with the
 /// same key and body replays the first response (`Idempotent-Replayed: true`)
 /// and creates nothing. The company's approval policy decides how many
@@ -117,8 +124,7 @@ fn parse_draft(body: CreatePayment, now: OffsetDateTime) -> Result<PaymentDraft,
     post,
     path = "/payments",
     tag = "payments",
-    security(("api_key" = ["payments:write"])),
-    params(("Idempotency-Key" = String, Header, description = "1–255 printable ASCII characters, unique per payment; kept 24 h")),
+    params(("Idempotency-Key" = String, Header, pattern = "^[!-~]{1,255}$", description = "1–255 printable ASCII characters, unique per payment; kept 24 h")),
     request_body = CreatePayment,
     responses(
         (status = 201, description = "The payment (also replayed for a retry)", body = PaymentView),
@@ -130,7 +136,7 @@ fn parse_draft(body: CreatePayment, now: OffsetDateTime) -> Result<PaymentDraft,
     )
 )]
 pub async fn create_payment(
-    auth: Authorized<scope::PaymentsWrite>,
+    auth: Authorized<CreatePaymentRoute>,
     State(state): State<AppState>,
     audit: AuditContext,
     headers: HeaderMap,
@@ -178,9 +184,9 @@ pub async fn create_payment(
     delay_settlement(&state, &mut payment, now);
     let view = PaymentView::from(&payment);
     let response_body = serde_json::to_string(&view).map_err(|_| ApiError::internal())?;
-    let record = audit.entry(
-        "payment.create",
-        Some(("payment", payment.id.to_string())),
+    let record = audit.entry_for(
+        auth.route(),
+        Some(payment.id.to_string()),
         StatusCode::CREATED,
         serde_json::json!({
             "payee_id": payment.payee_id,
@@ -237,9 +243,15 @@ pub struct PaymentListParams {
     pub status: Option<String>,
     pub payee_id: Option<String>,
     /// RFC 3339: created at or after.
+    #[param(format = DateTime)]
     pub created_from: Option<String>,
     /// RFC 3339: created before.
+    #[param(format = DateTime)]
     pub created_before: Option<String>,
+}
+
+route! {
+    ListPaymentsRoute { scope: PaymentsRead, audit: PaymentList, limit: Read }
 }
 
 /// The company's payments (of the caller's mode), newest first.
@@ -247,7 +259,6 @@ pub struct PaymentListParams {
     get,
     path = "/payments",
     tag = "payments",
-    security(("api_key" = ["payments:read"])),
     params(PaymentListParams),
     responses(
         (status = 200, description = "A page of payments", body = List<PaymentView>),
@@ -257,7 +268,7 @@ pub struct PaymentListParams {
     )
 )]
 pub async fn list_payments(
-    auth: Authorized<scope::PaymentsRead>,
+    auth: Authorized<ListPaymentsRoute>,
     State(state): State<AppState>,
     Query(params): Query<PaymentListParams>,
 ) -> Result<Json<List<PaymentView>>, ApiError> {
@@ -285,12 +296,15 @@ pub async fn list_payments(
     Ok(Json(List::new(page.items.iter().map(PaymentView::from).collect(), page.has_more, last)))
 }
 
+route! {
+    GetPaymentRoute { scope: PaymentsRead, audit: PaymentRead on Payment, limit: Read }
+}
+
 /// One payment. Another company's payment answers like one that does not exist.
 #[utoipa::path(
     get,
     path = "/payments/{id}",
     tag = "payments",
-    security(("api_key" = ["payments:read"])),
     params(("id" = String, Path, description = "The payment id (`pay_…`)")),
     responses(
         (status = 200, description = "The payment", body = PaymentView),
@@ -300,7 +314,7 @@ pub async fn list_payments(
     )
 )]
 pub async fn get_payment(
-    auth: Authorized<scope::PaymentsRead>,
+    auth: Authorized<GetPaymentRoute>,
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<PaymentView>, ApiError> {
@@ -339,10 +353,10 @@ fn payment_changed(expected: u32, actual: u32) -> ApiError {
     )
 }
 
-/// What a change is: its audit action, the version it is bound to, and
+/// What a change is: its route (for the audit action), the version it is bound to, and
 /// whether the payee's creator must be known (approvals).
 struct ChangeKind {
-    action: &'static str,
+    route: RouteSpec,
     binding: Binding,
     with_payee_creator: bool,
 }
@@ -357,7 +371,7 @@ async fn change_payment(
 ) -> Result<(AuditWritten, Json<PaymentView>), ApiError> {
     let id = PaymentId::parse(id).map_err(|_| ApiError::not_found("payment"))?;
     let mode = auth.record.key.mode;
-    let ChangeKind { action, binding, with_payee_creator } = kind;
+    let ChangeKind { route, binding, with_payee_creator } = kind;
     let mut bound = match binding {
         Binding::Latest => None,
         Binding::Version(v) => Some(v),
@@ -381,9 +395,9 @@ async fn change_payment(
         let before = payment.status;
         change(&mut payment, payee_creator.as_ref().and_then(Option::as_ref)).map_err(payment_error)?;
         delay_settlement(state, &mut payment, paygate_domain::now());
-        let record = audit.clone().entry(
-            action,
-            Some(("payment", id.to_string())),
+        let record = audit.clone().entry_for(
+            route,
+            Some(id.to_string()),
             StatusCode::OK,
             serde_json::json!({
                 "previous_status": before,
@@ -411,6 +425,10 @@ async fn change_payment(
     ))
 }
 
+route! {
+    ApprovePaymentRoute { scope: PaymentsApprove, audit: PaymentApprove on Payment, limit: Write }
+}
+
 /// Approve a payment (four eyes). Refused for the key that created or changed
 /// the payment, any key with the same owner, and any key of the same
 /// principal; one vote per owner. When enough approvals count, the payment
@@ -419,7 +437,6 @@ async fn change_payment(
     post,
     path = "/payments/{id}/approve",
     tag = "payments",
-    security(("api_key" = ["payments:approve"])),
     params(("id" = String, Path, description = "The payment id (`pay_…`)")),
     request_body(content = Option<Vote>, description = "Optional: the version the approver reviewed"),
     responses(
@@ -431,7 +448,7 @@ async fn change_payment(
     )
 )]
 pub async fn approve_payment(
-    auth: Authorized<scope::PaymentsApprove>,
+    auth: Authorized<ApprovePaymentRoute>,
     State(state): State<AppState>,
     audit: AuditContext,
     Path(id): Path<String>,
@@ -443,7 +460,7 @@ pub async fn approve_payment(
         &auth.caller,
         audit,
         &id,
-        ChangeKind { action: "payment.approve", binding: Binding::Version(body.version), with_payee_creator: true },
+        ChangeKind { route: auth.route(), binding: Binding::Version(body.version), with_payee_creator: true },
         |p, payee_creator| p.approve_checking_payee(actor.clone(), payee_creator, paygate_domain::now()),
     )
     .await
@@ -465,9 +482,18 @@ pub struct Vote {
 #[serde(deny_unknown_fields)]
 pub struct RejectPayment {
     /// 1–500 characters.
+    #[schema(
+        min_length = 1,
+        max_length = 500,
+        pattern = "^[^\\x00-\\x1F\\x7F-\\x9F]*[^\\s\\x00-\\x1F\\x7F-\\x9F][^\\x00-\\x1F\\x7F-\\x9F]*$"
+    )]
     pub reason: String,
     /// The version the reviewer saw (see approve).
     pub version: Option<u32>,
+}
+
+route! {
+    RejectPaymentRoute { scope: PaymentsApprove, audit: PaymentReject on Payment, limit: Write }
 }
 
 /// Reject a payment. Any reject is final.
@@ -475,7 +501,6 @@ pub struct RejectPayment {
     post,
     path = "/payments/{id}/reject",
     tag = "payments",
-    security(("api_key" = ["payments:approve"])),
     params(("id" = String, Path, description = "The payment id (`pay_…`)")),
     request_body = RejectPayment,
     responses(
@@ -488,7 +513,7 @@ pub struct RejectPayment {
     )
 )]
 pub async fn reject_payment(
-    auth: Authorized<scope::PaymentsApprove>,
+    auth: Authorized<RejectPaymentRoute>,
     State(state): State<AppState>,
     audit: AuditContext,
     Path(id): Path<String>,
@@ -502,10 +527,14 @@ pub async fn reject_payment(
         &auth.caller,
         audit,
         &id,
-        ChangeKind { action: "payment.reject", binding: Binding::Version(body.version), with_payee_creator: false },
+        ChangeKind { route: auth.route(), binding: Binding::Version(body.version), with_payee_creator: false },
         |p, _| p.reject(actor.clone(), reason.clone(), paygate_domain::now()),
     )
     .await
+}
+
+route! {
+    CancelPaymentRoute { scope: PaymentsWrite, audit: PaymentCancel on Payment, limit: Write }
 }
 
 /// Cancel a payment that has not started settling (`pending_approval` or `approved`).
@@ -513,7 +542,6 @@ pub async fn reject_payment(
     post,
     path = "/payments/{id}/cancel",
     tag = "payments",
-    security(("api_key" = ["payments:write"])),
     params(("id" = String, Path, description = "The payment id (`pay_…`)")),
     responses(
         (status = 200, description = "The canceled payment", body = PaymentView),
@@ -524,7 +552,7 @@ pub async fn reject_payment(
     )
 )]
 pub async fn cancel_payment(
-    auth: Authorized<scope::PaymentsWrite>,
+    auth: Authorized<CancelPaymentRoute>,
     State(state): State<AppState>,
     audit: AuditContext,
     Path(id): Path<String>,
@@ -535,7 +563,7 @@ pub async fn cancel_payment(
         &auth.caller,
         audit,
         &id,
-        ChangeKind { action: "payment.cancel", binding: Binding::Latest, with_payee_creator: false },
+        ChangeKind { route: auth.route(), binding: Binding::Latest, with_payee_creator: false },
         |p, _| p.cancel(actor.clone(), paygate_domain::now()),
     )
     .await
@@ -547,6 +575,11 @@ pub async fn cancel_payment(
 pub struct UpdatePayment {
     #[schema(value_type = Option<u64>)]
     pub amount: Option<serde_json::Value>,
+    #[schema(
+        min_length = 1,
+        max_length = 140,
+        pattern = "^[^\\x00-\\x1F\\x7F-\\x9F]*[^\\s\\x00-\\x1F\\x7F-\\x9F][^\\x00-\\x1F\\x7F-\\x9F]*$"
+    )]
     pub reference: Option<String>,
     /// `YYYY-MM-DD`; `null` clears it.
     #[serde(default, deserialize_with = "double_option")]
@@ -556,8 +589,8 @@ pub struct UpdatePayment {
     pub metadata: Option<serde_json::Value>,
 }
 
-pub(crate) fn double_option<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<String>>, D::Error> {
-    Option::<String>::deserialize(d).map(Some)
+route! {
+    UpdatePaymentRoute { scope: PaymentsWrite, audit: PaymentUpdate on Payment, limit: Write }
 }
 
 /// Change a payment awaiting approval. Votes already cast stop counting (the
@@ -568,7 +601,6 @@ pub(crate) fn double_option<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Op
     patch,
     path = "/payments/{id}",
     tag = "payments",
-    security(("api_key" = ["payments:write"])),
     params(("id" = String, Path, description = "The payment id (`pay_…`)")),
     request_body = UpdatePayment,
     responses(
@@ -581,7 +613,7 @@ pub(crate) fn double_option<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Op
     )
 )]
 pub async fn update_payment(
-    auth: Authorized<scope::PaymentsWrite>,
+    auth: Authorized<UpdatePaymentRoute>,
     State(state): State<AppState>,
     audit: AuditContext,
     Path(id): Path<String>,
@@ -623,7 +655,7 @@ pub async fn update_payment(
         &auth.caller,
         audit,
         &id,
-        ChangeKind { action: "payment.update", binding: Binding::Latest, with_payee_creator: false },
+        ChangeKind { route: auth.route(), binding: Binding::Latest, with_payee_creator: false },
         |p, _| p.edit(actor.clone(), edit.clone(), paygate_domain::now()),
     )
     .await

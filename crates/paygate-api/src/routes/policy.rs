@@ -11,9 +11,10 @@ use utoipa::ToSchema;
 
 use crate::AppState;
 use crate::audit::{AuditContext, AuditWritten};
-use crate::auth::{Authorized, scope};
+use crate::auth::Authorized;
 use crate::extract::Json as JsonBody;
 use crate::problem::{ApiError, FieldError, Problem};
+use crate::route;
 pub use crate::views::ApprovalPolicyView;
 
 /// Body of `PUT /v1/approval-policy`: the whole policy.
@@ -32,13 +33,16 @@ pub struct PutApprovalPolicy {
     pub allow_write_and_approve_keys: Option<bool>,
 }
 
+route! {
+    GetApprovalPolicyRoute { scope: PolicyManage, audit: ApprovalPolicyRead, limit: Read }
+}
+
 /// The company's approval policy for the caller's mode (test and live
 /// payments each have their own).
 #[utoipa::path(
     get,
     path = "/approval-policy",
     tag = "payments",
-    security(("api_key" = ["policy:manage"])),
     responses(
         (status = 200, description = "The policy in force for new payments", body = ApprovalPolicyView),
         (status = 401, description = "Unauthenticated", body = Problem, content_type = "application/problem+json"),
@@ -46,11 +50,15 @@ pub struct PutApprovalPolicy {
     )
 )]
 pub async fn get_approval_policy(
-    auth: Authorized<scope::PolicyManage>,
+    auth: Authorized<GetApprovalPolicyRoute>,
     State(state): State<AppState>,
 ) -> Result<Json<ApprovalPolicyView>, ApiError> {
     let policy = state.store.approval_policy(auth.scope()).await?;
     Ok(Json(ApprovalPolicyView { object: "approval_policy", policy }))
+}
+
+route! {
+    PutApprovalPolicyRoute { scope: PolicyManage, audit: ApprovalPolicyUpdate, limit: Write }
 }
 
 /// Replace the approval policy. It applies to payments created from now on;
@@ -59,7 +67,6 @@ pub async fn get_approval_policy(
     put,
     path = "/approval-policy",
     tag = "payments",
-    security(("api_key" = ["policy:manage"])),
     request_body = PutApprovalPolicy,
     responses(
         (status = 200, description = "The new policy", body = ApprovalPolicyView),
@@ -69,7 +76,7 @@ pub async fn get_approval_policy(
     )
 )]
 pub async fn put_approval_policy(
-    auth: Authorized<scope::PolicyManage>,
+    auth: Authorized<PutApprovalPolicyRoute>,
     State(state): State<AppState>,
     audit: AuditContext,
     JsonBody(body): JsonBody<PutApprovalPolicy>,
@@ -123,8 +130,7 @@ pub async fn put_approval_policy(
         approval_ttl_seconds: ttl as u32,
         allow_write_and_approve_keys: body.allow_write_and_approve_keys.unwrap_or(false),
     };
-    let record =
-        audit.entry("approval_policy.update", None, StatusCode::OK, serde_json::to_value(&policy).unwrap_or_default());
+    let record = audit.entry_for(auth.route(), None, StatusCode::OK, serde_json::to_value(&policy).unwrap_or_default());
     state.store.set_approval_policy(auth.scope(), &policy, &record).await?;
     Ok((AuditWritten, Json(ApprovalPolicyView { object: "approval_policy", policy })))
 }

@@ -11,10 +11,11 @@ use utoipa::ToSchema;
 
 use crate::AppState;
 use crate::audit::{AuditContext, AuditWritten};
-use crate::auth::{Authorized, scope};
+use crate::auth::Authorized;
 use crate::extract::{Json as JsonBody, Query};
 use crate::pagination::{List, ListParams};
 use crate::problem::{ApiError, FieldError, Problem};
+use crate::route;
 pub use crate::views::{DeliveryAttemptView, DeliveryView, EventView, WebhookEndpointView};
 
 /// How long a rotated-out signing secret keeps signing beside the new one.
@@ -58,7 +59,7 @@ pub struct UpdateWebhookEndpoint {
     pub url: Option<String>,
     pub event_types: Option<Vec<String>>,
     /// `null` clears it.
-    #[serde(default, deserialize_with = "crate::routes::payments::double_option")]
+    #[serde(default, deserialize_with = "crate::routes::shared::double_option")]
     #[schema(value_type = Option<String>)]
     pub description: Option<Option<String>>,
     /// `true` re-enables an endpoint Paygate disabled (its failure clock restarts).
@@ -159,13 +160,16 @@ fn with_secret(endpoint: &WebhookEndpoint, secret: &WebhookSecret) -> WebhookEnd
     WebhookEndpointWithSecret { endpoint: endpoint.into(), secret: secret.to_text().to_string() }
 }
 
+route! {
+    CreateWebhookEndpointRoute { scope: WebhooksManage, audit: WebhookEndpointCreate on WebhookEndpoint, limit: Write }
+}
+
 /// Register a webhook endpoint. The answer holds its signing secret, shown
 /// once.
 #[utoipa::path(
     post,
     path = "/webhook-endpoints",
     tag = "webhooks",
-    security(("api_key" = ["webhooks:manage"])),
     request_body = CreateWebhookEndpoint,
     responses(
         (status = 201, description = "The endpoint and its signing secret", body = WebhookEndpointWithSecret),
@@ -176,7 +180,7 @@ fn with_secret(endpoint: &WebhookEndpoint, secret: &WebhookSecret) -> WebhookEnd
     )
 )]
 pub async fn create_webhook_endpoint(
-    auth: Authorized<scope::WebhooksManage>,
+    auth: Authorized<CreateWebhookEndpointRoute>,
     State(state): State<AppState>,
     audit: AuditContext,
     JsonBody(body): JsonBody<CreateWebhookEndpoint>,
@@ -209,9 +213,9 @@ pub async fn create_webhook_endpoint(
     };
     let secret = WebhookSecret::generate();
     let secret_sealed = state.data_key.seal_webhook_secret(secret.as_bytes(), company, &id.to_string());
-    let record = audit.entry(
-        "webhook_endpoint.create",
-        Some(("webhook_endpoint", id.to_string())),
+    let record = audit.entry_for(
+        auth.route(),
+        Some(id.to_string()),
         StatusCode::CREATED,
         serde_json::json!({ "url": endpoint.url, "event_types": endpoint.event_types.to_list() }),
     );
@@ -231,12 +235,15 @@ pub async fn create_webhook_endpoint(
     ))
 }
 
+route! {
+    ListWebhookEndpointsRoute { scope: WebhooksManage, audit: WebhookEndpointList, limit: Read }
+}
+
 /// The company's webhook endpoints (of the caller's mode), newest first.
 #[utoipa::path(
     get,
     path = "/webhook-endpoints",
     tag = "webhooks",
-    security(("api_key" = ["webhooks:manage"])),
     params(ListParams),
     responses(
         (status = 200, description = "A page of endpoints", body = List<WebhookEndpointView>),
@@ -246,7 +253,7 @@ pub async fn create_webhook_endpoint(
     )
 )]
 pub async fn list_webhook_endpoints(
-    auth: Authorized<scope::WebhooksManage>,
+    auth: Authorized<ListWebhookEndpointsRoute>,
     State(state): State<AppState>,
     Query(params): Query<ListParams>,
 ) -> Result<Json<List<WebhookEndpointView>>, ApiError> {
@@ -260,12 +267,15 @@ fn endpoint_id(text: &str) -> Result<WebhookEndpointId, ApiError> {
     WebhookEndpointId::parse(text).map_err(|_| ApiError::not_found("webhook endpoint"))
 }
 
+route! {
+    GetWebhookEndpointRoute { scope: WebhooksManage, audit: WebhookEndpointRead on WebhookEndpoint, limit: Read }
+}
+
 /// One webhook endpoint (never its secret).
 #[utoipa::path(
     get,
     path = "/webhook-endpoints/{id}",
     tag = "webhooks",
-    security(("api_key" = ["webhooks:manage"])),
     params(("id" = String, Path, description = "The endpoint id (`we_…`)")),
     responses(
         (status = 200, description = "The endpoint", body = WebhookEndpointView),
@@ -275,7 +285,7 @@ fn endpoint_id(text: &str) -> Result<WebhookEndpointId, ApiError> {
     )
 )]
 pub async fn get_webhook_endpoint(
-    auth: Authorized<scope::WebhooksManage>,
+    auth: Authorized<GetWebhookEndpointRoute>,
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<WebhookEndpointView>, ApiError> {
@@ -284,12 +294,15 @@ pub async fn get_webhook_endpoint(
     Ok(Json((&endpoint.ok_or_else(|| ApiError::not_found("webhook endpoint"))?).into()))
 }
 
+route! {
+    UpdateWebhookEndpointRoute { scope: WebhooksManage, audit: WebhookEndpointUpdate on WebhookEndpoint, limit: Write }
+}
+
 /// Change an endpoint's URL, event types, description, or enable/disable it.
 #[utoipa::path(
     patch,
     path = "/webhook-endpoints/{id}",
     tag = "webhooks",
-    security(("api_key" = ["webhooks:manage"])),
     params(("id" = String, Path, description = "The endpoint id (`we_…`)")),
     request_body = UpdateWebhookEndpoint,
     responses(
@@ -301,7 +314,7 @@ pub async fn get_webhook_endpoint(
     )
 )]
 pub async fn update_webhook_endpoint(
-    auth: Authorized<scope::WebhooksManage>,
+    auth: Authorized<UpdateWebhookEndpointRoute>,
     State(state): State<AppState>,
     audit: AuditContext,
     Path(id): Path<String>,
@@ -325,9 +338,9 @@ pub async fn update_webhook_endpoint(
     endpoint_to_change(&state, &auth.caller, id).await?;
     let patch =
         EndpointPatch { url: url.map(|u| u.as_str().to_owned()), description, event_types, enabled: body.enabled };
-    let record = audit.entry(
-        "webhook_endpoint.update",
-        Some(("webhook_endpoint", id.to_string())),
+    let record = audit.entry_for(
+        auth.route(),
+        Some(id.to_string()),
         StatusCode::OK,
         serde_json::json!({
             "url": patch.url,
@@ -343,12 +356,15 @@ pub async fn update_webhook_endpoint(
     Ok((AuditWritten, Json((&endpoint).into())))
 }
 
+route! {
+    DeleteWebhookEndpointRoute { scope: WebhooksManage, audit: WebhookEndpointDelete on WebhookEndpoint, limit: Write }
+}
+
 /// Delete an endpoint; its pending deliveries are dropped.
 #[utoipa::path(
     delete,
     path = "/webhook-endpoints/{id}",
     tag = "webhooks",
-    security(("api_key" = ["webhooks:manage"])),
     params(("id" = String, Path, description = "The endpoint id (`we_…`)")),
     responses(
         (status = 204, description = "Deleted"),
@@ -358,22 +374,21 @@ pub async fn update_webhook_endpoint(
     )
 )]
 pub async fn delete_webhook_endpoint(
-    auth: Authorized<scope::WebhooksManage>,
+    auth: Authorized<DeleteWebhookEndpointRoute>,
     State(state): State<AppState>,
     audit: AuditContext,
     Path(id): Path<String>,
 ) -> Result<(StatusCode, AuditWritten, ()), ApiError> {
     let id = endpoint_id(&id)?;
-    let record = audit.entry(
-        "webhook_endpoint.delete",
-        Some(("webhook_endpoint", id.to_string())),
-        StatusCode::NO_CONTENT,
-        serde_json::json!({}),
-    );
+    let record = audit.entry_for(auth.route(), Some(id.to_string()), StatusCode::NO_CONTENT, serde_json::json!({}));
     if !state.store.delete_webhook_endpoint(auth.scope(), id, &record).await? {
         return Err(ApiError::not_found("webhook endpoint"));
     }
     Ok((StatusCode::NO_CONTENT, AuditWritten, ()))
+}
+
+route! {
+    RotateWebhookSecretRoute { scope: WebhooksManage, audit: WebhookEndpointRotateSecret on WebhookEndpoint, limit: Write }
 }
 
 /// Issue a new signing secret. For 24 hours deliveries carry two signatures
@@ -382,7 +397,6 @@ pub async fn delete_webhook_endpoint(
     post,
     path = "/webhook-endpoints/{id}/rotate-secret",
     tag = "webhooks",
-    security(("api_key" = ["webhooks:manage"])),
     params(("id" = String, Path, description = "The endpoint id (`we_…`)")),
     responses(
         (status = 200, description = "The endpoint and its new secret", body = WebhookEndpointWithSecret),
@@ -392,7 +406,7 @@ pub async fn delete_webhook_endpoint(
     )
 )]
 pub async fn rotate_webhook_secret(
-    auth: Authorized<scope::WebhooksManage>,
+    auth: Authorized<RotateWebhookSecretRoute>,
     State(state): State<AppState>,
     audit: AuditContext,
     Path(id): Path<String>,
@@ -404,9 +418,9 @@ pub async fn rotate_webhook_secret(
     let secret = WebhookSecret::generate();
     let sealed = state.data_key.seal_webhook_secret(secret.as_bytes(), company, &id.to_string());
     let overlap_until = paygate_domain::now() + SECRET_OVERLAP;
-    let record = audit.entry(
-        "webhook_endpoint.rotate_secret",
-        Some(("webhook_endpoint", id.to_string())),
+    let record = audit.entry_for(
+        auth.route(),
+        Some(id.to_string()),
         StatusCode::OK,
         serde_json::json!({ "previous_secret_expires_at": crate::views::rfc3339(overlap_until) }),
     );
@@ -418,12 +432,15 @@ pub async fn rotate_webhook_secret(
     Ok((AuditWritten, Json(with_secret(&endpoint, &secret))))
 }
 
+route! {
+    TestWebhookEndpointRoute { scope: WebhooksManage, audit: WebhookEndpointTest on WebhookEndpoint, limit: Write }
+}
+
 /// Send a `ping` event to this endpoint only.
 #[utoipa::path(
     post,
     path = "/webhook-endpoints/{id}/test",
     tag = "webhooks",
-    security(("api_key" = ["webhooks:manage"])),
     params(("id" = String, Path, description = "The endpoint id (`we_…`)")),
     responses(
         (status = 202, description = "The ping event, queued for delivery", body = EventView),
@@ -434,7 +451,7 @@ pub async fn rotate_webhook_secret(
     )
 )]
 pub async fn test_webhook_endpoint(
-    auth: Authorized<scope::WebhooksManage>,
+    auth: Authorized<TestWebhookEndpointRoute>,
     State(state): State<AppState>,
     audit: AuditContext,
     Path(id): Path<String>,
@@ -451,12 +468,7 @@ pub async fn test_webhook_endpoint(
             "The endpoint is disabled; enable it with PATCH {\"enabled\": true} first.",
         ));
     }
-    let record = audit.entry(
-        "webhook_endpoint.test",
-        Some(("webhook_endpoint", id.to_string())),
-        StatusCode::ACCEPTED,
-        serde_json::json!({}),
-    );
+    let record = audit.entry_for(auth.route(), Some(id.to_string()), StatusCode::ACCEPTED, serde_json::json!({}));
     let event = state
         .store
         .send_test_event(auth.scope(), id, &record)
@@ -465,13 +477,16 @@ pub async fn test_webhook_endpoint(
     Ok((StatusCode::ACCEPTED, AuditWritten, Json(EventView::from(&event))))
 }
 
+route! {
+    ListWebhookDeliveriesRoute { scope: WebhooksManage, audit: WebhookDeliveryList on WebhookEndpoint, limit: Read }
+}
+
 /// The endpoint's deliveries, newest first, each with its attempts (status
 /// code, latency, error) and when the next one is due.
 #[utoipa::path(
     get,
     path = "/webhook-endpoints/{id}/deliveries",
     tag = "webhooks",
-    security(("api_key" = ["webhooks:manage"])),
     params(("id" = String, Path, description = "The endpoint id (`we_…`)"), ListParams),
     responses(
         (status = 200, description = "A page of deliveries", body = List<DeliveryView>),
@@ -482,7 +497,7 @@ pub async fn test_webhook_endpoint(
     )
 )]
 pub async fn list_webhook_deliveries(
-    auth: Authorized<scope::WebhooksManage>,
+    auth: Authorized<ListWebhookDeliveriesRoute>,
     State(state): State<AppState>,
     Path(id): Path<String>,
     Query(params): Query<ListParams>,

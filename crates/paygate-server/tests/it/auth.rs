@@ -14,6 +14,7 @@ backend_tests!(
     every_v1_route_declares_a_scope,
     me_returns_the_calling_key_and_company,
     a_route_without_a_scope_cannot_answer,
+    a_handler_under_another_routes_declaration_cannot_answer,
     concurrent_requests_from_two_companies_never_cross,
 );
 
@@ -225,16 +226,15 @@ async fn concurrent_requests_from_two_companies_never_cross(app: TestApp) {
 }
 
 /// The run-time half of deny by default: a handler served behind
-/// `paygate_api::protect` that never takes `Authorized<S>` cannot answer 2xx.
+/// `paygate_api::protect` that never takes `Authorized<R>` cannot answer 2xx.
 async fn a_route_without_a_scope_cannot_answer(app: TestApp) {
     let acme = app.company("Acme").await;
     let key = app.key(acme.id, &Scope::ALL.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(",")).await;
     let state = app.server.as_ref().unwrap().state.clone();
     let forgetful = axum::Router::new().route("/v1/forgetful", axum::routing::get(|| async { "company data" }));
-    let guarded = axum::Router::new().route(
-        "/v1/guarded",
-        axum::routing::get(|_: paygate_api::auth::Authorized<paygate_api::auth::scope::KeysRead>| async { "ok" }),
-    );
+    paygate_api::route! { Guarded { scope: KeysRead, audit: ApiKeyList, limit: Read } }
+    let guarded = axum::Router::new()
+        .route("/v1/guarded", axum::routing::get(|_: paygate_api::auth::Authorized<Guarded>| async { "ok" }));
     let router = paygate_api::protect(forgetful.merge(guarded), state);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -246,4 +246,28 @@ async fn a_route_without_a_scope_cannot_answer(app: TestApp) {
     assert!(!refused.text().await.unwrap().contains("company data"));
     let allowed = http.get(format!("http://{addr}/v1/guarded")).bearer_auth(&key).send().await.unwrap();
     assert_eq!(allowed.status(), StatusCode::OK);
+}
+
+/// A handler whose `Authorized<R>` names another declaration than the route it
+/// serves would check one scope and be limited and audited as another: it is
+/// refused, whatever scopes the key holds.
+async fn a_handler_under_another_routes_declaration_cannot_answer(app: TestApp) {
+    let acme = app.company("Acme").await;
+    let key = app.key(acme.id, &Scope::ALL.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(",")).await;
+    let state = app.server.as_ref().unwrap().state.clone();
+    paygate_api::route! { Borrowed { scope: KeysRead, audit: ApiKeyList, limit: Read } }
+    // `/v1/me` is declared (as `GetMeRoute`) in the real router.
+    let misdeclared = axum::Router::new()
+        .route("/v1/me", axum::routing::get(|_: paygate_api::auth::Authorized<Borrowed>| async { "company data" }));
+    let router = paygate_api::protect(misdeclared, state);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let service = router.into_make_service_with_connect_info::<std::net::SocketAddr>();
+    tokio::spawn(async move { axum::serve(listener, service).await.unwrap() });
+    let http = crate::harness::http();
+    let refused = http.get(format!("http://{addr}/v1/me")).bearer_auth(&key).send().await.unwrap();
+    assert_eq!(refused.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    assert!(!refused.text().await.unwrap().contains("company data"));
+    // Served by the real router, the same path answers.
+    json(app.get("/v1/me", &key).send().await.unwrap(), StatusCode::OK).await;
 }
