@@ -29,7 +29,7 @@ async fn backends() -> Vec<(&'static str, Arc<dyn RateLimiter>)> {
 }
 
 fn limit(policy: &'static str, key: &str, rate: u32, burst: u32) -> Limit {
-    Limit { policy, key: key.to_owned(), quota: Quota::new(rate, burst) }
+    Limit { policy, key: key.into(), quota: Quota::new(rate, burst) }
 }
 
 #[tokio::test]
