@@ -82,7 +82,7 @@ pub struct AuditContext {
 impl AuditContext {
     fn from_parts(extensions: &axum::http::Extensions, headers: &HeaderMap) -> Self {
         Self {
-            request_id: extensions.get::<RequestId>().map(|r| r.0.clone()),
+            request_id: extensions.get::<RequestId>().map(|r| r.as_str().to_owned()),
             client_ip: extensions.get::<ClientAddr>().map(|c| c.0.to_string()),
             user_agent: headers
                 .get("user-agent")
@@ -98,6 +98,17 @@ impl AuditContext {
         resource: Option<(ResourceType, String)>,
         status: StatusCode,
         details: serde_json::Value,
+    ) -> AuditEntry {
+        self.entry_with_details(action, resource, status, AuditEntry::details_from(&details))
+    }
+
+    /// [`AuditContext::entry`] with `details` already encoded (compact JSON, bounded).
+    fn entry_with_details(
+        self,
+        action: AuditAction,
+        resource: Option<(ResourceType, String)>,
+        status: StatusCode,
+        details: String,
     ) -> AuditEntry {
         let (chain, kind, id, name) = match &self.actor {
             Some(AuditActor(record)) => (
@@ -123,7 +134,7 @@ impl AuditContext {
             request_id: self.request_id,
             client_ip: self.client_ip,
             user_agent: self.user_agent,
-            details: AuditEntry::details_from(&details),
+            details,
         }
     }
 }
@@ -139,6 +150,36 @@ impl AuditContext {
         details: serde_json::Value,
     ) -> AuditEntry {
         self.entry(route.action, route.resource.zip(resource_id), status, details)
+    }
+}
+
+/// `details` of a request's own record, `{"code":…,"method":…,"route":…}`
+/// (keys in the order `serde_json` writes a map), written straight into its
+/// string instead of through a `serde_json::Value`.
+fn request_details(code: Option<&str>, method: &str, route: &str) -> String {
+    let mut out = Vec::with_capacity(48 + route.len());
+    out.push(b'{');
+    let field = |out: &mut Vec<u8>, name: &str, value: &str| {
+        if out.len() > 1 {
+            out.push(b',');
+        }
+        out.push(b'"');
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(b"\":");
+        // Escaping of a `str` into a `Vec` cannot fail.
+        let _ = serde_json::to_writer(&mut *out, value);
+    };
+    if let Some(code) = code {
+        field(&mut out, "code", code);
+    }
+    field(&mut out, "method", method);
+    field(&mut out, "route", route);
+    out.push(b'}');
+    let text = String::from_utf8(out).unwrap_or_default();
+    if text.len() <= paygate_domain::audit::MAX_DETAILS_BYTES {
+        text
+    } else {
+        AuditEntry::details_from(&serde_json::from_str(&text).unwrap_or_default())
     }
 }
 
@@ -223,7 +264,7 @@ impl AuditWriter {
     pub async fn record(&self, entry: AuditEntry) -> bool {
         let (done, wait) = oneshot::channel();
         let job = Job { entry, done };
-        metrics::gauge!("paygate_audit_queue_depth").set((self.queue.max_capacity() - self.queue.capacity()) as f64);
+        metrics::gauge!("paygate_audit_queue_records").set((self.queue.max_capacity() - self.queue.capacity()) as f64);
         match tokio::time::timeout(self.enqueue_timeout, self.queue.send(job)).await {
             // A stuck store must not hold requests forever: past the wait, 503.
             Ok(Ok(())) => match tokio::time::timeout(self.enqueue_timeout * 3, wait).await {
@@ -264,7 +305,7 @@ async fn write_batches(store: Arc<dyn Store>, mut rx: mpsc::Receiver<Job>, max_b
     while rx.recv_many(&mut batch, max_batch).await > 0 {
         let (entries, done): (Vec<AuditEntry>, Vec<oneshot::Sender<bool>>) =
             batch.drain(..).map(|job| (job.entry, job.done)).unzip();
-        metrics::histogram!("paygate_audit_batch_size").record(entries.len() as f64);
+        metrics::histogram!("paygate_audit_batch_records").record(entries.len() as f64);
         let durable: Vec<bool> = match store.append_audit(&entries).await {
             Ok(_) => vec![true; entries.len()],
             Err(error) => {
@@ -372,8 +413,11 @@ fn aggregated_action(action: AuditAction) -> bool {
 pub async fn middleware(State(writer): State<AuditWriter>, request: Request, next: Next) -> Response {
     let mut context = AuditContext::from_parts(request.extensions(), request.headers());
     let method = request.method().clone();
-    let path = request.uri().path().to_owned();
-    let route = request.extensions().get::<MatchedPath>().map(|p| p.as_str().to_owned());
+    // Shared, not copied: the parsed URI and the router's template.
+    let uri = request.uri().clone();
+    let path = uri.path();
+    let matched = request.extensions().get::<MatchedPath>().cloned();
+    let route = matched.as_ref().map(MatchedPath::as_str);
     let response = next.run(request).await;
     let under_v1 = path == "/v1" || path.starts_with("/v1/");
     if !writer.enabled || response.extensions().get::<AuditWritten>().is_some() || !under_v1 {
@@ -403,11 +447,9 @@ pub async fn middleware(State(writer): State<AuditWriter>, request: Request, nex
         .filter(|d| d.action == action)
         .and_then(|d| d.resource)
         .and_then(|t| route.as_deref().and_then(|r| path_id(r, &path)).filter(|id| t.is_id(id)).map(|id| (t, id)));
-    let mut details = serde_json::json!({"method": method.as_str(), "route": route.as_deref().unwrap_or("unmatched")});
-    if let Some(code) = code {
-        details["code"] = serde_json::Value::from(code.as_str());
-    }
-    let entry = context.entry(action, resource, status, details);
+    let details =
+        request_details(code.as_ref().map(|c| c.as_str()), method.as_str(), route.as_deref().unwrap_or("unmatched"));
+    let entry = context.entry_with_details(action, resource, status, details);
     // Only anonymous floods are aggregated: an authenticated caller's denials
     // belong, one by one, to its own company's chain.
     if entry.actor_kind == ActorKind::Anonymous && aggregated_action(action) && !writer.aggregator.admit(&entry) {
@@ -429,6 +471,27 @@ pub async fn middleware(State(writer): State<AuditWriter>, request: Request, nex
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The directly written details are exactly what `serde_json` writes for the same map.
+    #[test]
+    fn request_details_match_serde_json() {
+        for (code, method, route) in [
+            (None, "GET", "/v1/me"),
+            (Some("rate_limited"), "POST", "/v1/payments/{id}"),
+            (None, "GET", "a\"b\\c\u{1}"),
+        ] {
+            let mut expected = serde_json::json!({"method": method, "route": route});
+            if let Some(code) = code {
+                expected["code"] = serde_json::Value::from(code);
+            }
+            assert_eq!(request_details(code, method, route), expected.to_string());
+        }
+        let long = "x".repeat(3000);
+        assert_eq!(
+            request_details(None, "GET", &long),
+            AuditEntry::details_from(&serde_json::json!({"method": "GET", "route": long}))
+        );
+    }
 
     #[test]
     fn the_id_in_the_path_is_found() {

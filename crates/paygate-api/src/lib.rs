@@ -148,6 +148,8 @@ pub fn openapi_json() -> String {
 
 pub fn router(state: AppState, config: &ApiConfig) -> Router {
     let (v1, _) = v1().into_parts().0.split_for_parts();
+    let doc = openapi();
+    let http_metrics = Arc::new(request_id::HttpMetrics::new(operations(&doc)));
     let doc_json = Arc::new(openapi_json());
     let limits = state.limits.clone();
     let audit_writer = state.audit.clone();
@@ -186,7 +188,26 @@ pub fn router(state: AppState, config: &ApiConfig) -> Router {
         .layer(middleware::from_fn_with_state(Arc::new(config.trusted_proxies.clone()), client::middleware))
         // A panic in a handler is a bug: answer 500 problem+json, keep serving.
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(panicked))
-        .layer(middleware::from_fn(request_id::middleware))
+        .layer(middleware::from_fn_with_state(http_metrics, request_id::middleware))
+}
+
+/// Every `(path template, method)` the document describes.
+fn operations(doc: &utoipa::openapi::OpenApi) -> Vec<(&str, &'static str)> {
+    let mut out = Vec::new();
+    for (path, item) in doc.paths.paths.iter() {
+        for (method, op) in [
+            ("GET", &item.get),
+            ("POST", &item.post),
+            ("PUT", &item.put),
+            ("PATCH", &item.patch),
+            ("DELETE", &item.delete),
+        ] {
+            if op.is_some() {
+                out.push((path.as_str(), method));
+            }
+        }
+    }
+    out
 }
 
 /// Puts routes behind authentication and the run-time scope guard. Public so

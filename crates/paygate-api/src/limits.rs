@@ -14,7 +14,10 @@ use axum::http::{HeaderValue, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use paygate_domain::RateLimitOverride;
-use paygate_ratelimit::{ConcurrencyLimiter, Decision, Limit, Mode, Outcome, Quota, RateLimiter, SharedLimiter};
+use paygate_domain::network::ClientBucket;
+use paygate_ratelimit::{
+    ConcurrencyLimiter, Decision, Limit, LimitKey, Mode, Outcome, Quota, RateLimiter, SharedLimiter,
+};
 use paygate_store::auth::Authenticated;
 
 use crate::client::ClientAddr;
@@ -72,14 +75,14 @@ impl RateLimits {
         }
     }
 
-    fn client_bucket(addr: IpAddr) -> String {
-        format!("client:{}", paygate_domain::network::client_bucket(addr))
+    fn client_bucket(addr: IpAddr) -> LimitKey {
+        LimitKey::format(format_args!("client:{}", ClientBucket(addr)))
     }
 
     fn failures_limit(&self, addr: IpAddr) -> Limit {
         Limit {
             policy: "auth_failures",
-            key: format!("authfail:{}", Self::client_bucket(addr)),
+            key: LimitKey::format(format_args!("authfail:client:{}", ClientBucket(addr))),
             quota: self.config.auth_failures,
         }
     }
@@ -120,10 +123,14 @@ impl RateLimits {
         let quota =
             |o: Option<RateLimitOverride>, default: Quota| o.map(|o| Quota::new(o.rate, o.burst)).unwrap_or(default);
         let limits = [
-            Limit { policy: "key", key: format!("key:{}", key.id), quota: quota(key.rate_limit, self.config.key) },
+            Limit {
+                policy: "key",
+                key: LimitKey::format(format_args!("key:{}", key.id)),
+                quota: quota(key.rate_limit, self.config.key),
+            },
             Limit {
                 policy: "company",
-                key: format!("company:{}", key.company_id),
+                key: LimitKey::format(format_args!("company:{}", key.company_id)),
                 quota: quota(caller.record.company_rate_limit, self.config.company),
             },
         ];
@@ -214,7 +221,7 @@ pub async fn overload_middleware(State(limits): State<Arc<RateLimits>>, request:
         response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         return response;
     }
-    metrics::gauge!("paygate_http_in_flight").set(running as f64 + 1.0);
+    metrics::gauge!("paygate_http_requests_in_flight").set(running as f64 + 1.0);
     next.run(request).await
 }
 

@@ -97,7 +97,7 @@ async fn write_batch(
     items: Vec<PaymentCreate>,
     replies: Vec<oneshot::Sender<StoreResult<PaymentCreated>>>,
 ) {
-    metrics::histogram!("paygate_payment_batch_size").record(items.len() as f64);
+    metrics::histogram!("paygate_payment_batch_payments").record(items.len() as f64);
     match store.create_payments(&items).await {
         Ok(outcomes) => {
             for (reply, outcome) in replies.into_iter().zip(outcomes) {

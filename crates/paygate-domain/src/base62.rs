@@ -22,15 +22,24 @@ fn digit(b: u8) -> Option<u128> {
 }
 
 /// Encodes `value` into exactly `width` characters, most significant first.
-pub fn encode_fixed(mut value: u128, width: usize, out: &mut String) {
-    let mut buf = [0u8; U128_WIDTH];
-    debug_assert!(width <= U128_WIDTH);
-    for slot in buf[..width].iter_mut().rev() {
+pub fn encode_fixed(value: u128, width: usize, out: &mut String) {
+    let buf = encode_fixed_array(value);
+    out.push_str(as_text(&buf[U128_WIDTH - width.min(U128_WIDTH)..]));
+}
+
+/// [`encode_fixed`] at the full width into a stack buffer (no allocation).
+pub fn encode_fixed_array(mut value: u128) -> [u8; U128_WIDTH] {
+    let mut buf = [b'0'; U128_WIDTH];
+    for slot in buf.iter_mut().rev() {
         *slot = ALPHABET[(value % 62) as usize];
         value /= 62;
     }
-    debug_assert_eq!(value, 0, "value does not fit in {width} base62 characters");
-    out.extend(buf[..width].iter().map(|b| *b as char));
+    buf
+}
+
+/// Text of base62 digits (always ASCII).
+pub fn as_text(digits: &[u8]) -> &str {
+    std::str::from_utf8(digits).unwrap_or_default()
 }
 
 /// Decodes a fixed-width string; `None` if a character is outside the alphabet

@@ -50,10 +50,14 @@ macro_rules! public_id {
 
         impl fmt::Display for $name {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                let mut s = String::with_capacity(Self::TEXT_LEN);
-                s.push_str($prefix);
-                base62::encode_fixed(self.0.as_u128(), base62::U128_WIDTH, &mut s);
-                f.write_str(&s)
+                // Written whole (padding and width apply to the id as one
+                // string), from the stack: ids are displayed on every request.
+                let digits = base62::encode_fixed_array(self.0.as_u128());
+                let mut text = [0u8; 64];
+                let (head, tail) = text.split_at_mut($prefix.len());
+                head.copy_from_slice($prefix.as_bytes());
+                tail[..digits.len()].copy_from_slice(&digits);
+                f.pad(base62::as_text(&text[..$prefix.len() + digits.len()]))
             }
         }
 

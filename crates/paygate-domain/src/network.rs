@@ -106,11 +106,22 @@ pub fn canonical(addr: IpAddr) -> IpAddr {
 /// The client a limit or an aggregate counts: the address itself for IPv4,
 /// its /64 for IPv6 (one subscriber usually holds a whole /64).
 pub fn client_bucket(addr: IpAddr) -> String {
-    match canonical(addr) {
-        IpAddr::V4(v4) => v4.to_string(),
-        IpAddr::V6(v6) => {
-            let s = v6.segments();
-            format!("{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
+    ClientBucket(addr).to_string()
+}
+
+/// [`client_bucket`] as a `Display`, for writing it into a buffer without a
+/// `String` of its own (the limiter formats it on every request).
+#[derive(Debug, Clone, Copy)]
+pub struct ClientBucket(pub IpAddr);
+
+impl std::fmt::Display for ClientBucket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match canonical(self.0) {
+            IpAddr::V4(v4) => write!(f, "{v4}"),
+            IpAddr::V6(v6) => {
+                let s = v6.segments();
+                write!(f, "{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
+            }
         }
     }
 }

@@ -9,7 +9,11 @@ use paygate_ratelimit::{Limit, MemoryLimiter, Mode, Quota, RateLimiter, RedisLim
 
 fn limits(i: u64) -> Vec<Limit> {
     vec![
-        Limit { policy: "key", key: format!("bench:key:{}", i % 1000), quota: Quota::new(1_000_000, 1_000_000) },
+        Limit {
+            policy: "key",
+            key: paygate_ratelimit::LimitKey::format(format_args!("bench:key:{}", i % 1000)),
+            quota: Quota::new(1_000_000, 1_000_000),
+        },
         Limit { policy: "company", key: "bench:company".into(), quota: Quota::new(1_000_000, 1_000_000) },
     ]
 }

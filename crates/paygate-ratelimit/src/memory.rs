@@ -10,12 +10,13 @@ use std::time::Instant;
 use async_trait::async_trait;
 use parking_lot::Mutex;
 
-use crate::{Decision, Limit, LimiterError, Mode, RateLimiter, evaluate};
+use crate::{Decision, Limit, LimitKey, LimiterError, Mode, RateLimiter, evaluate};
 
+/// 64: the shards one check locks are a `u64` bit set.
 const SHARDS: usize = 64;
 
 pub struct MemoryLimiter {
-    shards: Vec<Mutex<HashMap<String, u64>>>,
+    shards: Vec<Mutex<HashMap<LimitKey, u64>>>,
     per_shard: usize,
     /// Entries across shards, kept approximately (for the gauge, lock-free).
     entries: std::sync::atomic::AtomicUsize,
@@ -36,7 +37,7 @@ impl MemoryLimiter {
         }
     }
 
-    fn shard_of(&self, key: &str) -> usize {
+    fn shard_of(&self, key: &LimitKey) -> usize {
         (self.hasher.hash_one(key) as usize) % SHARDS
     }
 
@@ -47,36 +48,48 @@ impl MemoryLimiter {
     /// Synchronous core, also used by the resilient fallback.
     pub fn decide(&self, limits: &[Limit], mode: Mode) -> Decision {
         let now = self.now_us();
+        // No heap work per check: the shards involved are a bit set, their
+        // guards a fixed array indexed by shard.
+        let mut first = [0u8; 8];
+        for (slot, limit) in first.iter_mut().zip(limits) {
+            *slot = self.shard_of(&limit.key) as u8;
+        }
+        let shard_at = |n: usize| if n < first.len() { first[n] as usize } else { self.shard_of(&limits[n].key) };
+        let mut wanted: u64 = 0;
+        for n in 0..limits.len() {
+            wanted |= 1 << shard_at(n);
+        }
         // Lock every shard involved, in index order: concurrent multi-limit
         // checks cannot deadlock and the decision is atomic across its limits.
-        let shards: Vec<usize> = limits.iter().map(|l| self.shard_of(&l.key)).collect();
-        let mut indexes = shards.clone();
-        indexes.sort_unstable();
-        indexes.dedup();
-        let mut guards: Vec<(usize, parking_lot::MutexGuard<'_, HashMap<String, u64>>)> =
-            indexes.iter().map(|i| (*i, self.shards[*i].lock())).collect();
+        let mut guards: [Option<parking_lot::MutexGuard<'_, HashMap<LimitKey, u64>>>; SHARDS] =
+            std::array::from_fn(|_| None);
+        for (index, guard) in guards.iter_mut().enumerate() {
+            if wanted & (1 << index) != 0 {
+                *guard = Some(self.shards[index].lock());
+            }
+        }
         let mut outcomes = Vec::with_capacity(limits.len());
-        for (limit, &shard) in limits.iter().zip(&shards) {
-            let map = &guards.iter().find(|(i, _)| *i == shard).expect("locked").1;
+        for (n, limit) in limits.iter().enumerate() {
+            let map = guards[shard_at(n)].as_ref().expect("locked");
             let tat = map.get(&limit.key).copied().unwrap_or(now).max(now);
             outcomes.push(evaluate(limit.policy, limit.quota, tat - now));
         }
         let decision = Decision { outcomes };
         if mode == Mode::Consume && decision.allowed() {
-            for ((limit, outcome), &shard) in limits.iter().zip(&decision.outcomes).zip(&shards) {
-                let map = &mut guards.iter_mut().find(|(i, _)| *i == shard).expect("locked").1;
+            for (n, (limit, outcome)) in limits.iter().zip(&decision.outcomes).enumerate() {
+                let map = guards[shard_at(n)].as_mut().expect("locked");
                 let new_tat = now + outcome.reset_us;
                 let before = map.len();
                 if !map.contains_key(&limit.key) && map.len() >= self.per_shard {
                     map.retain(|_, tat| *tat > now);
                     if map.len() >= self.per_shard {
-                        if let Some(victim) = map.keys().next().cloned() {
+                        if let Some(victim) = map.keys().next().copied() {
                             map.remove(&victim);
                         }
                         metrics::counter!("paygate_ratelimit_evictions_total").increment(1);
                     }
                 }
-                map.insert(limit.key.clone(), new_tat);
+                map.insert(limit.key, new_tat);
                 let after = map.len();
                 if after >= before {
                     self.entries.fetch_add(after - before, std::sync::atomic::Ordering::Relaxed);
@@ -155,7 +168,11 @@ mod tests {
         for i in 0..1_000_000u32 {
             let ip = std::net::Ipv4Addr::from(i.wrapping_mul(2_654_435_761));
             let d = l.decide(
-                &[Limit { policy: "client", key: format!("client:{ip}"), quota: Quota::new(1000, 2000) }],
+                &[Limit {
+                    policy: "client",
+                    key: LimitKey::format(format_args!("client:{ip}")),
+                    quota: Quota::new(1000, 2000),
+                }],
                 Mode::Consume,
             );
             assert!(d.allowed());

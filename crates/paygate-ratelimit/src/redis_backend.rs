@@ -76,7 +76,7 @@ impl RateLimiter for RedisLimiter {
         let mut invocation = self.script.prepare_invoke();
         invocation.arg(if mode == Mode::Consume { "1" } else { "0" });
         for limit in limits {
-            invocation.key(format!("{}{}", self.prefix, limit.key));
+            invocation.key(format!("{}{}", self.prefix, limit.key.as_str()));
             invocation.arg(limit.quota.interval_us()).arg(limit.quota.tolerance_us());
         }
         let mut connection = self.connection.clone();

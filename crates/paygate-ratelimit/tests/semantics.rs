@@ -29,7 +29,7 @@ async fn backends() -> Vec<(&'static str, Arc<dyn RateLimiter>)> {
 }
 
 fn limit(policy: &'static str, key: &str, rate: u32, burst: u32) -> Limit {
-    Limit { policy, key: key.to_owned(), quota: Quota::new(rate, burst) }
+    Limit { policy, key: key.into(), quota: Quota::new(rate, burst) }
 }
 
 #[tokio::test]
@@ -137,7 +137,7 @@ async fn a_client_following_the_advertised_quota_gets_exactly_it() {
         let window = Duration::from_micros(quota.refill_us().div_ceil(1_000_000) * 1_000_000);
         let advertised = quota.max_in_window(window.as_micros() as u64);
         assert_eq!((window, advertised), (Duration::from_secs(1), 6));
-        let l = [Limit { policy: "key", key: unique("follow"), quota }];
+        let l = [Limit { policy: "key", key: unique("follow").into(), quota }];
         let run = window * 3;
         let started = Instant::now();
         // (sent, answered) of every admitted request, client clock.

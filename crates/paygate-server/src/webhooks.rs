@@ -100,7 +100,7 @@ impl DeliveryWorker {
             for job in this.claim(free as u32).await {
                 in_flight.spawn(this.clone().deliver(job));
             }
-            metrics::gauge!("paygate_webhook_in_flight").set(in_flight.len() as f64);
+            metrics::gauge!("paygate_webhook_deliveries_in_flight").set(in_flight.len() as f64);
         }
         let grace = this.config.timeout + this.config.connect_timeout + Duration::from_secs(1);
         let drained = tokio::time::timeout(grace, async { while in_flight.join_next().await.is_some() {} }).await;
@@ -110,7 +110,7 @@ impl DeliveryWorker {
                 "webhook attempts still running at shutdown; their leases will expire"
             );
         }
-        metrics::gauge!("paygate_webhook_in_flight").set(0.0);
+        metrics::gauge!("paygate_webhook_deliveries_in_flight").set(0.0);
     }
 
     async fn claim(&self, limit: u32) -> Vec<DeliveryJob> {

@@ -166,12 +166,16 @@ impl Authenticator {
         // Step 3: a malformed or bad-checksum key never reaches the store.
         let key = ApiKeyText::parse(text).map_err(AuthError::Malformed)?;
         let record = match self.cache.get(key.id(), self.config.max_staleness) {
-            Some(record) => {
-                metrics::counter!("paygate_key_cache_total", "result" => "hit").increment(1);
+            Cached::Verified(record) => {
+                self.cache.lookups.hit.increment(1);
                 record
             }
-            None => {
-                metrics::counter!("paygate_key_cache_total", "result" => "miss").increment(1);
+            Cached::Unknown => {
+                self.cache.lookups.negative_hit.increment(1);
+                return Err(AuthError::UnknownKey.into());
+            }
+            Cached::Nothing => {
+                self.cache.lookups.miss.increment(1);
                 self.load(key.id()).await?
             }
         };
@@ -201,7 +205,12 @@ impl Authenticator {
         let generation = self.cache.generation();
         metrics::counter!("paygate_key_store_lookups_total").increment(1);
         let record = self.store.find_key_for_auth(id).await.map_err(AuthError::Unavailable)?;
-        let record = Arc::new(record.ok_or(AuthError::UnknownKey)?);
+        let Some(record) = record else {
+            // Well-formed but unknown: a flood of one such id costs one read.
+            self.cache.insert_unknown(id, generation);
+            return Err(AuthError::UnknownKey);
+        };
+        let record = Arc::new(record);
         self.cache.insert(id, record.clone(), generation);
         Ok(record)
     }
@@ -283,8 +292,38 @@ struct Entry {
     inserted: Instant,
 }
 
+/// What the cache knows about a key id.
+enum Cached {
+    Verified(Arc<KeyAuthRecord>),
+    /// Read from the store under the current generation and not found.
+    Unknown,
+    Nothing,
+}
+
+/// The lookup counters, registered once (they are bumped on every request).
+struct LookupCounters {
+    hit: metrics::Counter,
+    negative_hit: metrics::Counter,
+    miss: metrics::Counter,
+}
+
+/// Unknown key ids, kept apart from verified keys with their own bound, so a
+/// flood of made-up ids can evict only other made-up ids. Same freshness and
+/// generation rules as verified entries: dropped on every revision change.
+/// (A key id is random and never known before its key exists, so caching
+/// its absence cannot refuse a key created later, and a revision change
+/// clears it anyway.)
+struct UnknownEntry {
+    generation: u64,
+    inserted: Instant,
+}
+
 struct KeyCache {
     entries: Mutex<HashMap<ApiKeyId, Entry>>,
+    unknown: Mutex<HashMap<ApiKeyId, UnknownEntry>>,
+    lookups: LookupCounters,
+    entries_gauge: metrics::Gauge,
+    unknown_gauge: metrics::Gauge,
     generation: AtomicU64,
     last_revision: Mutex<Option<i64>>,
     /// Milliseconds since `epoch` at which the last revision poll succeeded; 0 = never.
@@ -296,8 +335,17 @@ struct KeyCache {
 
 impl KeyCache {
     fn new(capacity: usize, ttl: Duration) -> Self {
+        let lookups = |result: &'static str| metrics::counter!("paygate_key_cache_lookups_total", "result" => result);
         Self {
             entries: Mutex::new(HashMap::new()),
+            unknown: Mutex::new(HashMap::new()),
+            lookups: LookupCounters {
+                hit: lookups("hit"),
+                negative_hit: lookups("negative_hit"),
+                miss: lookups("miss"),
+            },
+            entries_gauge: metrics::gauge!("paygate_key_cache_entries"),
+            unknown_gauge: metrics::gauge!("paygate_key_cache_unknown_entries"),
             generation: AtomicU64::new(0),
             last_revision: Mutex::new(None),
             fresh_at_ms: AtomicU64::new(0),
@@ -311,16 +359,42 @@ impl KeyCache {
         self.generation.load(Ordering::Acquire)
     }
 
-    fn get(&self, id: ApiKeyId, max_staleness: Duration) -> Option<Arc<KeyAuthRecord>> {
+    fn get(&self, id: ApiKeyId, max_staleness: Duration) -> Cached {
         let fresh_at = self.fresh_at_ms.load(Ordering::Acquire);
         let now_ms = self.epoch.elapsed().as_millis() as u64;
         if fresh_at == 0 || now_ms.saturating_sub(fresh_at) > max_staleness.as_millis() as u64 {
-            return None;
+            return Cached::Nothing;
         }
         let generation = self.generation();
-        let entries = self.entries.lock();
-        let entry = entries.get(&id)?;
-        (entry.generation == generation && entry.inserted.elapsed() < self.ttl).then(|| entry.record.clone())
+        if let Some(entry) = self.entries.lock().get(&id)
+            && entry.generation == generation
+            && entry.inserted.elapsed() < self.ttl
+        {
+            return Cached::Verified(entry.record.clone());
+        }
+        if let Some(entry) = self.unknown.lock().get(&id)
+            && entry.generation == generation
+            && entry.inserted.elapsed() < self.ttl
+        {
+            return Cached::Unknown;
+        }
+        Cached::Nothing
+    }
+
+    fn insert_unknown(&self, id: ApiKeyId, generation: u64) {
+        let mut unknown = self.unknown.lock();
+        if unknown.len() >= self.capacity && !unknown.contains_key(&id) {
+            let current = self.generation();
+            let ttl = self.ttl;
+            unknown.retain(|_, e| e.generation == current && e.inserted.elapsed() < ttl);
+            if unknown.len() >= self.capacity
+                && let Some(victim) = unknown.keys().next().copied()
+            {
+                unknown.remove(&victim);
+            }
+        }
+        unknown.insert(id, UnknownEntry { generation, inserted: Instant::now() });
+        self.unknown_gauge.set(unknown.len() as f64);
     }
 
     fn insert(&self, id: ApiKeyId, record: Arc<KeyAuthRecord>, generation: u64) {
@@ -338,7 +412,7 @@ impl KeyCache {
             }
         }
         entries.insert(id, Entry { record, generation, inserted: Instant::now() });
-        metrics::gauge!("paygate_key_cache_entries").set(entries.len() as f64);
+        self.entries_gauge.set(entries.len() as f64);
     }
 
     /// Milliseconds since `epoch`, at least 1 (0 means "never polled").
@@ -362,6 +436,8 @@ impl KeyCache {
     fn drop_all(&self) {
         self.generation.fetch_add(1, Ordering::AcqRel);
         self.entries.lock().clear();
+        self.unknown.lock().clear();
+        self.unknown_gauge.set(0.0);
     }
 
     fn len(&self) -> usize {

@@ -244,6 +244,10 @@ async fn malformed_keys_never_reach_the_store() {
         .generate(paygate_domain::KeyMode::Test);
     http.get(format!("{}/v1/me", server.api)).bearer_auth(&*fresh.text).send().await.unwrap();
     assert_eq!(metric(&scrape().await, lookups), metric(&before, lookups) + 1.0);
+    // Once: the unknown id is cached as absent, so repeating it reads nothing.
+    let again = http.get(format!("{}/v1/me", server.api)).bearer_auth(&*fresh.text).send().await.unwrap();
+    assert_eq!(again.status(), StatusCode::UNAUTHORIZED, "refused as unknown, not throttled");
+    assert_eq!(metric(&scrape().await, lookups), metric(&before, lookups) + 1.0, "unknown ids are cached");
     let (status, _, _) = server.terminate();
     assert!(status.success());
 }

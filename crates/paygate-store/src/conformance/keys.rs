@@ -284,6 +284,29 @@ pub async fn authenticator_cache_drops_on_revocation(store: Arc<dyn OperatorStor
     assert!(matches!(auth.verify_key(&issued.text, paygate_domain::now()).await, Err(AuthError::Revoked)));
 }
 
+pub async fn authenticator_caches_unknown_ids_until_the_revision_moves(store: Arc<dyn OperatorStore>) {
+    let a = company(&*store, "Acme").await;
+    let issued = issue(&*store, a.id, "keys:read", None).await;
+    let counting = CountingStore::new(store.clone());
+    let auth = authenticator(counting.clone());
+    auth.poll_revision().await.unwrap();
+    let unknown = hasher().generate(KeyMode::Test);
+    let calls = || counting.calls.load(Ordering::SeqCst);
+    let before = calls();
+    for _ in 0..3 {
+        assert!(matches!(auth.verify_key(&unknown.text, paygate_domain::now()).await, Err(AuthError::UnknownKey)));
+    }
+    assert_eq!(calls(), before + 1, "a flood of one unknown id costs one store read");
+    // Known keys are unaffected by the negative entries.
+    auth.verify_key(&issued.text, paygate_domain::now()).await.unwrap();
+    // The same signal that drops verified keys drops unknown ids.
+    store.revoke_api_key_by_id(issued.key.id, paygate_domain::now(), &noted("api_key.revoke")).await.unwrap();
+    assert!(auth.poll_revision().await.unwrap());
+    let before = calls();
+    assert!(matches!(auth.verify_key(&unknown.text, paygate_domain::now()).await, Err(AuthError::UnknownKey)));
+    assert_eq!(calls(), before + 1, "read again after the revision moved");
+}
+
 pub async fn concurrent_key_creation_and_revocation(store: Arc<dyn OperatorStore>) {
     let a = company(&*store, "Acme").await;
     let mut tasks = Vec::new();

@@ -70,6 +70,7 @@ macro_rules! conformance_tests {
             authenticator_refuses_each_bad_state,
             authenticator_never_reads_the_store_for_malformed_keys,
             authenticator_cache_drops_on_revocation,
+            authenticator_caches_unknown_ids_until_the_revision_moves,
             concurrent_key_creation_and_revocation,
             rotation_links_keys_and_shortens_the_old_expiry,
             rotation_refuses_revoked_expired_rotated_and_foreign_keys,
