@@ -426,7 +426,7 @@ pub async fn middleware(State(writer): State<AuditWriter>, request: Request, nex
     context.actor = response.extensions().get::<AuditActor>().cloned();
     let status = response.status();
     let code = response.extensions().get::<ApiError>().map(|e| e.code);
-    let declared = route.as_deref().and_then(|r| crate::route::table().find(&method, r)).map(|d| d.spec);
+    let declared = route.and_then(|r| crate::route::table().find(&method, r)).map(|d| d.spec);
     let action = match code {
         Some(
             ErrorCode::Unauthenticated
@@ -446,9 +446,8 @@ pub async fn middleware(State(writer): State<AuditWriter>, request: Request, nex
     let resource = declared
         .filter(|d| d.action == action)
         .and_then(|d| d.resource)
-        .and_then(|t| route.as_deref().and_then(|r| path_id(r, &path)).filter(|id| t.is_id(id)).map(|id| (t, id)));
-    let details =
-        request_details(code.as_ref().map(|c| c.as_str()), method.as_str(), route.as_deref().unwrap_or("unmatched"));
+        .and_then(|t| route.and_then(|r| path_id(r, path)).filter(|id| t.is_id(id)).map(|id| (t, id)));
+    let details = request_details(code.as_ref().map(|c| c.as_str()), method.as_str(), route.unwrap_or("unmatched"));
     let entry = context.entry_with_details(action, resource, status, details);
     // Only anonymous floods are aggregated: an authenticated caller's denials
     // belong, one by one, to its own company's chain.

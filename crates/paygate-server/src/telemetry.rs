@@ -108,6 +108,17 @@ pub const METRICS: &[Metric] = &[
         series: &[],
     },
     gauge("paygate_http_requests_in_flight", "API requests being served by this node.", NO_LABELS),
+    gauge("paygate_http_connections_open", "Client connections open on the API listener of this node.", NO_LABELS),
+    counter(
+        "paygate_http_connections_refused_total",
+        "Client connections closed at once because the node had max_connections open.",
+        NO_LABELS,
+    ),
+    counter(
+        "paygate_http_connections_idle_closed_total",
+        "Client connections (HTTP/1 or h2c) closed after idle_timeout_secs without a request.",
+        NO_LABELS,
+    ),
     counter(
         "paygate_overload_shed_total",
         "API requests refused with 503 overloaded because the node was at max_in_flight.",

@@ -228,8 +228,8 @@ async fn malformed_keys_never_reach_the_store() {
     let last = bad_checksum.len() - 1;
     bad_checksum[last] = if bad_checksum[last] == b'q' { b'r' } else { b'q' };
     let bad_checksum = String::from_utf8(bad_checksum).unwrap();
-    // 18 failures: below the failed-authentication throttle (20 per 5 minutes).
-    for i in 0..18 {
+    // 8 failures here and 11 below: below the failed-authentication throttle (20 per 5 minutes).
+    for i in 0..8 {
         let key = if i % 2 == 0 { bad_checksum.clone() } else { format!("pgk_live_{i}") };
         let r = http.get(format!("{}/v1/me", server.api)).bearer_auth(key).send().await.unwrap();
         assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
@@ -237,17 +237,22 @@ async fn malformed_keys_never_reach_the_store() {
     let after = scrape().await;
     let lookups = "paygate_key_store_lookups_total";
     assert_eq!(metric(&after, lookups), metric(&before, lookups), "a malformed key reached the store");
-    assert_eq!(metric(&after, "paygate_auth_failures_total{reason=\"bad_checksum\"}"), 9.0);
-    assert_eq!(metric(&after, "paygate_auth_failures_total{reason=\"malformed\"}"), 9.0);
+    assert_eq!(metric(&after, "paygate_auth_failures_total{reason=\"bad_checksum\"}"), 4.0);
+    assert_eq!(metric(&after, "paygate_auth_failures_total{reason=\"malformed\"}"), 4.0);
     // The counter does move for a well-formed key the node has not seen.
     let fresh = paygate_domain::KeyHasher::new(&paygate_domain::Pepper::new(1, vec![9; 32]).unwrap())
         .generate(paygate_domain::KeyMode::Test);
     http.get(format!("{}/v1/me", server.api)).bearer_auth(&*fresh.text).send().await.unwrap();
     assert_eq!(metric(&scrape().await, lookups), metric(&before, lookups) + 1.0);
-    // Once: the unknown id is cached as absent, so repeating it reads nothing.
-    let again = http.get(format!("{}/v1/me", server.api)).bearer_auth(&*fresh.text).send().await.unwrap();
-    assert_eq!(again.status(), StatusCode::UNAUTHORIZED, "refused as unknown, not throttled");
-    assert_eq!(metric(&scrape().await, lookups), metric(&before, lookups) + 1.0, "unknown ids are cached");
+    // The unknown id is cached as absent, so repeating it reads (almost)
+    // nothing: the cache is bypassed by design while the revision poll is
+    // late, which a loaded machine can cause once or twice, never ten times.
+    for _ in 0..10 {
+        let again = http.get(format!("{}/v1/me", server.api)).bearer_auth(&*fresh.text).send().await.unwrap();
+        assert_eq!(again.status(), StatusCode::UNAUTHORIZED, "refused as unknown, not throttled");
+    }
+    let reads = metric(&scrape().await, lookups) - metric(&before, lookups) - 1.0;
+    assert!(reads <= 2.0, "unknown ids are cached: 10 repeats cost {reads} store reads");
     let (status, _, _) = server.terminate();
     assert!(status.success());
 }

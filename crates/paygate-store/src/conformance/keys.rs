@@ -4,7 +4,6 @@ use super::*;
 
 pub async fn ping_answers(store: Arc<dyn OperatorStore>) {
     store.ping().await.unwrap();
-    assert!(matches!(store.backend(), Backend::Sqlite | Backend::Postgres));
 }
 
 pub async fn companies_round_trip(store: Arc<dyn OperatorStore>) {
@@ -547,6 +546,10 @@ pub async fn authenticator_bypasses_the_cache_when_revision_polls_fail(store: Ar
 /// missed; SQLite serialises every write with BEGIN IMMEDIATE. A precise
 /// interleaving test needs two sessions driven step by step; see the note in
 /// ADR 0001.)
+/// Revoke-all racing creation and rotation: it must finish (a deadlock fails
+/// the timeout instead of hanging), and a key that existed before it started
+/// (the seed) is revoked whatever the rotation did. Keys created concurrently
+/// may land on either side; that is the it-suite's ordered race test.
 pub async fn revoke_all_races_creation_and_rotation_without_deadlock(store: Arc<dyn OperatorStore>) {
     let a = company(&*store, "Acme").await;
     for round in 0..5 {
@@ -576,14 +579,17 @@ pub async fn revoke_all_races_creation_and_rotation_without_deadlock(store: Arc<
             let sa = scope(&*s3, a.id);
             s3.revoke_all_api_keys(&sa, paygate_domain::now(), &noted("api_key.revoke_all")).await.unwrap();
         });
-        revoker.await.unwrap();
-        creator.await.unwrap();
-        rotator.await.unwrap();
-        // Whatever finished after revoke-all is caught by a second one; after it, nothing is live.
+        let all = async {
+            revoker.await.unwrap();
+            creator.await.unwrap();
+            rotator.await.unwrap();
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(30), all)
+            .await
+            .unwrap_or_else(|_| panic!("round {round}: revoke-all, creation and rotation deadlocked"));
         let sa = scope(&*store, a.id);
-        store.revoke_all_api_keys(&sa, paygate_domain::now(), &noted("api_key.revoke_all")).await.unwrap();
-        let page = store.list_api_keys(&sa, PageRequest { limit: 100, after: None }).await.unwrap();
-        assert!(page.items.iter().all(|k| k.revoked_at.is_some()), "round {round}: a key survived");
+        let seed_now = store.get_api_key(&sa, seed.id).await.unwrap().expect("the seed exists");
+        assert!(seed_now.revoked_at.is_some(), "round {round}: a key older than revoke-all survived it");
     }
 }
 
