@@ -24,9 +24,9 @@ pub use payments::*;
 use crate::auth::{AuthConfig, AuthError, Authenticator};
 use crate::prelude::*;
 use crate::{
-    ApiKey, AuditFilter, Backend, Checkpoint, Company, CompanyScope, KeyAuthRecord, KeyUsage, NewApiKey, NewCompany,
-    NewPayee, Page, PageRequest, Payee, PayeeStatus, PaymentCreate, PaymentCreated, PaymentFilter, Rotation,
-    StoreError, StoreResult, StoredResponse, operator_scope,
+    ApiKey, AuditFilter, Checkpoint, Company, CompanyScope, KeyAuthRecord, KeyUsage, NewApiKey, NewCompany, NewPayee,
+    Page, PageRequest, Payee, PayeeStatus, PaymentCreate, PaymentCreated, PaymentFilter, Rotation, StoreError,
+    StoreResult, StoredResponse, operator_scope,
 };
 use crate::{
     Delivery, DeliveryAttempt, DeliveryJob, DeliveryResult, DeliveryStatus, EndpointPatch, Event, EventFilter,
